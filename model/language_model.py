@@ -1,0 +1,194 @@
+"""MiniMind2-family decoder language model.
+
+Pre-norm decoder blocks: RMSNorm, rotary position embeddings, grouped-query attention
+through ``scaled_dot_product_attention``, SwiGLU (or a MiniMind-style mixture of
+experts) feed-forward, tied input/output embeddings. Sizes match the published
+MiniMind2 models (512 x 8 layers ~ 26M parameters, 768 x 16 layers ~ 104M).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import VLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32: bf16 sums of squares lose too much precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    t = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; cos/sin: [B, 1, T, D] (already gathered at the positions)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Pre-allocated key/value cache: decoding writes in place instead of re-concatenating."""
+
+    def __init__(self, config: VLMConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > {self.max_len} allocated")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: VLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # Without an explicit mask the sequence is unpadded on the left (training), so the
+        # fused causal kernel is exact; generation passes a padding-aware boolean mask.
+        is_causal = attn_mask is None and t > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEFeedForward(nn.Module):
+    """MiniMind's MoE: routed experts chosen top-k per token plus always-on shared experts,
+    with a load-balancing auxiliary loss (sequence-averaged f_i * P_i)."""
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.alpha = config.aux_loss_alpha
+        self.gate = nn.Linear(config.hidden_size, self.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(config) for _ in range(self.n_experts))
+        self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        scores = F.softmax(self.gate(flat).float(), dim=-1)
+        top_w, top_i = scores.topk(self.top_k, dim=-1)
+        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(flat.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (top_i == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(flat[rows]) * top_w[rows, slot].unsqueeze(-1))
+        if self.training and self.alpha > 0:
+            load = F.one_hot(top_i, self.n_experts).float().sum((0, 1)) / (flat.shape[0] * self.top_k)
+            self.aux_loss = self.alpha * self.n_experts * (load * scores.mean(0)).sum()
+        else:
+            self.aux_loss = flat.new_zeros(())
+        out = out.view(shape)
+        for shared in self.shared_experts:
+            out = out + shared(x)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, config: VLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MiniMindLM(nn.Module):
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight  # tied, as in MiniMind
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Returns the final normed hidden states [B, T, H]; callers apply ``lm_head`` only
+        where logits are needed (training needs them at answer tokens alone)."""
+        b, t, _ = inputs_embeds.shape
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + t, device=inputs_embeds.device).expand(b, t)
+        cos = self.rope_cos[position_ids].unsqueeze(1).to(inputs_embeds.dtype)
+        sin = self.rope_sin[position_ids].unsqueeze(1).to(inputs_embeds.dtype)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn_mask, cache)
+        if cache is not None:
+            cache.length += t
+        return self.norm(h)
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoEFeedForward)]
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.lm_head.weight.device)

@@ -1,0 +1,157 @@
+"""Tokenizer loading and the one chat format used for training, evaluation and the demo.
+
+Conversations are rendered ChatML-style::
+
+    <|im_start|>user\n<image tokens>\nWhat organ is this?<|im_end|>\n<|im_start|>assistant\nLiver<|im_end|>\n
+
+Only the assistant's content and its closing ``<|im_end|>`` carry loss. ``<image>`` in a
+user message becomes ``image_tokens`` copies of the tokenizer's image token.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from model.config import DEFAULT_TOKENIZER, IMAGE_PLACEHOLDER, resolve_path
+
+log = logging.getLogger(__name__)
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+IMAGE_TOKEN = "<|image_pad|>"
+IGNORE_INDEX = -100
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def prepare_tokenizer(tok: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
+    """Checks the ChatML tokens and adds the image/pad tokens when a foreign tokenizer
+    (e.g. MiniMind's) lacks them; the model's vocabulary then follows ``len(tok)``."""
+    vocab = tok.get_vocab()
+    missing = [t for t in (IM_START, IM_END) if t not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer at {source} lacks the chat tokens {missing}; use a ChatML tokenizer "
+                         f"such as {DEFAULT_TOKENIZER} or MiniMind's")
+    if IMAGE_TOKEN not in vocab:
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        log.info("tokenizer %s: added special token %s (id %d)", source, IMAGE_TOKEN,
+                 tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    if tok.pad_token is None:
+        tok.pad_token = PAD_TOKEN if PAD_TOKEN in tok.get_vocab() else IM_END
+    tok.eos_token = IM_END
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def load_tokenizer(path: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizerBase:
+    resolved = resolve_path(path)
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {resolved} not found; pass --tokenizer_path "
+                                f"to a Hugging Face tokenizer folder (default {DEFAULT_TOKENIZER})")
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(resolved)), str(resolved))
+
+
+def image_token_id(tok: PreTrainedTokenizerBase) -> int:
+    return tok.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def end_token_id(tok: PreTrainedTokenizerBase) -> int:
+    return tok.convert_tokens_to_ids(IM_END)
+
+
+@dataclass
+class EncodedChat:
+    input_ids: list[int]
+    labels: list[int]
+    n_images: int
+    truncated_tokens: int = 0
+
+
+class ChatEncoder:
+    """Turns a conversation (list of {"role", "content"}) into ids and loss labels."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase, image_tokens: int):
+        self.tok = tok
+        self.image_tokens = image_tokens
+        self.image_id = image_token_id(tok)
+        self.end_id = end_token_id(tok)
+        self.newline = self._ids("\n")
+        self._headers: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _header(self, role: str) -> list[int]:
+        if role not in self._headers:
+            self._headers[role] = self._ids(f"{IM_START}{role}\n")
+        return self._headers[role]
+
+    def _content(self, text: str) -> tuple[list[int], list[bool]]:
+        """Token ids of a user/system message with image placeholders expanded; the mask
+        marks text tokens that may be cut when the sample is too long."""
+        ids, cuttable = [], []
+        for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if i:
+                ids += [self.image_id] * self.image_tokens
+                cuttable += [False] * self.image_tokens
+            part_ids = self._ids(part)
+            ids += part_ids
+            cuttable += [True] * len(part_ids)
+        return ids, cuttable
+
+    def encode(self, conversations: list[dict], max_seq_len: int | None = None,
+               add_generation_prompt: bool = False) -> EncodedChat:
+        """Training form when the last message is the assistant's; with
+        ``add_generation_prompt`` the prompt a model continues from."""
+        pieces = []  # (ids, is_target, cuttable)
+        n_images = 0
+        for msg in conversations:
+            role, content = msg["role"], msg["content"]
+            pieces.append((self._header(role), False, None))
+            if role == "assistant":
+                pieces.append((self._ids(content) + [self.end_id], True, None))
+            else:
+                n_images += content.count(IMAGE_PLACEHOLDER)
+                ids, cuttable = self._content(content)
+                pieces.append((ids, False, cuttable))
+                pieces.append(([self.end_id], False, None))
+            pieces.append((self.newline, False, None))
+        if add_generation_prompt:
+            pieces.append((self._header("assistant"), False, None))
+        elif pieces:
+            pieces.pop()  # the newline after the last answer carries no information
+        total = sum(len(p[0]) for p in pieces)
+        truncated = 0
+        if max_seq_len is not None and total > max_seq_len:
+            overflow = total - max_seq_len
+            # Cut question text from the end of the latest user turn backwards; answers and
+            # image tokens are never cut, so the sample keeps its supervision and its image.
+            for idx in range(len(pieces) - 1, -1, -1):
+                ids, is_target, cuttable = pieces[idx]
+                if cuttable is None or overflow == 0:
+                    continue
+                keep_ids, keep_cut = list(ids), list(cuttable)
+                j = len(keep_ids) - 1
+                while j >= 0 and overflow:
+                    if keep_cut[j]:
+                        del keep_ids[j], keep_cut[j]
+                        overflow -= 1
+                        truncated += 1
+                    j -= 1
+                pieces[idx] = (keep_ids, is_target, keep_cut)
+            if overflow:
+                raise ValueError(f"sample needs {total} tokens but max_seq_len={max_seq_len} and only "
+                                 f"{truncated} question tokens can be cut (answers and image tokens are "
+                                 "kept); raise --max_seq_len")
+        input_ids, labels = [], []
+        for ids, is_target, _ in pieces:
+            input_ids += ids
+            labels += ids if is_target else [IGNORE_INDEX] * len(ids)
+        return EncodedChat(input_ids, labels, n_images, truncated)

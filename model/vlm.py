@@ -1,0 +1,123 @@
+"""The vision-language model: frozen vision tower -> projector -> MiniMind language model."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import VLMConfig
+from model.language_model import KVCache, MiniMindLM
+from model.tokenization import IGNORE_INDEX
+from model.vision import VisionTower
+
+log = logging.getLogger(__name__)
+
+
+class Projector(nn.Module):
+    """Vision width -> LM width. ``mlp``: Linear-GELU-Linear (LLaVA-1.5); ``linear``: MiniMind2-V."""
+
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        if config.projector == "mlp":
+            self.net = nn.Sequential(nn.Linear(config.vision_hidden_size, config.hidden_size), nn.GELU(),
+                                     nn.Linear(config.hidden_size, config.hidden_size))
+        else:
+            self.net = nn.Linear(config.vision_hidden_size, config.hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+def merge_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
+                         image_embeds: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
+    """Replaces every image-token embedding with the projected patch features, in order.
+
+    ``image_embeds``: [n_images, tokens_per_image, H] for all images of the batch in
+    reading order (sample by sample, left to right), so multi-image samples just work.
+    """
+    mask = input_ids == image_token_id
+    n_slots = int(mask.sum())
+    n_feats = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+    if n_slots != n_feats:
+        per = image_embeds.shape[1] if image_embeds is not None and image_embeds.ndim == 3 else "?"
+        raise ValueError(f"image token count mismatch: the text has {n_slots} image tokens but "
+                         f"{0 if image_embeds is None else image_embeds.shape[0]} image(s) x {per} "
+                         f"features = {n_feats}; each <image> must expand to exactly one image's tokens")
+    if n_slots == 0:
+        return inputs_embeds
+    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.reshape(-1, inputs_embeds.shape[-1])
+                                        .to(inputs_embeds.dtype))
+
+
+class MedicalVLM(nn.Module):
+    def __init__(self, config: VLMConfig, vision_tower: VisionTower | None = None):
+        super().__init__()
+        if config.image_token_id < 0:
+            raise ValueError("config.image_token_id is unset: build the config from the tokenizer "
+                             "(model.build.build_model)")
+        self.config = config
+        self.llm = MiniMindLM(config)
+        self.projector = Projector(config)
+        self.vision_tower = vision_tower
+        if vision_tower is not None:
+            self.check_vision_tower(vision_tower)
+
+    def check_vision_tower(self, tower: VisionTower):
+        if tower.hidden_size != self.config.vision_hidden_size or tower.num_patches != self.config.image_tokens:
+            raise ValueError(f"vision tower '{tower.name}' gives {tower.num_patches} tokens of width "
+                             f"{tower.hidden_size}; the model expects {self.config.image_tokens} x "
+                             f"{self.config.vision_hidden_size}")
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.vision_tower is None:
+            raise RuntimeError("this model was built without a vision tower; pass image_features")
+        return self.vision_tower(pixel_values)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        embeds = self.llm.embed_tokens(input_ids)
+        projected = None
+        if image_features is not None and image_features.numel():
+            projected = self.projector(image_features.to(self.projector_dtype()))
+        return merge_image_features(embeds, input_ids, projected, self.config.image_token_id)
+
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                position_ids=None, attn_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0):
+        """With ``labels``: returns (sum of token losses, number of target tokens, aux loss);
+        logits are computed only at target positions, which are a few percent of the
+        sequence in VQA. Without: logits for the last ``logits_to_keep`` positions (0 = all)."""
+        if pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        h = self.llm(self.embed(input_ids, image_features), position_ids, attn_mask, cache)
+        if labels is None:
+            return self.llm.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.llm.lm_head(h[:, :-1][keep])
+        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss_sum, keep.sum(), self.llm.aux_loss()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen vision tower (its weights come from its own source)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("vision_tower.")}
+
+    def parameter_summary(self) -> dict[str, int]:
+        def count(module, trainable_only=False):
+            if module is None:
+                return 0
+            return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+        return {"llm": count(self.llm), "projector": count(self.projector),
+                "vision_frozen": count(self.vision_tower),
+                "trainable": count(self.llm, True) + count(self.projector, True)}
+
+    def parameter_line(self) -> str:
+        s = self.parameter_summary()
+        tower = self.vision_tower.name if self.vision_tower is not None else self.config.vision_model
+        return (f"parameters: language model {s['llm'] / 1e6:.2f}M | projector {s['projector'] / 1e6:.2f}M | "
+                f"vision tower {s['vision_frozen'] / 1e6:.2f}M frozen ({tower}) | "
+                f"trainable {s['trainable'] / 1e6:.2f}M")

@@ -1,0 +1,30 @@
+"""Helpers shared by the tests: tiny models on CPU with fixed seeds."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.checkpoint import build_config
+from model.vlm import MedicalVLM
+
+
+def make_tiny_model(tokenizer, tower, seed=0, spread=0.0, **overrides) -> MedicalVLM:
+    """A small VLM; ``spread`` > 0 re-draws weights wider so greedy decoding is not stuck
+    on one token (generation tests need varied outputs to be able to fail)."""
+    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=2048)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = MedicalVLM(build_config(tokenizer, tower, **cfg), tower)
+    if spread:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad and p.ndim > 1:
+                    p.normal_(0, spread)
+    return model.eval()
+
+
+def random_image(seed: int, size=(256, 240)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random(size) * 255).astype("uint8"))
