@@ -1,0 +1,80 @@
+"""Convert SLAKE into the JSONL contract that the training and evaluation scripts read.
+
+Run from the repository root:
+    python convert_slake_dataset.py                          # BoKelvin/SLAKE from the hub
+    python convert_slake_dataset.py --slake_dir ~/data/Slake1.0
+    python convert_slake_dataset.py --hub_id mdwiratathya/SLAKE-vqa-english
+    python convert_slake_dataset.py --demo                   # built-in synthetic mini-SLAKE
+
+Writes dataset/medical_vqa_{train,validation,test}.jsonl, dataset/medical_pretrain.jsonl,
+dataset/medical_images/ and dataset/manifest.json (see README, "Data contract").
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dataset.contract import MANIFEST
+from dataset.demo import write_demo_release
+from dataset.slake import DEFAULT_HUB_ID, ConversionError, convert, download_release, read_hub_vqa, read_release
+from model.config import resolve_path
+from model.runtime import setup_logging
+
+log = logging.getLogger("convert")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--slake_dir", help="local copy of the SLAKE release or hub snapshot")
+    src.add_argument("--hub_id", help="hub dataset with image/question/answer columns (or a local folder of it); "
+                                      f"without any source flag: {DEFAULT_HUB_ID}")
+    src.add_argument("--demo", action="store_true", help="built-in synthetic mini-SLAKE (no download)")
+    ap.add_argument("--out_dir", default="dataset")
+    ap.add_argument("--lang", choices=["en", "zh", "all"], default="en")
+    ap.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    ap.add_argument("--allow_overlap", action="store_true", help="write a test split sharing images with train")
+    ap.add_argument("--seed", type=int, default=0, help="demo set seed")
+    ap.add_argument("--demo_images", type=int, nargs=3, default=[300, 40, 60], metavar=("TRAIN", "VAL", "TEST"),
+                    help="demo set images per split")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    out_dir = resolve_path(args.out_dir)
+    try:
+        if args.demo:
+            raw = write_demo_release(out_dir / "slake_demo_raw", args.seed, *args.demo_images)
+            conv = read_release(raw)
+            conv.source = f"demo:seed={args.seed}"
+        elif args.slake_dir:
+            conv = read_release(resolve_path(args.slake_dir))
+        elif args.hub_id:
+            conv = read_hub_vqa(args.hub_id)
+        else:
+            conv = download_release(DEFAULT_HUB_ID)
+        manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    c, t = manifest["counts"], manifest["answer_types"]
+    log.info("source %s (lang %s)", manifest["source"], manifest["lang"])
+    for split in c:
+        log.info("  %-10s %5d questions %s, %d images", split, c[split], t[split], manifest["images"][split])
+    log.info("  stage-1 captions: %d (training images only)", manifest["pretrain_captions"])
+    log.info("  image overlap between splits: %s", manifest["image_overlap"])
+    for s in manifest["skipped"][:10]:
+        log.info("  skipped %s qid %s: %s", s["split"], s["qid"], s["reason"])
+    if len(manifest["skipped"]) > 10:
+        log.info("  ... %d skipped in all, see %s", len(manifest["skipped"]), out_dir / MANIFEST)
+    for note in manifest["notes"]:
+        log.info("  note: %s", note)
+    log.info("wrote %s", out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""A built-in synthetic "mini-SLAKE" that needs no download.
+
+Procedurally drawn CT-, MRI- and X-ray-like grayscale images of head, chest, abdomen and
+pelvis, with 0-3 lesions on one side, small or large, and questions in SLAKE's phrasing
+and content types whose answers follow from the drawing parameters alone. The visual
+cues are coarse (intensity, layout, position, size, count) so even a frozen random
+vision tower carries them and a small model trained on CPU learns to answer.
+
+``write_demo_release`` writes the original release layout (imgs/xmlabN/source.jpg,
+train.json, validate.json, test.json) so the demo runs through the real converter.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from model.checkpoint import atomic_write_text
+
+SIZE = 224
+MODALITIES = ["CT", "MRI", "X-Ray"]
+REGIONS = {  # SLAKE location value, body part answer, organ that the drawing contains
+    "head": ("Brain", "Brain", "brain"),
+    "chest": ("Lung", "Chest", "lung"),
+    "abdomen": ("Abdomen", "Abdomen", "liver"),
+    "pelvis": ("Pelvic Cavity", "Pelvic Cavity", "femoral head"),
+}
+ORGANS = [r[2] for r in REGIONS.values()]
+BODY_LEVEL = {"CT": 105, "MRI": 175, "X-Ray": 215}
+PLANE = {"CT": "Transverse Plane", "MRI": "Transverse Plane", "X-Ray": "Coronal Plane"}
+
+
+def sample_params(rng: random.Random) -> dict:
+    count = 0 if rng.random() < 0.5 else rng.randint(1, 3)
+    return {"modality": rng.choice(MODALITIES), "region": rng.choice(list(REGIONS)),
+            "lesions": count, "side": rng.choice(["Left", "Right"]) if count else None,
+            "size": rng.choice(["Small", "Large"]) if count else None,
+            "noise_seed": rng.randrange(2**31)}
+
+
+def _ellipse(yy, xx, cy, cx, ry, rx):
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def draw(params: dict) -> Image.Image:
+    rng = np.random.default_rng(params["noise_seed"])
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    mod, region = params["modality"], params["region"]
+    img = np.zeros((SIZE, SIZE), np.float32)
+    if mod == "MRI":
+        img += 25
+    elif mod == "X-Ray":
+        img += 70 + 30 * yy / SIZE  # film background with a vertical exposure gradient
+    body = {"head": (112, 112, 85, 80), "chest": (112, 112, 75, 102),
+            "abdomen": (112, 112, 78, 98), "pelvis": (118, 112, 62, 104)}[region]
+    inside = _ellipse(yy, xx, *body)
+    level = BODY_LEVEL[mod]
+    img[inside] = level
+    rim = inside & ~_ellipse(yy, xx, body[0], body[1], body[2] - 6, body[3] - 6)
+    img[rim] = {"CT": 245, "MRI": 60, "X-Ray": 250}[mod]  # bone rim bright on CT/X-ray, dark on MRI
+    if region == "chest":
+        for cx in (67, 157):
+            img[_ellipse(yy, xx, 108, cx, 48, 30)] = level * 0.35
+    elif region == "abdomen":
+        img[_ellipse(yy, xx, 95, 75, 30, 38)] = min(level + 45, 255)
+    elif region == "pelvis":
+        for cx in (62, 162):
+            img[_ellipse(yy, xx, 150, cx, 15, 15)] = 250 if mod != "MRI" else 90
+    elif region == "head":
+        img[_ellipse(yy, xx, 112, 112, 60, 55)] = level + (25 if mod == "MRI" else -20)
+    if params["lesions"]:
+        radius = 8 if params["size"] == "Small" else 17
+        cx = 70 if params["side"] == "Left" else 154
+        lesion_level = 20 if level > 150 else 255
+        for i in range(params["lesions"]):
+            cy = 62 + 50 * i + rng.integers(-3, 4)
+            img[_ellipse(yy, xx, cy, cx + rng.integers(-4, 5), radius, radius)] = lesion_level
+    img += rng.normal(0, 4 if mod == "MRI" else 7, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
+
+
+def questions(params: dict, rng: random.Random) -> list[dict]:
+    """(question, answer, answer_type, content_type) for one image, SLAKE-style."""
+    mod, loc = params["modality"], REGIONS[params["region"]]
+    n, yes_no = params["lesions"], (lambda b: "Yes" if b else "No")
+    asked_mod = mod if rng.random() < 0.5 else rng.choice([m for m in MODALITIES if m != mod])
+    asked_organ = loc[2] if rng.random() < 0.5 else rng.choice([o for o in ORGANS if o != loc[2]])
+    qs = [
+        ("What modality is used to take this image?", mod, "OPEN", "Modality"),
+        (f"Is this a {asked_mod} image?", yes_no(asked_mod == mod), "CLOSED", "Modality"),
+        ("Which part of the body does this image belong to?", loc[1], "OPEN", "Position"),
+        (f"Does the picture contain {asked_organ}?", yes_no(asked_organ == loc[2]), "CLOSED", "Organ"),
+        ("What scanning plane does this image belong to?", PLANE[mod], "OPEN", "Plane"),
+        ("How many lesions are in the image?", str(n), "OPEN", "Quantity"),
+    ]
+    if rng.random() < 0.5:
+        qs.append(("Is this image abnormal?", yes_no(n > 0), "CLOSED", "Abnormality"))
+    else:
+        qs.append(("Is this image normal?", yes_no(n == 0), "CLOSED", "Abnormality"))
+    if n:
+        asked_side = rng.choice(["left", "right"])
+        qs += [
+            ("Where is the lesion located?", params["side"], "OPEN", "Position"),
+            (f"Is the lesion on the {asked_side} side of the image?",
+             yes_no(asked_side == params["side"].lower()), "CLOSED", "Position"),
+            ("How big is the lesion?", params["size"], "OPEN", "Size"),
+            ("Is the lesion large?", yes_no(params["size"] == "Large"), "CLOSED", "Size"),
+        ]
+    return [{"question": q, "answer": a, "answer_type": t, "content_type": c} for q, a, t, c in qs]
+
+
+def write_demo_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
+                       n_test: int = 60) -> Path:
+    """Writes the release layout under ``root`` and ``demo_params.json`` (the drawing
+    parameters of every image, so tests can re-derive each answer)."""
+    root = Path(root)
+    rng = random.Random(seed)
+    qid, img_id = 0, 0
+    params_by_image = {}
+    for split, count, fname in (("train", n_train, "train.json"), ("validation", n_val, "validate.json"),
+                                ("test", n_test, "test.json")):
+        rows = []
+        for _ in range(count):
+            img_id += 1
+            params = sample_params(rng)
+            name = f"xmlab{img_id}/source.jpg"
+            path = root / "imgs" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw(params).save(path, quality=95)
+            params_by_image[name] = params
+            loc = REGIONS[params["region"]][0]
+            for q in questions(params, rng):
+                rows.append({"img_id": img_id, "img_name": name, "q_lang": "en", "location": loc,
+                             "modality": params["modality"], "base_type": "vqa", "triple": ["vhead", "_", "_"],
+                             "qid": qid, **q})
+                qid += 1
+        atomic_write_text(root / fname, json.dumps(rows, indent=1))
+    atomic_write_text(root / "demo_params.json", json.dumps(params_by_image, indent=1))
+    return root

@@ -1,0 +1,406 @@
+"""SLAKE sources -> the JSONL contract (dataset/contract.py). The only module that knows
+source formats:
+
+* the original release or the ``BoKelvin/SLAKE`` hub snapshot: ``train.json``,
+  ``validate.json``/``validation.json``, ``test.json`` + ``imgs/`` (or ``imgs.zip``);
+* image/question/answer hub datasets with embedded images (``--hub_id``), e.g.
+  ``mdwiratathya/SLAKE-vqa-english``, VQA-RAD or PathVQA copies; also a local folder or
+  parquet files laid out like them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import zipfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+from tqdm import tqdm
+
+from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES
+from model.checkpoint import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB_ID = "BoKelvin/SLAKE"
+SPLIT_ALIASES = {"train": "train", "validate": "validation", "validation": "validation", "valid": "validation",
+                 "val": "validation", "dev": "validation", "test": "test"}
+RELEASE_FILES = {"train": ["train.json"], "validation": ["validate.json", "validation.json"], "test": ["test.json"]}
+REQUIRED_FIELDS = ("img_name", "question", "answer")
+YES_NO = {"yes", "no"}
+REGION_NAMES = {"brain": "brain", "brain_tissue": "brain", "brain_face": "head and face", "lung": "chest",
+                "chest_lung": "chest", "chest_heart": "chest", "chest_mediastinal": "mediastinum",
+                "abdomen": "abdomen", "pelvic cavity": "pelvic cavity", "neck": "neck"}
+CAPTION_PROMPTS = ["Describe this medical image.", "What does this image show?",
+                   "Give a short report of this scan.", "Summarise the findings in this image."]
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+@dataclass
+class SourceRecord:
+    split: str
+    qid: object
+    question: str
+    answer: str
+    image_key: str          # identity of the image within the source (path or content hash)
+    load_image: object      # () -> bytes
+    answer_type: str | None = None
+    content_type: str | None = None
+    modality: str | None = None
+    location: str | None = None
+    lang: str = "en"
+    where: str = ""
+    problem: str | None = None  # set when the record is malformed
+
+
+@dataclass
+class Conversion:
+    source: str
+    records: list[SourceRecord]
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- sources
+
+class _ImageFolder:
+    """Images of a release copy: an ``imgs/`` folder or an ``imgs.zip`` archive."""
+
+    def __init__(self, root: Path):
+        self.dir = root / "imgs"
+        self.zip_path = root / "imgs.zip"
+        self._zip = None
+        self._members: dict[str, str] = {}
+        if not self.dir.is_dir() and self.zip_path.is_file():
+            self._zip = zipfile.ZipFile(self.zip_path)
+            for name in self._zip.namelist():
+                if not name.endswith("/"):
+                    rel = name.split("imgs/", 1)[1] if "imgs/" in name else name
+                    self._members[rel] = name
+        elif not self.dir.is_dir():
+            raise ConversionError(f"{root}: no images found (expected an imgs/ folder or imgs.zip beside "
+                                  "the split files)")
+
+    def loader(self, rel: str):
+        if self._zip is not None:
+            def load():
+                if rel not in self._members:
+                    raise FileNotFoundError(f"{rel} not in {self.zip_path}")
+                return self._zip.read(self._members[rel])
+        else:
+            def load():
+                return (self.dir / rel).read_bytes()
+        return load
+
+
+def _safe_relpath(name) -> str | None:
+    if not isinstance(name, str) or not name.strip():
+        return None
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", name):
+        return None
+    return str(p)
+
+
+def read_release(root: str | Path) -> Conversion:
+    """The original SLAKE release or the BoKelvin/SLAKE snapshot, from a local folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConversionError(f"--slake_dir {root} is not a folder")
+    images = _ImageFolder(root)
+    records = []
+    for split, names in RELEASE_FILES.items():
+        path = next((root / n for n in names if (root / n).is_file()), None)
+        if path is None:
+            raise ConversionError(f"{root}: missing the {split} split (expected one of {names})")
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConversionError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+        if not isinstance(rows, list):
+            raise ConversionError(f"{path}: expected a JSON list of question records")
+        for i, row in enumerate(rows):
+            where = f"{path.name}[{i}]"
+            if not isinstance(row, dict):
+                records.append(SourceRecord(split, None, "", "", "", None, where=where,
+                                            problem="record is not a JSON object"))
+                continue
+            rec = SourceRecord(
+                split=split, qid=row.get("qid", f"{split}-{i}"), question=row.get("question"),
+                answer=row.get("answer"), image_key="", load_image=None,
+                answer_type=row.get("answer_type"), content_type=row.get("content_type"),
+                modality=row.get("modality"), location=row.get("location"), lang=row.get("q_lang", "en"),
+                where=where)
+            missing = [f for f in REQUIRED_FIELDS if f not in row]
+            rel = _safe_relpath(row.get("img_name"))
+            if missing:
+                rec.problem = f"missing field(s) {missing}"
+            elif rel is None:
+                rec.problem = f"image path {row.get('img_name')!r} escapes the image folder"
+            else:
+                rec.image_key, rec.load_image = rel, images.loader(rel)
+            records.append(rec)
+    return Conversion(f"release:{root}", records)
+
+
+def download_release(hub_id: str = DEFAULT_HUB_ID) -> Conversion:
+    """The authors' hub copy, downloaded (and cached) by huggingface_hub."""
+    from huggingface_hub import snapshot_download
+    try:
+        local = snapshot_download(repo_id=hub_id, repo_type="dataset")
+    except Exception as exc:  # offline, unknown repo, auth: all end the same way for the user
+        raise ConversionError(_offline_message(hub_id, exc)) from exc
+    conv = read_release(local)
+    conv.source = f"hub:{hub_id}"
+    return conv
+
+
+def _offline_message(hub_id: str, exc: Exception) -> str:
+    return (f"Could not download '{hub_id}' from the Hugging Face hub ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}).\nNothing was written. Alternatives:\n"
+            "  --slake_dir DIR   a local copy of SLAKE (imgs/ or imgs.zip, train.json, validate.json or "
+            "validation.json, test.json)\n"
+            "  --hub_id ID       another hub dataset (image/question/answer columns), or a local folder of "
+            "its parquet files\n"
+            "  --demo            the built-in synthetic mini-SLAKE (no download)")
+
+
+def _image_bytes(value) -> bytes:
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue()
+    if isinstance(value, dict) and value.get("bytes"):
+        return value["bytes"]
+    if isinstance(value, dict) and value.get("path") and Path(value["path"]).is_file():
+        return Path(value["path"]).read_bytes()
+    raise ValueError("no image data")
+
+
+def read_hub_vqa(hub_id: str) -> Conversion:
+    """Hub datasets with image/question/answer columns (embedded images), or a local folder
+    of such parquet files. Answer types are inferred (yes/no -> CLOSED)."""
+    import datasets
+    try:
+        ds = datasets.load_dataset(hub_id)
+    except Exception as exc:
+        raise ConversionError(_offline_message(hub_id, exc)) from exc
+    records, notes = [], []
+    for split_name in ds:
+        split = SPLIT_ALIASES.get(split_name.lower())
+        if split is None:
+            notes.append(f"ignored split '{split_name}'")
+            continue
+        table = ds[split_name].cast_column("image", datasets.Image(decode=False)) \
+            if "image" in ds[split_name].column_names else ds[split_name]
+        cols = table.column_names
+        missing = [c for c in ("image", "question", "answer") if c not in cols]
+        if missing:
+            raise ConversionError(f"{hub_id} split '{split_name}' lacks column(s) {missing}; found {cols}")
+        for i, row in enumerate(tqdm(table, desc=f"reading {split_name}", unit="q", leave=False)):
+            where = f"{split_name}[{i}]"
+            try:
+                data = _image_bytes(row["image"])
+                key = hashlib.sha256(data).hexdigest()[:16]
+                rec = SourceRecord(split, row.get("qid", f"{split}-{i}"), row["question"], row["answer"],
+                                   f"{key}.png", (lambda d=data: d), row.get("answer_type"),
+                                   row.get("content_type"), row.get("modality"), row.get("location"),
+                                   where=where)
+            except (ValueError, KeyError, TypeError) as exc:
+                rec = SourceRecord(split, i, "", "", "", None, where=where, problem=f"unreadable image ({exc})")
+            records.append(rec)
+    if not any(r.answer_type for r in records):
+        notes.append("answer_type inferred: CLOSED for yes/no answers, OPEN otherwise")
+    return Conversion(f"hub-vqa:{hub_id}", records, notes)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _region(location: str | None) -> str:
+    if not location:
+        return "body"
+    return REGION_NAMES.get(location.strip().lower(), location.replace("_", " ").lower())
+
+
+def make_caption(meta: dict, qas: list[tuple[str, str, str | None]]) -> str:
+    """A caption from an image's metadata and its training Q&A (modality, region, organs,
+    abnormalities), so stage 1 aligns features with facts the image really shows."""
+    modality = meta.get("modality") or "medical"
+    # "an MRI", "an X-Ray", "a CT": acronyms take the article of their spoken first letter
+    vowel_sound = modality[0] in "AEIOUaeiou" or (modality[:2].isupper() and modality[0] in "AEFHILMNORSX")
+    parts = [f"This is {'an' if vowel_sound else 'a'} {modality} image of the {_region(meta.get('location'))}."]
+    organs, findings, normal = [], [], None
+    for q, a, ctype in qas:
+        ql, al = q.lower(), a.strip()
+        if ctype == "Organ" and al.lower() not in YES_NO:
+            organs += [o.strip() for o in al.split(",") if o.strip()]
+        elif ctype == "Organ" and al.lower() == "yes":
+            m = re.search(r"contain (?:the |a |an )?([\w\s-]+?)\?", ql)
+            if m:
+                organs.append(m.group(1).strip())
+        if ctype == "Abnormality":
+            if al.lower() in YES_NO and ("abnormal" in ql or "normal" in ql):
+                is_abnormal = (al.lower() == "yes") == ("abnormal" in ql)
+                normal = not is_abnormal
+            elif al.lower() not in YES_NO and al.lower() not in ("none", "no"):
+                findings.append(al)
+    organs = list(dict.fromkeys(o.lower() for o in organs))
+    findings = list(dict.fromkeys(f.lower() for f in findings))
+    if organs:
+        parts.append(f"It shows the {', '.join(organs[:6])}.")
+    if findings:
+        parts.append(f"Findings: {', '.join(findings[:4])}.")
+    elif normal is True:
+        parts.append("No abnormality is seen.")
+    elif normal is False:
+        parts.append("An abnormality is present.")
+    return " ".join(parts)
+
+
+def _is_valid_image(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        return None
+    except Exception as exc:  # PIL raises many types for broken files
+        return f"unreadable image ({exc.__class__.__name__})"
+
+
+def _copy_image(data: bytes, dest: Path) -> bool:
+    """Writes the image unless an identical file is already there; returns True if written."""
+    if dest.is_file() and dest.stat().st_size == len(data) and dest.read_bytes() == data:
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return True
+
+
+def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: bool = False,
+            allow_overlap: bool = False) -> dict:
+    """Writes the contract files into ``out_dir`` and returns the manifest. Each output is
+    written atomically and the manifest last (deleted first): a run that stops early never
+    leaves a set of files that looks complete."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_outputs(out_dir, images=False)
+    skipped = []
+
+    def skip(rec: SourceRecord, reason: str):
+        entry = {"split": rec.split, "qid": rec.qid, "where": rec.where, "reason": reason}
+        if strict:
+            raise ConversionError(f"{rec.where} (qid {rec.qid}): {reason} (--strict stops here; drop "
+                                  "--strict to skip and report such records)")
+        skipped.append(entry)
+
+    kept: list[SourceRecord] = []
+    for rec in conv.records:
+        if lang != "all" and rec.lang != lang:
+            continue
+        if rec.problem:
+            skip(rec, rec.problem)
+            continue
+        if not isinstance(rec.question, str) or not rec.question.strip():
+            skip(rec, "empty question")
+            continue
+        if not isinstance(rec.answer, (str, int, float)) or not str(rec.answer).strip():
+            skip(rec, "empty answer")
+            continue
+        rec.answer = str(rec.answer).strip()
+        if rec.answer_type not in ("OPEN", "CLOSED"):
+            rec.answer_type = "CLOSED" if rec.answer.lower() in YES_NO else "OPEN"
+        kept.append(rec)
+
+    # images: read each once, check, copy; a bad image drops all of its questions
+    image_status: dict[str, str | None] = {}
+    images_dir = out_dir / IMAGES_DIR
+    copied = 0
+    for rec in tqdm(kept, desc="images", unit="q", leave=False):
+        if rec.image_key in image_status:
+            continue
+        try:
+            data = rec.load_image()
+            problem = _is_valid_image(data)
+        except (OSError, KeyError) as exc:
+            problem = f"missing image ({exc.__class__.__name__}: {exc})"
+        image_status[rec.image_key] = problem
+        if problem is None:
+            copied += _copy_image(data, images_dir / rec.image_key)
+    final = []
+    for rec in kept:
+        problem = image_status[rec.image_key]
+        if problem:
+            skip(rec, f"{problem}: {rec.image_key}")
+        else:
+            final.append(rec)
+
+    split_images = defaultdict(set)
+    for rec in final:
+        split_images[rec.split].add(rec.image_key)
+    overlap = {f"{a}&{b}": sorted(split_images[a] & split_images[b])
+               for a, b in (("train", "validation"), ("train", "test"), ("validation", "test"))}
+    leaked = overlap["train&test"]
+    if leaked and not allow_overlap:
+        raise ConversionError(f"{len(leaked)} image(s) appear in both train and test (e.g. {leaked[:3]}): "
+                              "test scores would be inflated. Fix the splits, or pass --allow_overlap "
+                              "if you know what you are doing.")
+
+    by_split = defaultdict(list)
+    for rec in final:
+        by_split[rec.split].append(rec)
+    for split, fname in VQA_FILES.items():
+        lines = [json.dumps({
+            "conversations": [{"role": "user", "content": f"<image>\n{rec.question.strip()}"},
+                              {"role": "assistant", "content": rec.answer}],
+            "image": rec.image_key, "qid": rec.qid, "answer_type": rec.answer_type,
+            "content_type": rec.content_type, "modality": rec.modality, "location": rec.location,
+        }, ensure_ascii=False) for rec in by_split.get(split, [])]
+        atomic_write_text(out_dir / fname, "".join(line + "\n" for line in lines))
+
+    # stage-1 captions: training images only, so validation/test images are never seen in training
+    per_image: dict[str, list[SourceRecord]] = defaultdict(list)
+    for rec in by_split.get("train", []):
+        per_image[rec.image_key].append(rec)
+    caption_lines = []
+    for i, (key, recs) in enumerate(sorted(per_image.items())):
+        meta = {"modality": recs[0].modality, "location": recs[0].location}
+        caption = make_caption(meta, [(r.question, r.answer, r.content_type) for r in recs])
+        caption_lines.append(json.dumps({
+            "conversations": [{"role": "user", "content": f"<image>\n{CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)]}"},
+                              {"role": "assistant", "content": caption}],
+            "image": key}, ensure_ascii=False))
+    atomic_write_text(out_dir / PRETRAIN_FILE, "".join(line + "\n" for line in caption_lines))
+
+    manifest = {
+        "source": conv.source, "lang": lang,
+        "counts": {s: len(by_split.get(s, [])) for s in VQA_FILES},
+        "answer_types": {s: dict(sorted(Counter(r.answer_type for r in by_split.get(s, [])).items()))
+                         for s in VQA_FILES},
+        "images": {s: len(split_images.get(s, ())) for s in VQA_FILES},
+        "pretrain_captions": len(caption_lines),
+        "image_overlap": {k: len(v) for k, v in overlap.items()},
+        "images_written": copied,
+        "skipped": skipped, "notes": conv.notes,
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def remove_outputs(out_dir: str | Path, images: bool = True):
+    """Removes the files of a previous run (the images too unless ``images=False``: they are
+    kept so an unchanged re-run copies nothing)."""
+    out_dir = Path(out_dir)
+    for name in [MANIFEST, *VQA_FILES.values(), PRETRAIN_FILE]:
+        (out_dir / name).unlink(missing_ok=True)
+    if images:
+        shutil.rmtree(out_dir / IMAGES_DIR, ignore_errors=True)
