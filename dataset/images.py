@@ -1,0 +1,89 @@
+"""Reading user images: PNG/JPEG through Pillow and DICOM through pydicom.
+
+DICOM: the modality LUT (rescale slope/intercept) and the stored window (centre/width)
+are applied; without a stored window the 0.5-99.5 percentile range is used. Multi-frame
+files give their middle frame; MONOCHROME1 is inverted so that dense tissue is bright.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MAX_PIXELS = 50_000_000  # refuse absurd images (decompression bombs) with a clear message
+
+
+class ImageReadError(ValueError):
+    pass
+
+
+def is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+        return len(head) == 132 and head[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom(path: str | Path) -> Image.Image:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
+    if "PixelData" not in ds:
+        raise ImageReadError(f"{path}: DICOM file has no pixel data (is it a report, plan or structure set?)")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # codecs raise their own types for truncated or unsupported data
+        raise ImageReadError(f"{path}: cannot decode the DICOM pixel data ({exc})") from exc
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rgb = ds.get("SamplesPerPixel", 1) == 3
+    if frames > 1:
+        arr = arr[frames // 2]
+    if rgb:
+        return Image.fromarray(np.asarray(arr, dtype=np.uint8) if arr.dtype == np.uint8 else
+                               _to_uint8(arr.astype(np.float32), None), mode="RGB")
+    arr = apply_modality_lut(arr, ds).astype(np.float32)
+    window = None
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        arr = apply_voi_lut(arr, ds).astype(np.float32)
+        center = float(np.atleast_1d(ds.WindowCenter)[0])
+        width = float(np.atleast_1d(ds.WindowWidth)[0])
+        window = (center - width / 2, center + width / 2)
+    img = _to_uint8(arr, window)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        img = 255 - img
+    return Image.fromarray(img, mode="L")
+
+
+def _to_uint8(arr: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    lo, hi = window if window else (np.percentile(arr, 0.5), np.percentile(arr, 99.5))
+    if hi <= lo:
+        lo, hi = float(arr.min()), float(arr.max()) + 1e-6
+    return (np.clip((arr - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Any supported image as a PIL image; errors say what is wrong with which file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if is_dicom(path):
+        return read_dicom(path)
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageReadError(f"{path}: image of {im.width}x{im.height} pixels is too large")
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{path}: not a readable image (PNG, JPEG or DICOM expected; "
+                             f"{exc.__class__.__name__}: {exc})") from exc

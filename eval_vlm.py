@@ -1,0 +1,103 @@
+"""Evaluate a trained model on the SLAKE test split, or ask it about one image.
+
+Run from the repository root:
+    python eval_vlm.py --model_mode 1                 # SFT model on dataset/medical_vqa_test.jsonl
+    python eval_vlm.py --model_mode 0                 # the stage-1 (pretrain) model
+    python eval_vlm.py --model_mode 1 --image scan.dcm --question "Which organ is abnormal?"
+    python eval_vlm.py --model_mode 1 --image scan.png          # interactive questions
+Writes out/eval/<checkpoint name>/metrics.json and predictions.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dataset.contract import DataError
+from dataset.images import ImageReadError, load_image
+from evaluation.runner import answer_stream, evaluate_split, format_table
+from model.checkpoint import CheckpointError, checkpoint_path, load_model
+from model.config import resolve_path
+from model.generation import GenerationConfig
+from model.runtime import pick_device, setup_logging
+from model.vision import VisionTowerNotFound
+
+log = logging.getLogger("eval")
+MODES = {0: "pretrain", 1: "sft"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_mode", type=int, choices=[0, 1], default=1, help="0 = pretrain model, 1 = SFT model")
+    ap.add_argument("--hidden_size", type=int, default=768, help="picks the default checkpoint name")
+    ap.add_argument("--use_moe", action="store_true", help="picks the default checkpoint name (_moe)")
+    ap.add_argument("--out_dir", default="out", help="where checkpoints are and eval/ is written")
+    ap.add_argument("--model_path", help="checkpoint to evaluate (overrides --model_mode/--hidden_size)")
+    ap.add_argument("--data_path", default="dataset/medical_vqa_test.jsonl")
+    ap.add_argument("--train_path", default="dataset/medical_vqa_train.jsonl", help="for the answer baselines")
+    ap.add_argument("--images_path", default="dataset/medical_images")
+    ap.add_argument("--cache_dir", default="dataset/cache", help="frozen-feature cache ('' = none)")
+    ap.add_argument("--vision_model", help="load the vision tower from here instead of the stored id "
+                                           "(its weights must match the checkpoint)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--image", help="answer questions about this PNG/JPEG/DICOM image instead")
+    ap.add_argument("--question", help="with --image: one question (otherwise an interactive prompt)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top_p", type=float, default=1.0)
+    return ap.parse_args(argv)
+
+
+def ask(ckpt, image_path: str, question: str | None, gen_cfg: GenerationConfig) -> int:
+    image = load_image(resolve_path(image_path))
+    questions = [question] if question else None
+    while True:
+        if questions is None:
+            try:
+                q = input("question (empty line to quit)> ").strip()
+            except EOFError:
+                return 0
+            if not q:
+                return 0
+        elif questions:
+            q = questions.pop()
+        else:
+            return 0
+        shown = ""
+        for text in answer_stream(ckpt, [image], [], q, gen_cfg):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+        print()
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    stage = MODES[args.model_mode]
+    path = resolve_path(args.model_path) if args.model_path else checkpoint_path(
+        args.out_dir, stage, args.hidden_size, args.use_moe)
+    device = pick_device(args.device)
+    try:
+        ckpt = load_model(path, device, vision_model=args.vision_model,
+                          stage_hint=None if args.model_path else stage)
+        log.info("%s: stage %s, step %d | %s", path, ckpt.stage, ckpt.step, ckpt.model.parameter_line())
+        gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                   top_p=args.top_p)
+        if args.image:
+            return ask(ckpt, args.image, args.question, gen_cfg)
+        metrics = evaluate_split(ckpt, resolve_path(args.data_path), resolve_path(args.images_path),
+                                 resolve_path(args.train_path) if args.train_path else None,
+                                 resolve_path(args.out_dir) / "eval" / path.stem, device, args.batch_size,
+                                 args.max_new_tokens, resolve_path(args.cache_dir) if args.cache_dir else None)
+    except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError) as exc:
+        log.error("error: %s", exc)
+        return 1
+    print(format_table(metrics))
+    print(f"generation: {metrics['generation_seconds']:.1f} s for {metrics['count']['all']} questions; "
+          f"wrote {resolve_path(args.out_dir) / 'eval' / path.stem}/metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

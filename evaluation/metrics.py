@@ -1,0 +1,106 @@
+"""SLAKE metrics as the literature reports them, and the baselines they are compared with.
+
+Normalisation (before any comparison): lower-case, number words to digits, punctuation
+to spaces, articles dropped, whitespace collapsed.
+
+* ``closed_accuracy`` / ``open_accuracy`` / ``overall_accuracy``: exact match after
+  normalisation (the MEVF / PubMedCLIP protocol for SLAKE).
+* ``open_recall``: mean share of ground-truth tokens present in the prediction
+  (LLaVA-Med's "recall" on open questions).
+* ``closed_accuracy_llava_med``: LLaVA-Med's closed-question rule, for comparison with
+  published tables only: correct when the ground truth is a *substring* of the
+  lower-cased prediction, so "no" counts as matching "none" or "not sure".
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize(text: str) -> str:
+    words = _PUNCT.sub(" ", str(text).lower()).split()
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def exact_match(pred: str, gt: str) -> bool:
+    return normalize(pred) == normalize(gt)
+
+
+def token_recall(pred: str, gt: str) -> float:
+    gt_tokens = normalize(gt).split()
+    if not gt_tokens:
+        return 0.0
+    pred_tokens = set(normalize(pred).split())
+    return sum(t in pred_tokens for t in gt_tokens) / len(gt_tokens)
+
+
+def llava_med_closed_hit(pred: str, gt: str) -> bool:
+    return str(gt).lower().strip() in str(pred).lower()
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def compute_metrics(items: list[dict]) -> dict:
+    """``items``: dicts with answer, prediction, answer_type, content_type, modality."""
+    closed = [i for i in items if i["answer_type"] == "CLOSED"]
+    opened = [i for i in items if i["answer_type"] == "OPEN"]
+    hit = lambda i: exact_match(i["prediction"], i["answer"])  # noqa: E731
+
+    def breakdown(key: str) -> dict:
+        groups = defaultdict(list)
+        for i in items:
+            groups[i.get(key) or "unknown"].append(i)
+        return {k: {"count": len(v), "accuracy": _mean(map(hit, v)),
+                    "closed_count": sum(i["answer_type"] == "CLOSED" for i in v),
+                    "closed_accuracy": _mean(hit(i) for i in v if i["answer_type"] == "CLOSED"),
+                    "open_accuracy": _mean(hit(i) for i in v if i["answer_type"] == "OPEN")}
+                for k, v in sorted(groups.items())}
+
+    return {
+        "count": {"all": len(items), "closed": len(closed), "open": len(opened)},
+        "closed_accuracy": _mean(map(hit, closed)),
+        "open_accuracy": _mean(map(hit, opened)),
+        "open_recall": _mean(token_recall(i["prediction"], i["answer"]) for i in opened),
+        "overall_accuracy": _mean(map(hit, items)),
+        "closed_accuracy_llava_med": _mean(llava_med_closed_hit(i["prediction"], i["answer"]) for i in closed),
+        "by_content_type": breakdown("content_type"),
+        "by_modality": breakdown("modality"),
+    }
+
+
+def _most_common(answers: list[str]) -> str:
+    # ties broken alphabetically so the baseline does not depend on file order
+    counts = Counter(answers)
+    return min(counts, key=lambda a: (-counts[a], a))
+
+
+def baselines(train: list[dict], test: list[dict]) -> dict:
+    """Answer-prior baselines from the training split: the majority answer per answer type,
+    and the majority answer for the identical question text (falling back to the type's
+    majority for questions never seen in training). A model has to beat both to show
+    that it uses the image."""
+    by_type = defaultdict(list)
+    by_question = defaultdict(list)
+    for r in train:
+        ans = normalize(r["answer"])
+        by_type[r["answer_type"]].append(ans)
+        by_question[(r["answer_type"], normalize(r["question"]))].append(ans)
+    type_major = {t: _most_common(a) for t, a in by_type.items()}
+    question_major = {q: _most_common(a) for q, a in by_question.items()}
+    out = {}
+    for name, predict in (
+            ("majority_per_answer_type", lambda r: type_major.get(r["answer_type"], "")),
+            ("majority_per_question", lambda r: question_major.get(
+                (r["answer_type"], normalize(r["question"])), type_major.get(r["answer_type"], "")))):
+        m = compute_metrics([{**r, "prediction": predict(r)} for r in test])
+        out[name] = {k: m[k] for k in ("closed_accuracy", "open_accuracy", "open_recall", "overall_accuracy")}
+    return out

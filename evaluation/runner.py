@@ -1,0 +1,141 @@
+"""Test-split evaluation (batched, cached features) and single-question answering."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dataset.contract import answer_of, images_of, question_of, read_jsonl
+from dataset.features import FEATURE_DTYPE, FeatureStore
+from dataset.images import ImageReadError, load_image
+from evaluation.metrics import baselines, compute_metrics, exact_match
+from model.checkpoint import LoadedCheckpoint, atomic_write_text
+from model.config import IMAGE_PLACEHOLDER
+from model.generation import GenerationConfig, generate, stream_generate
+from model.tokenization import ChatEncoder
+
+log = logging.getLogger("eval")
+
+
+def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, train_path: Path | None,
+                   out_dir: Path, device: torch.device, batch_size: int = 64, max_new_tokens: int = 32,
+                   cache_dir: Path | None = None, feature_cache_gb: float = 4.0) -> dict:
+    model, tok = ckpt.model, ckpt.tokenizer
+    records = read_jsonl(data_path, require_vqa=True,
+                         hint="run `python convert_slake_dataset.py` first, or pass --data_path")
+    encoder = ChatEncoder(tok, model.config.image_tokens)
+    # images that cannot be read count as failures in the report instead of stopping the run
+    image_paths, image_index, failures = [], {}, {}
+    for rec in records:
+        for rel in images_of(rec):
+            p = (images_path / rel).resolve()
+            if p in image_index or p in failures:
+                continue
+            try:
+                load_image(p)
+                image_index[p] = len(image_paths)
+                image_paths.append(p)
+            except ImageReadError as exc:
+                failures[p] = str(exc)
+    features = FeatureStore(model.vision_tower, image_paths, device, cache_dir, feature_cache_gb)
+
+    items, pending = [], []
+    for n, rec in enumerate(records):
+        paths = [(images_path / rel).resolve() for rel in images_of(rec)]
+        item = {"qid": rec.get("qid", n), "question": question_of(rec), "answer": answer_of(rec),
+                "answer_type": rec["answer_type"], "content_type": rec.get("content_type"),
+                "modality": rec.get("modality"), "prediction": "", "error": None}
+        bad = [failures[p] for p in paths if p in failures]
+        if bad:
+            item["error"] = bad[0]
+        else:
+            prompt = encoder.encode(rec["conversations"][:-1], add_generation_prompt=True).input_ids
+            pending.append((len(items), prompt, [image_index[p] for p in paths]))
+        items.append(item)
+    if failures:
+        log.warning("%d image(s) could not be read; their %d question(s) count as wrong, e.g. %s",
+                    len(failures), sum(i["error"] is not None for i in items), next(iter(failures.values())))
+
+    pending.sort(key=lambda x: len(x[1]))  # similar lengths together: less padding
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    t0 = time.perf_counter()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for start in tqdm(range(0, len(pending), batch_size), desc="evaluating", unit="batch"):
+        chunk = pending[start:start + batch_size]
+        index = torch.tensor([j for _, _, imgs in chunk for j in imgs], dtype=torch.long)
+        with amp:
+            outs = generate(model, [p for _, p, _ in chunk], features.get(index), gen_cfg,
+                            model.config.eos_token_id, model.config.pad_token_id)
+        for (i, _, _), ids in zip(chunk, outs):
+            items[i]["prediction"] = tok.decode(ids, skip_special_tokens=True).strip()
+    seconds = time.perf_counter() - t0
+
+    metrics = compute_metrics(items)
+    metrics["unreadable_images"] = len(failures)
+    metrics["generation_seconds"] = round(seconds, 3)
+    metrics["baselines"] = {}
+    if train_path is not None and train_path.is_file():
+        train = [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
+                 for r in read_jsonl(train_path, require_vqa=True)]
+        metrics["baselines"] = baselines(train, items)
+    else:
+        log.warning("no training file at %s: baselines skipped", train_path)
+    metrics.update(checkpoint=str(ckpt.path), stage=ckpt.stage, data=str(data_path), images=str(images_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(
+        {"qid": i["qid"], "question": i["question"], "answer": i["answer"], "prediction": i["prediction"],
+         "correct": exact_match(i["prediction"], i["answer"]), "answer_type": i["answer_type"],
+         "content_type": i["content_type"], "modality": i["modality"],
+         **({"error": i["error"]} if i["error"] else {})}) + "\n" for i in items))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _pct(x) -> str:
+    return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+
+def format_table(m: dict) -> str:
+    rows = [("model", m)] + [(k.replace("_", " "), v) for k, v in m.get("baselines", {}).items()]
+    lines = [f"{'':30s} {'closed':>7s} {'open':>7s} {'open rec':>8s} {'overall':>8s}"]
+    for name, r in rows:
+        lines.append(f"{name:30s} {_pct(r['closed_accuracy']):>7s} {_pct(r['open_accuracy']):>7s} "
+                     f"{_pct(r['open_recall']):>8s} {_pct(r['overall_accuracy']):>8s}")
+    c = m["count"]
+    lines.append(f"questions: {c['all']} ({c['closed']} closed, {c['open']} open); "
+                 f"LLaVA-Med closed rule (substring): {_pct(m['closed_accuracy_llava_med']).strip()}")
+    lines.append("by content type: " + ", ".join(f"{k} {_pct(v['accuracy']).strip()} (n={v['count']})"
+                                                 for k, v in m["by_content_type"].items()))
+    lines.append("by modality:     " + ", ".join(f"{k} {_pct(v['accuracy']).strip()} (n={v['count']})"
+                                                 for k, v in m["by_modality"].items()))
+    return "\n".join(lines)
+
+
+def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], question: str,
+                  gen_cfg: GenerationConfig) -> Iterator[str]:
+    """Streams the answer text (growing string) to ``question`` about ``images`` (PIL), with
+    earlier turns in ``history`` ([{"role", "content"}], the first user turn holding the
+    image placeholder(s)). Used by eval_vlm.py's single-question mode and the web demo."""
+    model, tok = ckpt.model, ckpt.tokenizer
+    if not question.strip():
+        raise ValueError("the question is empty")
+    msgs = list(history)
+    if not msgs:
+        question = IMAGE_PLACEHOLDER * len(images) + "\n" + question.strip() if images else question.strip()
+    msgs.append({"role": "user", "content": question})
+    prompt = ChatEncoder(tok, model.config.image_tokens).encode(msgs, add_generation_prompt=True).input_ids
+    device = next(model.parameters()).device
+    feats = None
+    if images:
+        # rounded like the cached features the model was trained on
+        feats = model.vision_tower(model.vision_tower.preprocess(images).to(device)).to(FEATURE_DTYPE)
+    ids: list[int] = []
+    for tok_id in stream_generate(model, prompt, feats, gen_cfg, model.config.eos_token_id,
+                                  model.config.pad_token_id):
+        ids.append(tok_id)
+        yield tok.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,124 @@
+"""Training configuration: one dataclass, two stage presets, one flag parser.
+
+The two stage scripts differ only in the preset they pass to ``parse_train_args``: the
+data, the learning rate, what is frozen and which weights they start from.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+
+from model.config import DEFAULT_TOKENIZER, DEFAULT_VISION_MODEL
+
+STAGES = ("pretrain", "sft")
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "sft"
+    # data
+    data_path: str = "dataset/medical_vqa_train.jsonl"
+    val_path: str = "dataset/medical_vqa_validation.jsonl"
+    images_path: str = "dataset/medical_images"
+    cache_dir: str = "dataset/cache"
+    feature_cache_gb: float = 4.0
+    max_seq_len: int = 512
+    # model
+    hidden_size: int = 768
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    use_moe: bool = False
+    projector: str = "mlp"
+    vision_model: str = DEFAULT_VISION_MODEL
+    tokenizer_path: str = DEFAULT_TOKENIZER
+    from_weight: str = "none"   # "none", "pretrain" (stage-1 output if present) or a checkpoint path
+    from_llm: str = ""          # MiniMind2 LLM weights (llm_512.pth / llm_768.pth)
+    freeze_llm: str = "none"    # "all", "except_last", "none" or "auto" (all when from_llm is given)
+    # optimisation
+    epochs: int = 4
+    batch_size: int = 16
+    accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_clip: float = 1.0
+    dtype: str = "auto"         # auto: bfloat16 on CUDA (float16 if unsupported), float32 on CPU
+    compile: bool = False
+    # run
+    out_dir: str = "out"
+    device: str = "auto"
+    num_workers: int = 2
+    seed: int = 42
+    log_interval: int = 10
+    save_interval: int = 0      # optimizer steps between checkpoints; 0 = at the end of each epoch
+    resume: bool = False
+    stop_at_step: int = 0       # stop after this optimizer step (schedule unchanged); 0 = run to the end
+    use_wandb: bool = False
+    wandb_project: str = "medical-vlm"
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}")
+        if self.freeze_llm not in ("all", "except_last", "none", "auto"):
+            raise ValueError("--freeze_llm must be all, except_last, none or auto")
+        if self.accumulation_steps < 1 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("--batch_size, --accumulation_steps and --epochs must be >= 1")
+
+    @property
+    def frozen_llm(self) -> str:
+        """What stays frozen: 'auto' trains the LM when it starts from random weights,
+        since a frozen random LM cannot learn anything useful from aligned features."""
+        if self.freeze_llm == "auto":
+            return "all" if self.from_llm else "none"
+        return self.freeze_llm
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    # stage 1: align image features with captions of the training images
+    "pretrain": dict(stage="pretrain", data_path="dataset/medical_pretrain.jsonl", val_path="",
+                     learning_rate=4e-4, freeze_llm="auto", from_weight="none", epochs=4, batch_size=16),
+    # stage 2: medical question answering, from the stage-1 model when it exists
+    "sft": dict(stage="sft", data_path="dataset/medical_vqa_train.jsonl",
+                val_path="dataset/medical_vqa_validation.jsonl", learning_rate=1e-4, freeze_llm="none",
+                from_weight="pretrain", epochs=4, batch_size=16),
+}
+
+HELP = {
+    "data_path": "training JSONL (the data contract)", "val_path": "validation JSONL ('' = none)",
+    "images_path": "folder the 'image' paths are relative to",
+    "cache_dir": "where frozen vision features are cached ('' = memory only)",
+    "feature_cache_gb": "above this size features are computed per batch instead of cached",
+    "max_seq_len": "longer samples lose question tokens (never answer or image tokens)",
+    "hidden_size": "512 (26M) or 768 (104M) for the MiniMind2 sizes",
+    "projector": "mlp (LLaVA-1.5) or linear (MiniMind2-V)",
+    "vision_model": "CLIP folder or hub id; 'random' / 'random-tiny' for offline tests",
+    "from_weight": "'none', 'pretrain' (this size's stage-1 checkpoint if present) or a checkpoint path",
+    "from_llm": "MiniMind2 language-model weights to start from (use with --tokenizer_path)",
+    "freeze_llm": "all | except_last | none | auto (all when --from_llm is given)",
+    "dtype": "auto | bfloat16 | float16 | float32",
+    "save_interval": "optimizer steps between checkpoints (0 = each epoch)",
+    "resume": "continue from out/<name>_resume.pth",
+    "stop_at_step": "stop after this optimizer step without changing the schedule",
+    "compile": "torch.compile the language model",
+}
+
+
+def parse_train_args(stage: str, argv=None, description: str | None = None) -> TrainConfig:
+    preset = {**asdict(TrainConfig()), **PRESETS[stage]}
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        if f.name == "stage":
+            continue
+        default = preset[f.name]
+        help_text = f"{HELP.get(f.name, '')} (default: {default!r})".strip()
+        if f.type in ("bool", bool):
+            ap.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            ap.add_argument(f"--{f.name}", type=typ, default=default, help=help_text)
+    return TrainConfig(stage=stage, **vars(ap.parse_args(argv)))

@@ -1,0 +1,407 @@
+"""The one training loop behind both stages.
+
+Single GPU/CPU or ``torchrun --nproc_per_node N`` (NCCL on GPU, gloo on CPU). Every
+optimizer step consumes one global batch of ``batch_size x world_size x
+accumulation_steps`` samples drawn from a per-epoch permutation that depends only on
+the seed and the epoch, and its loss is the mean over the *global* number of answer
+tokens, so any split of the same global batch over processes or accumulation steps
+computes the same update. Resume therefore reproduces the uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from dataset.vqa_dataset import VQADataset, collate
+from model.checkpoint import (atomic_save, build_config, checkpoint_path, read_checkpoint, safe_load,
+                              save_checkpoint, tokenizer_from_files)
+from model.config import VLMConfig, resolve_path
+from dataset.features import FeatureStore
+from model.minimind_weights import load_minimind_llm
+from model.runtime import pick_device, seed_everything
+from model.tokenization import ChatEncoder, load_tokenizer
+from model.vision import load_vision_tower
+from model.vlm import MedicalVLM
+from trainer.config import TrainConfig
+
+log = logging.getLogger("train")
+
+# fields that must agree between a resume state and the run continuing it
+RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
+               "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector")
+ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
+             "projector")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            tdist.barrier()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            tdist.all_reduce(t)
+        return t
+
+
+def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), pick_device(device_flag)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def amp_dtype(flag: str, device: torch.device) -> torch.dtype:
+    if flag == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[flag]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    warm = int(cfg.warmup_ratio * total)
+    if step < warm:
+        return cfg.learning_rate * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_name(cfg: TrainConfig) -> str:
+    return checkpoint_path(cfg.out_dir, cfg.stage, cfg.hidden_size, cfg.use_moe).stem
+
+
+def resolve_from_weight(cfg: TrainConfig) -> Path | None:
+    if cfg.from_weight in ("", "none"):
+        return None
+    if cfg.from_weight == "pretrain":
+        path = checkpoint_path(cfg.out_dir, "pretrain", cfg.hidden_size, cfg.use_moe)
+        if path.is_file():
+            return path
+        log.warning("no stage-1 checkpoint at %s: starting stage 2 without it (run train_pretrain_vlm.py first "
+                    "for better results, or pass --from_weight none to silence this)", path)
+        return None
+    path = resolve_path(cfg.from_weight)
+    if not path.is_file():
+        raise TrainingError(f"--from_weight {cfg.from_weight}: file not found")
+    return path
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, object]:
+    start = resolve_from_weight(cfg)
+    ckpt = read_checkpoint(start) if start else None
+    tok = tokenizer_from_files(ckpt["tokenizer"]) if ckpt else load_tokenizer(cfg.tokenizer_path)
+    tower = load_vision_tower(cfg.vision_model)
+    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS})
+    if cfg.max_seq_len > model_cfg.max_position_embeddings:
+        raise TrainingError(f"--max_seq_len {cfg.max_seq_len} exceeds {model_cfg.max_position_embeddings}")
+    model = MedicalVLM(model_cfg, tower)
+    if ckpt is not None:
+        old = VLMConfig.from_dict(ckpt["config"])
+        diff = {k: (getattr(old, k), getattr(model_cfg, k)) for k in (*ARCH_KEYS, "vocab_size")
+                if getattr(old, k) != getattr(model_cfg, k)}
+        if diff:
+            raise TrainingError(f"--from_weight {start} does not fit this run: {', '.join(f'{k} {a} vs {b}' for k, (a, b) in diff.items())}. "
+                                "Use the same size flags as the run that wrote it, or --from_weight none")
+        fp = ckpt["vision"].get("fingerprint")
+        if fp and fp != tower.fingerprint():
+            raise TrainingError(f"--from_weight {start} was trained with vision tower '{ckpt['vision']['id']}' "
+                                f"({fp}) but this run uses '{tower.name}' ({tower.fingerprint()}): the projector "
+                                "would see different features. Pass the same --vision_model.")
+        model.load_state_dict(ckpt["model"], strict=False)
+        log.info("starting from %s (stage %s, step %d)", start, ckpt["stage"], ckpt["step"])
+    if cfg.from_llm:
+        load_minimind_llm(model, str(resolve_path(cfg.from_llm)))
+    frozen = cfg.frozen_llm
+    if frozen in ("all", "except_last"):
+        model.llm.requires_grad_(False)
+        if frozen == "except_last":
+            model.llm.layers[-1].requires_grad_(True)
+            model.llm.norm.requires_grad_(True)
+    log.info("language model: %s", {"all": "frozen", "except_last": "frozen except the last layer",
+                                     "none": "trained"}[frozen])
+    if cfg.stage == "pretrain" and frozen == "all" and not cfg.from_llm and ckpt is None:
+        log.warning("the language model is frozen at random weights: only the projector learns")
+    return model.to(device), tok
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool, fresh: bool, wandb_run=None):
+        self.path, self.enabled, self.wandb = path, enabled, wandb_run
+        if enabled and fresh:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def write(self, row: dict):
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(row, step=row.get("step"))
+
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(rows: list[dict], path: Path, title: str):
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot as plt
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per answer token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _micro_batches(perm: torch.Tensor, step: int, cfg: TrainConfig, dist: Dist) -> list[torch.Tensor]:
+    g = cfg.batch_size * dist.world * cfg.accumulation_steps
+    chunk = perm[step * g:(step + 1) * g]
+    out = []
+    for m in range(cfg.accumulation_steps):
+        start = (m * dist.world + dist.rank) * cfg.batch_size
+        out.append(chunk[start:start + cfg.batch_size])
+    return out
+
+
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, dist: Dist, device, amp) -> float:
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    idx = list(range(dist.rank, len(data), dist.world))
+    for i in range(0, len(idx), cfg.batch_size):
+        batch = collate([data.samples[j] for j in idx[i:i + cfg.batch_size]], model.config.pad_token_id)
+        with amp:
+            loss_sum, n, _ = model(batch["input_ids"].to(device), features.get(batch["image_index"]),
+                                   batch["labels"].to(device))
+        total += torch.stack([loss_sum.double(), n.double()])
+    dist.all_sum(total)
+    model.train()
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def train(cfg: TrainConfig) -> dict:
+    dist, device = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = amp_dtype(cfg.dtype, device)
+    name = run_name(cfg)
+    out_dir = resolve_path(cfg.out_dir)
+    final_path = out_dir / f"{name}.pth"
+    resume_path = out_dir / f"{name}_resume.pth"
+    log.info("stage %s -> %s | device %s | %s | world size %d", cfg.stage, final_path, device,
+             str(dtype).replace("torch.", ""), dist.world)
+
+    model, tok = build_model(cfg, device)
+    log.info(model.parameter_line())
+    encoder = ChatEncoder(tok, model.config.image_tokens)
+    images_path = resolve_path(cfg.images_path)
+    hint = ("run `python convert_slake_dataset.py` first (or --demo offline)"
+            if cfg.data_path.startswith("dataset/") else "")
+    data = VQADataset(resolve_path(cfg.data_path), images_path, encoder, cfg.max_seq_len, hint=hint)
+    val = None
+    if cfg.val_path:
+        vpath = resolve_path(cfg.val_path)
+        if vpath.is_file():
+            val = VQADataset(vpath, images_path, encoder, cfg.max_seq_len, image_paths=data.image_paths)
+        else:
+            log.warning("validation file %s not found: no validation loss", vpath)
+    cache_dir = resolve_path(cfg.cache_dir) if cfg.cache_dir else None
+    build_cache = dist.is_main or cache_dir is None
+    features = None
+    if build_cache:
+        features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
+                                cfg.num_workers, progress=dist.is_main)
+    dist.barrier()
+    if features is None:
+        features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
+                                cfg.num_workers, build=False, progress=False)
+
+    global_batch = cfg.batch_size * dist.world * cfg.accumulation_steps
+    steps_per_epoch = len(data) // global_batch
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{cfg.data_path} has {len(data)} samples, fewer than one global batch of "
+                            f"{global_batch} (batch_size x processes x accumulation_steps): lower --batch_size")
+    total_steps = steps_per_epoch * cfg.epochs
+    log.info("data: %d samples (%d tokens, %d images), %d steps/epoch x %d epochs, global batch %d",
+             len(data), data.num_tokens(), len(data.image_paths), steps_per_epoch, cfg.epochs, global_batch)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
+                            betas=(0.9, 0.95), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    start_step = 0
+    if cfg.resume:
+        state = safe_load(resume_path, "resume state", "run without --resume to start fresh")
+        mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
+                    if state["train_config"].get(k) != getattr(cfg, k)}
+        if state.get("world") != dist.world:
+            mismatch["world size"] = (state.get("world"), dist.world)
+        if mismatch:
+            raise TrainingError(f"--resume: {resume_path} was written with different settings "
+                                f"{mismatch}; use the same flags or start fresh")
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_step = state["step"]
+        log.info("resumed from %s at step %d/%d", resume_path, start_step, total_steps)
+        if start_step >= total_steps:
+            log.info("nothing left to do: the run had finished")
+
+    if cfg.compile:
+        model.llm.compile()
+    ddp = model
+    if dist.enabled:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.use_moe, broadcast_buffers=False)
+
+    wandb_run = None
+    if cfg.use_wandb and dist.is_main:
+        try:
+            import wandb
+        except ImportError as exc:
+            raise TrainingError("--use_wandb needs the wandb package: pip install wandb") from exc
+        wandb_run = wandb.init(project=cfg.wandb_project, name=name, config=cfg.to_dict())
+    metrics = MetricsLog(out_dir / f"{name}_metrics.jsonl", dist.is_main, fresh=not cfg.resume, wandb_run=wandb_run)
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def save(step: int, epoch: int, extra: dict):
+        if dist.is_main:
+            save_checkpoint(final_path, model, tok, cfg.stage, step,
+                            extra={"train_config": cfg.to_dict(), "epoch": epoch, **extra})
+            atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
+                         "scaler": scaler.state_dict(), "step": step, "world": dist.world,
+                         "train_config": cfg.to_dict()}, resume_path)
+            plot_losses(metrics.rows(), out_dir / f"{name}_loss.png", f"{name} ({cfg.stage})")
+        dist.barrier()
+
+    model.train()
+    end_step = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
+    bar = tqdm(total=total_steps, initial=start_step, desc=cfg.stage, unit="step", disable=not dist.is_main,
+               dynamic_ncols=True)
+    window_loss = torch.zeros((), device=device, dtype=torch.float64)
+    window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+    last_val = None
+    step = start_step
+    while step < end_step:
+        epoch = step // steps_per_epoch
+        perm = _epoch_perm(len(data), cfg.seed, epoch)
+        micro = _micro_batches(perm, step % steps_per_epoch, cfg, dist)
+        batches = [collate([data.samples[i] for i in m.tolist()], model.config.pad_token_id) for m in micro]
+        n_tokens = torch.tensor([float(sum((b["labels"] != -100).sum() for b in batches))], device=device)
+        total_targets = dist.all_sum(n_tokens)[0]
+        lr = lr_at(step, total_steps, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        for m, batch in enumerate(batches):
+            sync = m == len(batches) - 1
+            ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
+            with ctx:
+                with amp:
+                    loss_sum, _, aux = ddp(batch["input_ids"].to(device, non_blocking=True),
+                                           features.get(batch["image_index"]),
+                                           batch["labels"].to(device, non_blocking=True))
+                # DDP averages gradients over processes: scale so the result is the mean
+                # over every answer token of the global batch.
+                loss = loss_sum * dist.world / total_targets + aux / len(batches)
+                scaler.scale(loss).backward()
+            step_loss += loss_sum.detach().double()
+            window_tokens += int((batch["input_ids"] != model.config.pad_token_id).sum())
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        window_loss += dist.all_sum(step_loss) / total_targets
+        window_steps += 1
+        step += 1
+        bar.update(1)
+
+        epoch_end = step % steps_per_epoch == 0
+        want_save = (cfg.save_interval and step % cfg.save_interval == 0) or epoch_end or step == end_step
+        if step % cfg.log_interval == 0 or want_save:
+            mean_loss = float(window_loss) / window_steps
+            if not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"loss became {mean_loss} at step {step}: training diverged and nothing was saved "
+                    f"(the last good checkpoint, if any, is untouched). Lower --learning_rate (now "
+                    f"{cfg.learning_rate}), keep --grad_clip on, or use --dtype bfloat16 instead of float16.")
+            elapsed = time.perf_counter() - t_window
+            tok_s = window_tokens * dist.world / max(elapsed, 1e-9)
+            metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(mean_loss, 6),
+                           "lr": lr, "tokens_per_s": round(tok_s, 1)})
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            window_loss.zero_()
+            window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+        if epoch_end and val is not None:
+            last_val = evaluate_loss(model, val, features, cfg, dist, device, amp)
+            metrics.write({"step": step, "epoch": step // steps_per_epoch, "val_loss": round(last_val, 6)})
+            if dist.is_main:
+                bar.write(f"epoch {step // steps_per_epoch}: validation loss {last_val:.4f}")
+        if want_save:
+            save(step, step // steps_per_epoch, {"val_loss": last_val})
+    bar.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    log.info("saved %s (metrics %s, curve %s)", final_path, metrics.path, out_dir / f"{name}_loss.png")
+    return {"checkpoint": final_path, "resume": resume_path, "metrics": metrics.path, "steps": step,
+            "total_steps": total_steps, "val_loss": last_val}
