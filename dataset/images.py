@@ -53,8 +53,9 @@ def read_dicom(path: str | Path) -> Image.Image:
                                _to_uint8(arr.astype(np.float32), None), mode="RGB")
     arr = apply_modality_lut(arr, ds).astype(np.float32)
     window = None
-    if "WindowCenter" in ds and "WindowWidth" in ds:
+    if "VOILUTSequence" in ds:  # a non-linear lookup table: apply it, then use its full range
         arr = apply_voi_lut(arr, ds).astype(np.float32)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:  # linear window, in modality units (e.g. HU)
         center = float(np.atleast_1d(ds.WindowCenter)[0])
         width = float(np.atleast_1d(ds.WindowWidth)[0])
         window = (center - width / 2, center + width / 2)

@@ -186,7 +186,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", vision_mode
                 f"'{obj['vision']['id']}' weights {expected}: its features would not match what the "
                 "projector learned. Use the same tower (--vision_model) as in training.")
     model = MedicalVLM(config, tower)
-    missing, unexpected = model.load_state_dict(obj["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(obj["model"], strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{path}: weights do not fit the stored config ({str(exc).splitlines()[1].strip()})") from exc
     missing = [k for k in missing if not k.startswith("vision_tower.")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not fit the stored config (missing {missing[:5]}, "

@@ -6,6 +6,7 @@ import logging
 import torch.distributed as tdist
 
 from dataset.contract import DataError
+from dataset.images import ImageReadError
 from model.checkpoint import CheckpointError
 from model.runtime import setup_logging
 from model.vision import VisionTowerNotFound
@@ -18,7 +19,7 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
     cfg = parse_train_args(stage, argv, description)
     try:
         train(cfg)
-    except (FileNotFoundError, DataError, CheckpointError, VisionTowerNotFound, TrainingError) as exc:
+    except (FileNotFoundError, DataError, ImageReadError, CheckpointError, VisionTowerNotFound, TrainingError) as exc:
         logging.getLogger("train").error("error: %s", exc)
         return 1
     finally:

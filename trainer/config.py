@@ -108,6 +108,10 @@ HELP = {
 }
 
 
+CHOICES = {"freeze_llm": ["all", "except_last", "none", "auto"], "projector": ["mlp", "linear"],
+           "dtype": ["auto", "bfloat16", "float16", "float32"]}
+
+
 def parse_train_args(stage: str, argv=None, description: str | None = None) -> TrainConfig:
     preset = {**asdict(TrainConfig()), **PRESETS[stage]}
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,5 +124,5 @@ def parse_train_args(stage: str, argv=None, description: str | None = None) -> T
             ap.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            ap.add_argument(f"--{f.name}", type=typ, default=default, help=help_text)
+            ap.add_argument(f"--{f.name}", type=typ, default=default, help=help_text, choices=CHOICES.get(f.name))
     return TrainConfig(stage=stage, **vars(ap.parse_args(argv)))
