@@ -19,7 +19,7 @@ from dataset.demo import REGIONS, draw, sample_params, write_demo_release
 from dataset.slake import ConversionError, convert, read_hub_vqa, read_release
 
 SLAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slake"
-pytestmark = pytest.mark.skipif(not SLAKE.is_dir(), reason="../shared/data/slake not present")
+needs_slake = pytest.mark.skipif(not SLAKE.is_dir(), reason="../shared/data/slake (real annotations) not present")
 
 
 def jpeg_bytes(seed: int) -> bytes:
@@ -62,6 +62,7 @@ def real_converted(real_release, tmp_path_factory):
     return out, manifest
 
 
+@needs_slake
 def test_real_counts(real_converted):
     out, m = real_converted
     assert m["counts"] == {"train": 4918, "validation": 1053, "test": 1061}
@@ -72,12 +73,14 @@ def test_real_counts(real_converted):
     assert len(list((out / "medical_images").rglob("source.jpg"))) == 642
 
 
+@needs_slake
 def test_qid_1622_reported(real_converted):
     out, m = real_converted
     assert [(s["split"], s["qid"], s["reason"]) for s in m["skipped"]] == [("train", 1622, "empty answer")]
     assert 1622 not in {r["qid"] for r in read_jsonl(out / "medical_vqa_train.jsonl")}
 
 
+@needs_slake
 def test_jsonl_schema_and_disjointness(real_converted):
     out, _ = real_converted
     splits = {s: read_jsonl(out / f"medical_vqa_{s}.jsonl", require_vqa=True) for s in ("train", "validation", "test")}
@@ -92,6 +95,7 @@ def test_jsonl_schema_and_disjointness(real_converted):
     assert all(r["conversations"][0]["content"].startswith("<image>\n") for r in splits["test"])
 
 
+@needs_slake
 def test_captions_cover_training_images_only(real_converted):
     out, _ = real_converted
     caps = read_jsonl(out / "medical_pretrain.jsonl")
@@ -104,6 +108,7 @@ def test_captions_cover_training_images_only(real_converted):
     assert text.startswith("This is an MRI image of the abdomen.")
 
 
+@needs_slake
 def test_chinese_and_all(real_release, tmp_path):
     m = convert(read_release(real_release), tmp_path / "zh", lang="zh")
     assert m["counts"] == {"train": 4916, "validation": 1046, "test": 1033}
@@ -116,6 +121,7 @@ def test_chinese_and_all(real_release, tmp_path):
     assert m_all["counts"]["test"] == 1061 + 1033 and m_all["image_overlap"]["train&test"] == 142
 
 
+@needs_slake
 def test_rerun_is_idempotent(real_release, tmp_path):
     m1 = convert(read_release(real_release), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.glob("*.jsonl")}
@@ -125,6 +131,7 @@ def test_rerun_is_idempotent(real_release, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@needs_slake
 def test_hub_snapshot_layout_with_zip(tmp_path):
     """BoKelvin/SLAKE's files: validation.json (not validate.json) and imgs.zip."""
     snap = release_copy(tmp_path / "snap", names=("train.json", "validation.json", "test.json"), limit=300,
