@@ -72,12 +72,15 @@ def draw(params: dict) -> Image.Image:
     elif region == "head":
         img[_ellipse(yy, xx, 112, 112, 60, 55)] = level + (25 if mod == "MRI" else -20)
     if params["lesions"]:
-        radius = 8 if params["size"] == "Small" else 17
+        # Lesions are heterogeneous (a coarse speckle), as tumours often are; this also keeps
+        # them distinct from flat bright bone or dark background under any vision tower.
+        radius = 9 if params["size"] == "Small" else 18
         cx = 70 if params["side"] == "Left" else 154
-        lesion_level = 20 if level > 150 else 255
+        speckle = np.where(((xx // 3) + (yy // 3)) % 2 == 0, 255.0, 0.0)
         for i in range(params["lesions"]):
             cy = 62 + 50 * i + rng.integers(-3, 4)
-            img[_ellipse(yy, xx, cy, cx + rng.integers(-4, 5), radius, radius)] = lesion_level
+            spot = _ellipse(yy, xx, cy, cx + rng.integers(-4, 5), radius, radius)
+            img[spot] = speckle[spot]
     img += rng.normal(0, 4 if mod == "MRI" else 7, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
 

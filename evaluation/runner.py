@@ -138,4 +138,6 @@ def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], que
     for tok_id in stream_generate(model, prompt, feats, gen_cfg, model.config.eos_token_id,
                                   model.config.pad_token_id):
         ids.append(tok_id)
-        yield tok.decode(ids, skip_special_tokens=True)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            yield text

@@ -97,7 +97,10 @@ def _random_tower(name: str) -> VisionTower:
             elif key.endswith("bias"):
                 param.zero_()
             else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                # Position/class embeddings comparable to the patch term: the pre-LayerNorm would
+                # otherwise reduce a flat patch to the sign of its brightness.
+                std = 0.3 if "position_embedding" in key or "class_embedding" in key else 0.02
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
     processor = _ImageProcessor(
         do_resize=True, size={"shortest_edge": 224}, do_center_crop=True,
         crop_size={"height": 224, "width": 224}, do_normalize=True,

@@ -1,0 +1,57 @@
+"""Browser demo: upload a scan (PNG, JPEG or DICOM), ask questions, watch the answer stream.
+
+Run from the repository root:
+    python web_demo_vlm.py --model_path out/medical_vlm_768.pth      # then open http://127.0.0.1:7860
+    python web_demo_vlm.py --model_path out/                         # pick among the checkpoints in out/
+Research use only, not for diagnosis.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from model.checkpoint import CheckpointError, read_checkpoint
+from model.config import resolve_path
+from model.runtime import pick_device, setup_logging
+from model.vision import VisionTowerNotFound
+from webdemo.app import Session, build_app, checkpoints_in
+
+log = logging.getLogger("web_demo")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_path", default="out/medical_vlm_768.pth", help="a checkpoint or a folder of them")
+    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your local network")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--vision_model", help="load the vision tower from here (weights must match)")
+    return ap.parse_args(argv)
+
+
+def stage_of(path: Path) -> str | None:
+    return "pretrain" if path.name.startswith("medical_pretrain_vlm") else "sft"
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    try:
+        paths = checkpoints_in(resolve_path(args.model_path))
+        read_checkpoint(paths[0], stage_hint=stage_of(paths[0]))  # fail fast, with the stage to run
+        session = Session(paths, pick_device(args.device), args.vision_model)
+        app, theme, css = build_app(session)
+    except (FileNotFoundError, CheckpointError, VisionTowerNotFound) as exc:
+        log.error("error: %s", exc)
+        return 1
+    log.info("serving %d checkpoint(s) on http://%s:%d", len(paths), args.host, args.port)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme, css=css,
+               footer_links=[], show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
