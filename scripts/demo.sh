@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole pipeline offline on the built-in demo set, on the CPU, in a few minutes:
+#   bash scripts/demo.sh
+# convert (--demo) -> pretrain -> SFT -> evaluation with baselines, using a small language
+# model and the random-tiny vision tower. Writes dataset/demo/ and out/demo/ (your real
+# dataset/ and out/ files are left alone). Set DEMO_EPOCHS to train longer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+PY=.venv/bin/python
+DATA=dataset/demo
+OUT=out/demo
+EPOCHS=${DEMO_EPOCHS:-8}
+MODEL=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4
+       --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$OUT" --cache_dir "$DATA/cache")
+start=$(date +%s)
+echo "== 1/4 build the synthetic mini-SLAKE"
+$PY convert_slake_dataset.py --demo --out_dir "$DATA"
+echo "== 2/4 stage 1: align image features (captions)"
+$PY train_pretrain_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_pretrain.jsonl" --epochs 2 --batch_size 16 \
+  --learning_rate 1e-3 --log_interval 10
+echo "== 3/4 stage 2: medical question answering"
+$PY train_sft_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_vqa_train.jsonl" \
+  --val_path "$DATA/medical_vqa_validation.jsonl" --epochs "$EPOCHS" --batch_size 32 --learning_rate 2e-3 \
+  --log_interval 10
+echo "== 4/4 evaluation on the demo test split"
+$PY eval_vlm.py --model_path "$OUT/medical_vlm_128.pth" --data_path "$DATA/medical_vqa_test.jsonl" \
+  --train_path "$DATA/medical_vqa_train.jsonl" --images_path "$DATA/medical_images" --out_dir "$OUT" \
+  --cache_dir "$DATA/cache"
+$PY -m scripts.check_learning "$OUT/eval/medical_vlm_128/metrics.json" --margin 0.05
+echo "done in $(( $(date +%s) - start )) s. Loss curves: $OUT/*_loss.png"
+echo "Try it in the browser:  .venv/bin/python web_demo_vlm.py --model_path $OUT/medical_vlm_128.pth"
