@@ -10,7 +10,7 @@ bash scripts/setup_env.sh
 PY=.venv/bin/python
 DATA=dataset/demo
 OUT=out/demo
-EPOCHS=${DEMO_EPOCHS:-8}
+EPOCHS=${DEMO_EPOCHS:-10}
 MODEL=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4
        --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$OUT" --cache_dir "$DATA/cache")
 start=$(date +%s)

@@ -339,6 +339,8 @@ def train(cfg: TrainConfig) -> dict:
     window_loss = torch.zeros((), device=device, dtype=torch.float64)
     window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
     last_val = None
+    epoch_seconds: list[float] = []  # training steps only: validation and saving excluded
+    t_epoch = time.perf_counter()
     step = start_step
     while step < end_step:
         epoch = step // steps_per_epoch
@@ -392,6 +394,11 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             window_loss.zero_()
             window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+        if epoch_end:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_seconds.append(time.perf_counter() - t_epoch)
+            metrics.write({"step": step, "epoch": step // steps_per_epoch, "epoch_seconds": round(epoch_seconds[-1], 3)})
         if epoch_end and val is not None:
             last_val = evaluate_loss(model, val, features, cfg, dist, device, amp)
             metrics.write({"step": step, "epoch": step // steps_per_epoch, "val_loss": round(last_val, 6)})
@@ -399,9 +406,12 @@ def train(cfg: TrainConfig) -> dict:
                 bar.write(f"epoch {step // steps_per_epoch}: validation loss {last_val:.4f}")
         if want_save:
             save(step, step // steps_per_epoch, {"val_loss": last_val})
+        if epoch_end or want_save:
+            t_epoch = time.perf_counter()
     bar.close()
     if wandb_run is not None:
         wandb_run.finish()
     log.info("saved %s (metrics %s, curve %s)", final_path, metrics.path, out_dir / f"{name}_loss.png")
     return {"checkpoint": final_path, "resume": resume_path, "metrics": metrics.path, "steps": step,
-            "total_steps": total_steps, "val_loss": last_val}
+            "total_steps": total_steps, "val_loss": last_val, "epoch_seconds": epoch_seconds,
+            "samples": len(data), "tokens": data.num_tokens(), "trainable_params": model.parameter_summary()["trainable"]}
