@@ -10,11 +10,9 @@ import pytest
 import torch
 
 import eval_vlm
-from dataset.demo import write_demo_release
 from dataset.images import ImageReadError, load_image, read_dicom
-from dataset.slake import convert, read_release
 from evaluation.metrics import baselines, compute_metrics, exact_match, llava_med_closed_hit, normalize, token_recall
-from trainer.cli import main as train_main
+from tests.helpers import train_tiny_on_demo
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"  # bundled with pydicom, no download
 
@@ -120,16 +118,7 @@ def test_dicom_multiframe_monochrome1_and_no_pixels(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    write_demo_release(root / "raw", seed=2, n_train=30, n_val=4, n_test=6)
-    convert(read_release(root / "raw"), root / "data")
-    d = root / "data"
-    args = ["--vision_model", "random-tiny", "--hidden_size", "48", "--num_hidden_layers", "2",
-            "--num_attention_heads", "4", "--num_key_value_heads", "2", "--device", "cpu", "--num_workers", "0",
-            "--images_path", str(d / "medical_images"), "--out_dir", str(root / "out"),
-            "--cache_dir", str(root / "cache"), "--epochs", "4", "--batch_size", "8", "--learning_rate", "3e-3",
-            "--data_path", str(d / "medical_vqa_train.jsonl"), "--val_path", str(d / "medical_vqa_validation.jsonl"),
-            "--log_interval", "20"]
-    assert train_main("sft", args) == 0
+    train_tiny_on_demo(root, seed=2, n_train=30, n_val=4, n_test=6, cache_dir=str(root / "cache"), epochs=4)
     return root
 
 

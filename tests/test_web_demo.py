@@ -17,11 +17,8 @@ from pathlib import Path
 import pytest
 
 import web_demo_vlm
-from dataset.demo import write_demo_release
-from dataset.slake import convert, read_release
-from trainer.cli import main as train_main
 from model.checkpoint import save_checkpoint
-from tests.helpers import make_tiny_model
+from tests.helpers import make_tiny_model, train_tiny_on_demo
 from webdemo.app import EXAMPLES_DIR, Session, checkpoints_in, text_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +29,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
-    write_demo_release(root / "raw", seed=5, n_train=24, n_val=2, n_test=2)
-    convert(read_release(root / "raw"), root / "data")
-    d = root / "data"
-    assert train_main("sft", [
-        "--vision_model", "random-tiny", "--hidden_size", "48", "--num_hidden_layers", "2",
-        "--num_attention_heads", "4", "--num_key_value_heads", "2", "--device", "cpu", "--num_workers", "0",
-        "--images_path", str(d / "medical_images"), "--out_dir", str(root / "out"), "--cache_dir", "",
-        "--epochs", "3", "--batch_size", "8", "--learning_rate", "3e-3", "--val_path", "",
-        "--data_path", str(d / "medical_vqa_train.jsonl"), "--log_interval", "50"]) == 0
+    train_tiny_on_demo(root, seed=5, n_train=24, n_val=2, n_test=2, cache_dir="", epochs=3, val=False)
     return root / "out" / "medical_vlm_48.pth"
 
 
@@ -49,7 +38,7 @@ def test_examples_are_shipped():
     assert {"ct_chest_lesions.png", "mri_head_normal.png", "ct_abdomen_lesion.dcm"} <= names
 
 
-def test_session_streams_and_validates(tokenizer, tiny_tower, tmp_path):
+def test_session_streams_and_validates(tokenizer, tiny_tower, tmp_path, monkeypatch):
     # widely spread random weights: long answers without an end token, to see the stream
     path = save_checkpoint(tmp_path / "medical_vlm_64.pth", make_tiny_model(tokenizer, tiny_tower, spread=0.3),
                            tokenizer, "sft", 0)
@@ -70,6 +59,13 @@ def test_session_streams_and_validates(tokenizer, tiny_tower, tmp_path):
     bad.write_text("not an image")
     img2, err2 = s.read_upload(str(bad))
     assert img2 is None and "Cannot use this file" in err2
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes((EXAMPLES_DIR / "mri_head_normal.png").read_bytes()[:3000])
+    assert s.read_upload(str(truncated))[0] is None and "Cannot use this file" in s.read_upload(str(truncated))[1]
+    no_pixels = Path(__import__("pydicom").__file__).parent / "data" / "test_files" / "rtplan.dcm"
+    assert "no pixel data" in s.read_upload(str(no_pixels))[1]
+    monkeypatch.setattr("webdemo.app.MAX_UPLOAD_MB", 0)
+    assert "larger than 0 MB" in s.read_upload(str(EXAMPLES_DIR / "mri_head_normal.png"))[1]
     assert text_of([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
 
 
