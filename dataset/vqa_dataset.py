@@ -7,12 +7,15 @@ computed once per image and gathered per batch.
 from __future__ import annotations
 
 import logging
+import random
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dataset.contract import DataError, images_of, read_jsonl
+from dataset.contract import DataError, answer_of, images_of, question_of, read_jsonl
+from model.config import IMAGE_PLACEHOLDER
 from model.tokenization import IGNORE_INDEX, ChatEncoder
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,51 @@ class VQADataset:
 
     def num_tokens(self) -> int:
         return sum(len(s.input_ids) for s in self.samples)
+
+
+class PackedQuestions:
+    """Training sequences that pack up to ``k`` single-image questions about the same image
+    into one multi-turn conversation: the image's 196 tokens are processed once for k
+    answers, and the model learns follow-up questions (the web demo's chat). Groups and
+    their order are re-drawn every epoch from (seed, epoch) alone, so runs stay exactly
+    reproducible and resumable; the number of sequences per epoch is fixed."""
+
+    def __init__(self, data: VQADataset, encoder: ChatEncoder, k: int, max_seq_len: int, seed: int):
+        self.data, self.encoder, self.k, self.max_seq_len, self.seed = data, encoder, k, max_seq_len, seed
+        by_image = defaultdict(list)
+        self.singles = []
+        for i, s in enumerate(data.samples):
+            conv = s.record["conversations"]
+            single_turn = len(s.images) == 1 and len(conv) == 2 and conv[0]["content"].startswith(IMAGE_PLACEHOLDER)
+            (by_image[s.images[0]] if single_turn else self.singles).append(i)
+        self.by_image = [by_image[k_] for k_ in sorted(by_image)]
+        self.length = len(self.singles) + sum(-(-len(g) // k) for g in self.by_image)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def epoch_samples(self, epoch: int) -> list[Sample]:
+        rng = random.Random(self.seed * 1000 + epoch)
+        out = [self.data.samples[i] for i in self.singles]
+        for group in self.by_image:
+            order = list(group)
+            rng.shuffle(order)
+            for start in range(0, len(order), self.k):
+                out.append(self._pack([self.data.samples[i] for i in order[start:start + self.k]]))
+        return out
+
+    def _pack(self, members: list[Sample]) -> Sample:
+        if len(members) == 1:
+            return members[0]
+        conv = list(members[0].record["conversations"])
+        for m in members[1:]:
+            conv += [{"role": "user", "content": question_of(m.record)},
+                     {"role": "assistant", "content": answer_of(m.record)}]
+        try:
+            enc = self.encoder.encode(conv, self.max_seq_len)
+        except ValueError:  # too long together: keep the first question alone
+            return members[0]
+        return Sample(enc.input_ids, enc.labels, members[0].images, members[0].record)
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:

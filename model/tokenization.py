@@ -82,11 +82,15 @@ class ChatEncoder:
         self.image_tokens = image_tokens
         self.image_id = image_token_id(tok)
         self.end_id = end_token_id(tok)
-        self.newline = self._ids("\n")
+        self._memo: dict[str, list[int]] = {}
         self._headers: dict[str, list[int]] = {}
+        self.newline = self._ids("\n")
 
     def _ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        # VQA data repeats the same questions and answers many times: tokenise each once
+        if text not in self._memo:
+            self._memo[text] = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+        return list(self._memo[text])
 
     def _header(self, role: str) -> list[int]:
         if role not in self._headers:

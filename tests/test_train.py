@@ -356,3 +356,35 @@ def test_interrupted_save_keeps_previous_checkpoint(demo_data, tmp_path, monkeyp
     assert (out / "medical_vlm_32.pth").read_bytes() == before
     assert load_model(out / "medical_vlm_32.pth").stage == "sft"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_packed_questions_structure_and_determinism(demo_data, tokenizer):
+    from dataset.vqa_dataset import PackedQuestions
+    enc = ChatEncoder(tokenizer, 196)
+    data = VQADataset(demo_data / "medical_vqa_train.jsonl", demo_data / "medical_images", enc, 1024)
+    packed = PackedQuestions(data, enc, k=3, max_seq_len=1024, seed=7)
+    per_image = {}
+    for s in data.samples:
+        per_image[s.images[0]] = per_image.get(s.images[0], 0) + 1
+    assert len(packed) == sum(-(-n // 3) for n in per_image.values()) < len(data)
+    e0, e0_again, e1 = packed.epoch_samples(0), packed.epoch_samples(0), packed.epoch_samples(1)
+    assert len(e0) == len(e1) == len(packed)
+    assert [s.input_ids for s in e0] == [s.input_ids for s in e0_again]
+    assert [s.input_ids for s in e0] != [s.input_ids for s in e1]
+    answers = sum(len([t for t in s.labels if t == enc.end_id]) for s in e0)
+    assert answers == len(data)  # every question answered exactly once per epoch
+    for s in e0:
+        assert s.input_ids.count(enc.image_id) == 196 and len(s.images) == 1  # one image per sequence
+        turns = s.input_ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>"))
+        assert turns == 2 * len([t for t in s.labels if t == enc.end_id])
+
+
+def test_packed_training_runs_and_resumes(demo_data, tmp_path):
+    from trainer.cli import main
+    common = dict(epochs=2, batch_size=4, learning_rate=2e-3, from_weight="none", pack_questions=3)
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main("sft", stage_args(demo_data, full, **common)) == 0
+    assert main("sft", stage_args(demo_data, split, stop_at_step=3, **common)) == 0
+    assert main("sft", stage_args(demo_data, split, resume=True, **common)) == 0
+    assert losses(full) == pytest.approx(losses(split), rel=1e-5, abs=1e-6)
+    assert losses(full)[-1] < losses(full)[0]

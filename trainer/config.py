@@ -23,6 +23,7 @@ class TrainConfig:
     cache_dir: str = "dataset/cache"
     feature_cache_gb: float = 4.0
     max_seq_len: int = 512
+    pack_questions: int = 1     # >1: up to this many questions about one image per training sequence
     # model
     hidden_size: int = 768
     num_hidden_layers: int = 16
@@ -63,8 +64,8 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {STAGES}")
         if self.freeze_llm not in ("all", "except_last", "none", "auto"):
             raise ValueError("--freeze_llm must be all, except_last, none or auto")
-        if self.accumulation_steps < 1 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError("--batch_size, --accumulation_steps and --epochs must be >= 1")
+        if min(self.accumulation_steps, self.batch_size, self.epochs, self.pack_questions) < 1:
+            raise ValueError("--batch_size, --accumulation_steps, --epochs and --pack_questions must be >= 1")
 
     @property
     def frozen_llm(self) -> str:
@@ -94,6 +95,8 @@ HELP = {
     "cache_dir": "where frozen vision features are cached ('' = memory only)",
     "feature_cache_gb": "above this size features are computed per batch instead of cached",
     "max_seq_len": "longer samples lose question tokens (never answer or image tokens)",
+    "pack_questions": "train on up to K questions about the same image per sequence (multi-turn; "
+                      "the image is encoded once for K answers)",
     "hidden_size": "512 (26M) or 768 (104M) for the MiniMind2 sizes",
     "projector": "mlp (LLaVA-1.5) or linear (MiniMind2-V)",
     "vision_model": "CLIP folder or hub id; 'random' / 'random-tiny' for offline tests",

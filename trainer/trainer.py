@@ -22,7 +22,7 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from dataset.vqa_dataset import VQADataset, collate
+from dataset.vqa_dataset import PackedQuestions, VQADataset, collate
 from model.checkpoint import (atomic_save, build_config, checkpoint_path, read_checkpoint, safe_load,
                               save_checkpoint, tokenizer_from_files)
 from model.config import VLMConfig, resolve_path
@@ -38,7 +38,7 @@ log = logging.getLogger("train")
 
 # fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
-               "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector")
+               "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions")
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
              "projector")
 
@@ -269,14 +269,19 @@ def train(cfg: TrainConfig) -> dict:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
                                 cfg.num_workers, build=False, progress=False)
 
+    packed = PackedQuestions(data, encoder, cfg.pack_questions, cfg.max_seq_len, cfg.seed) \
+        if cfg.pack_questions > 1 else None
+    n_seq = len(packed) if packed else len(data)
     global_batch = cfg.batch_size * dist.world * cfg.accumulation_steps
-    steps_per_epoch = len(data) // global_batch
+    steps_per_epoch = n_seq // global_batch
     if steps_per_epoch == 0:
-        raise TrainingError(f"{cfg.data_path} has {len(data)} samples, fewer than one global batch of "
+        raise TrainingError(f"{cfg.data_path} has {n_seq} training sequences, fewer than one global batch of "
                             f"{global_batch} (batch_size x processes x accumulation_steps): lower --batch_size")
     total_steps = steps_per_epoch * cfg.epochs
-    log.info("data: %d samples (%d tokens, %d images), %d steps/epoch x %d epochs, global batch %d",
-             len(data), data.num_tokens(), len(data.image_paths), steps_per_epoch, cfg.epochs, global_batch)
+    log.info("data: %d samples (%d tokens, %d images)%s, %d steps/epoch x %d epochs, global batch %d",
+             len(data), data.num_tokens(), len(data.image_paths),
+             f", packed {cfg.pack_questions} per image into {n_seq} sequences" if packed else "",
+             steps_per_epoch, cfg.epochs, global_batch)
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -342,11 +347,14 @@ def train(cfg: TrainConfig) -> dict:
     epoch_seconds: list[float] = []  # training steps only: validation and saving excluded
     t_epoch = time.perf_counter()
     step = start_step
+    samples_epoch, samples = -1, data.samples
     while step < end_step:
         epoch = step // steps_per_epoch
-        perm = _epoch_perm(len(data), cfg.seed, epoch)
+        if packed is not None and epoch != samples_epoch:
+            samples, samples_epoch = packed.epoch_samples(epoch), epoch
+        perm = _epoch_perm(len(samples), cfg.seed, epoch)
         micro = _micro_batches(perm, step % steps_per_epoch, cfg, dist)
-        batches = [collate([data.samples[i] for i in m.tolist()], model.config.pad_token_id) for m in micro]
+        batches = [collate([samples[i] for i in m.tolist()], model.config.pad_token_id) for m in micro]
         n_tokens = torch.tensor([float(sum((b["labels"] != -100).sum() for b in batches))], device=device)
         total_targets = dist.all_sum(n_tokens)[0]
         lr = lr_at(step, total_steps, cfg)
@@ -414,4 +422,5 @@ def train(cfg: TrainConfig) -> dict:
     log.info("saved %s (metrics %s, curve %s)", final_path, metrics.path, out_dir / f"{name}_loss.png")
     return {"checkpoint": final_path, "resume": resume_path, "metrics": metrics.path, "steps": step,
             "total_steps": total_steps, "val_loss": last_val, "epoch_seconds": epoch_seconds,
-            "samples": len(data), "tokens": data.num_tokens(), "trainable_params": model.parameter_summary()["trainable"]}
+            "samples": n_seq, "tokens": sum(len(s_.input_ids) for s_ in samples) if packed else data.num_tokens(),
+            "questions": len(data), "trainable_params": model.parameter_summary()["trainable"]}
