@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import zipfile
@@ -25,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES
-from model.checkpoint import atomic_write_text
+from model.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +278,7 @@ def _copy_image(data: bytes, dest: Path) -> bool:
     """Writes the image unless an identical file is already there; returns True if written."""
     if dest.is_file() and dest.stat().st_size == len(data) and dest.read_bytes() == data:
         return False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, data)
     return True
 
 

@@ -14,7 +14,8 @@ from dataset.contract import answer_of, images_of, question_of, read_jsonl
 from dataset.features import FEATURE_DTYPE, FeatureStore
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines, compute_metrics, exact_match
-from model.checkpoint import LoadedCheckpoint, atomic_write_text
+from model.atomic import atomic_write_text
+from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.generation import GenerationConfig, generate, stream_generate
 from model.tokenization import ChatEncoder

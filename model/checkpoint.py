@@ -9,7 +9,6 @@ the model was trained with.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from model.atomic import atomic_open
 from model.config import VLMConfig, resolve_path
 from model.tokenization import end_token_id, image_token_id, prepare_tokenizer
 from model.vision import VisionTower, load_vision_tower
@@ -44,35 +44,10 @@ def checkpoint_path(out_dir: str | Path, stage: str, hidden_size: int, use_moe: 
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash
-    mid-write leaves the previous file intact and never a truncated one in its place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """torch.save through a temporary file (see model/atomic.py)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def safe_load(path: str | Path, what: str = "checkpoint", hint: str = "") -> dict:

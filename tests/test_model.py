@@ -11,7 +11,7 @@ from model.generation import GenerationConfig, generate, stream_generate
 from model.language_model import MiniMindLM, apply_rope, rope_tables
 from model.tokenization import IGNORE_INDEX, ChatEncoder, image_token_id
 from model.vision import VisionTowerNotFound, load_vision_tower
-from model.vlm import MedicalVLM, merge_image_features
+from model.vlm import merge_image_features
 from tests.helpers import make_tiny_model, random_image
 
 

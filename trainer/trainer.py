@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dataset.vqa_dataset import PackedQuestions, VQADataset, collate
 from model.checkpoint import (atomic_save, build_config, checkpoint_path, read_checkpoint, safe_load,
                               save_checkpoint, tokenizer_from_files)
+from model.atomic import atomic_open
 from model.config import VLMConfig, resolve_path
 from dataset.features import FeatureStore
 from model.minimind_weights import load_minimind_llm
@@ -194,10 +195,9 @@ def plot_losses(rows: list[dict], path: Path, title: str):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _micro_batches(perm: torch.Tensor, step: int, cfg: TrainConfig, dist: Dist) -> list[torch.Tensor]:
