@@ -213,6 +213,12 @@ def test_missing_clip_gives_clone_command(tmp_path):
         load_vision_tower("model/vision_model/clip-vit-base-patch16-absent")
 
 
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VisionTowerNotFound, match="--vision_model random"):
+        load_vision_tower("openai/clip-vit-base-patch16")
+
+
 def test_clip_directory_loads_like_hub_layout(tmp_path, tiny_tower):
     """A local folder in HF layout (what `git clone` of the hub repo gives) loads through
     the same from_pretrained path users run."""

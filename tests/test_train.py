@@ -191,7 +191,11 @@ def test_two_process_ddp_matches_single_process(demo_data, tmp_path):
     from trainer.cli import main
     assert main("sft", stage_args(demo_data, single, batch_size=4, **common)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    import socket
+    with socket.socket() as sock:  # a free port, so parallel runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "train_sft_vlm.py", *stage_args(demo_data, ddp, batch_size=2, **common)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

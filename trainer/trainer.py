@@ -355,6 +355,8 @@ def train(cfg: TrainConfig) -> dict:
         perm = _epoch_perm(len(samples), cfg.seed, epoch)
         micro = _micro_batches(perm, step % steps_per_epoch, cfg, dist)
         batches = [collate([samples[i] for i in m.tolist()], model.config.pad_token_id) for m in micro]
+        if device.type == "cuda":  # page-locked host memory makes the non_blocking copies below asynchronous
+            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
         n_tokens = torch.tensor([float(sum((b["labels"] != -100).sum() for b in batches))], device=device)
         total_targets = dist.all_sum(n_tokens)[0]
         lr = lr_at(step, total_steps, cfg)
