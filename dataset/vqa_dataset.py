@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dataset.contract import DataError, answer_of, images_of, question_of, read_jsonl
+from dataset.contract import DataError, images_of, read_jsonl
 from model.config import IMAGE_PLACEHOLDER
 from model.tokenization import IGNORE_INDEX, ChatEncoder
 
@@ -27,6 +27,9 @@ class Sample:
     labels: list[int]
     images: list[int]  # indices into VQADataset.image_paths
     record: dict
+    # shared-prefix packing (PackedQuestions): 0 = the shared image prefix, j >= 1 = question j
+    segments: list[int] | None = None
+    positions: list[int] | None = None
 
 
 class VQADataset:
@@ -82,22 +85,38 @@ class VQADataset:
 
 
 class PackedQuestions:
-    """Training sequences that pack up to ``k`` single-image questions about the same image
-    into one multi-turn conversation: the image's 196 tokens are processed once for k
-    answers, and the model learns follow-up questions (the web demo's chat). Groups and
-    their order are re-drawn every epoch from (seed, epoch) alone, so runs stay exactly
-    reproducible and resumable; the number of sequences per epoch is fixed."""
+    """Shared-prefix packing: up to ``k`` single-image questions about the same image in one
+    training sequence, laid out as [header + image tokens][question 1 + answer 1][question 2 +
+    answer 2]..., where each question attends only to the shared prefix and to itself, with
+    the positions it would have alone. The loss and gradients equal those of the k separate
+    samples, but the 196 image tokens are processed once instead of k times. Groups are
+    re-drawn every epoch from (seed, epoch) alone, so runs stay reproducible and resumable;
+    the number of sequences per epoch is fixed."""
 
-    def __init__(self, data: VQADataset, encoder: ChatEncoder, k: int, max_seq_len: int, seed: int):
-        self.data, self.encoder, self.k, self.max_seq_len, self.seed = data, encoder, k, max_seq_len, seed
+    def __init__(self, data: VQADataset, image_id: int, k: int, seed: int):
+        self.data, self.k, self.seed = data, k, seed
         by_image = defaultdict(list)
         self.singles = []
+        self.prefix_len: dict[int, int] = {}
         for i, s in enumerate(data.samples):
-            conv = s.record["conversations"]
-            single_turn = len(s.images) == 1 and len(conv) == 2 and conv[0]["content"].startswith(IMAGE_PLACEHOLDER)
-            (by_image[s.images[0]] if single_turn else self.singles).append(i)
-        self.by_image = [by_image[k_] for k_ in sorted(by_image)]
+            p = self._prefix_len(s, image_id)
+            if p:
+                self.prefix_len[i] = p
+                by_image[s.images[0]].append(i)
+            else:
+                self.singles.append(i)
+        self.by_image = [by_image[key] for key in sorted(by_image)]
         self.length = len(self.singles) + sum(-(-len(g) // k) for g in self.by_image)
+
+    @staticmethod
+    def _prefix_len(s: Sample, image_id: int) -> int:
+        """Length of header + image tokens when the sample is one question opening with its
+        only image (the SLAKE form); 0 when it cannot share a prefix."""
+        conv = s.record["conversations"]
+        if len(s.images) != 1 or len(conv) != 2 or not conv[0]["content"].startswith(IMAGE_PLACEHOLDER):
+            return 0
+        last = len(s.input_ids) - 1 - s.input_ids[::-1].index(image_id)
+        return last + 1
 
     def __len__(self) -> int:
         return self.length
@@ -109,21 +128,24 @@ class PackedQuestions:
             order = list(group)
             rng.shuffle(order)
             for start in range(0, len(order), self.k):
-                out.append(self._pack([self.data.samples[i] for i in order[start:start + self.k]]))
+                out.append(self._pack(order[start:start + self.k]))
         return out
 
-    def _pack(self, members: list[Sample]) -> Sample:
-        if len(members) == 1:
-            return members[0]
-        conv = list(members[0].record["conversations"])
-        for m in members[1:]:
-            conv += [{"role": "user", "content": question_of(m.record)},
-                     {"role": "assistant", "content": answer_of(m.record)}]
-        try:
-            enc = self.encoder.encode(conv, self.max_seq_len)
-        except ValueError:  # too long together: keep the first question alone
-            return members[0]
-        return Sample(enc.input_ids, enc.labels, members[0].images, members[0].record)
+    def _pack(self, idx: list[int]) -> Sample:
+        first = self.data.samples[idx[0]]
+        p = self.prefix_len[idx[0]]
+        ids, labels = list(first.input_ids[:p]), [IGNORE_INDEX] * p
+        segments, positions = [0] * p, list(range(p))
+        for j, i in enumerate(idx, 1):
+            s = self.data.samples[i]
+            if s.input_ids[:p] != ids[:p]:
+                raise DataError(f"{self.data.path}: samples of one image disagree on the image prefix")
+            suffix = s.input_ids[p:]
+            ids += suffix
+            labels += s.labels[p:]
+            segments += [j] * len(suffix)
+            positions += range(p, p + len(suffix))
+        return Sample(ids, labels, first.images, first.record, segments, positions)
 
 
 def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -135,4 +157,18 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[i, :len(s.labels)] = torch.tensor(s.labels)
     images = torch.tensor([j for s in samples for j in s.images], dtype=torch.long)
-    return {"input_ids": ids, "labels": labels, "image_index": images}
+    batch = {"input_ids": ids, "labels": labels, "image_index": images}
+    if any(s.segments is not None for s in samples):
+        # Shared-prefix packed rows: a question sees the image prefix and itself, never the
+        # other questions. Unpacked rows are one segment (plain causal); padding is its own.
+        seg = torch.full((len(samples), width), -1, dtype=torch.long)
+        pos = torch.zeros((len(samples), width), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s.input_ids)
+            seg[i, :n] = torch.tensor(s.segments) if s.segments is not None else 0
+            pos[i, :n] = torch.tensor(s.positions) if s.positions is not None else torch.arange(n)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+        batch["attn_mask"] = (causal & visible).unsqueeze(1)
+        batch["position_ids"] = pos
+    return batch

@@ -357,7 +357,7 @@ def test_packed_questions_structure_and_determinism(demo_data, tokenizer):
     from dataset.vqa_dataset import PackedQuestions
     enc = ChatEncoder(tokenizer, 196)
     data = VQADataset(demo_data / "medical_vqa_train.jsonl", demo_data / "medical_images", enc, 1024)
-    packed = PackedQuestions(data, enc, k=3, max_seq_len=1024, seed=7)
+    packed = PackedQuestions(data, enc.image_id, k=3, seed=7)
     per_image = {}
     for s in data.samples:
         per_image[s.images[0]] = per_image.get(s.images[0], 0) + 1
@@ -368,10 +368,41 @@ def test_packed_questions_structure_and_determinism(demo_data, tokenizer):
     assert [s.input_ids for s in e0] != [s.input_ids for s in e1]
     answers = sum(len([t for t in s.labels if t == enc.end_id]) for s in e0)
     assert answers == len(data)  # every question answered exactly once per epoch
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     for s in e0:
-        assert s.input_ids.count(enc.image_id) == 196 and len(s.images) == 1  # one image per sequence
-        turns = s.input_ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>"))
-        assert turns == 2 * len([t for t in s.labels if t == enc.end_id])
+        n_q = max(s.segments)
+        assert s.input_ids.count(enc.image_id) == 196 and len(s.images) == 1  # the image once per sequence
+        assert s.input_ids.count(im_start) == 1 + n_q  # one user header, one assistant header per question
+        p = s.segments.count(0)
+        for j in range(1, n_q + 1):  # each question keeps the positions it would have alone
+            pos = [q for q, g in zip(s.positions, s.segments) if g == j]
+            assert pos == list(range(p, p + len(pos)))
+
+
+def test_shared_prefix_packing_equals_separate_samples(demo_data, tokenizer, tiny_tower):
+    """Loss and gradients of a packed sequence equal those of its questions trained apart."""
+    from dataset.vqa_dataset import PackedQuestions
+    enc = ChatEncoder(tokenizer, 196)
+    data = VQADataset(demo_data / "medical_vqa_train.jsonl", demo_data / "medical_images", enc, 1024)
+    packed = PackedQuestions(data, enc.image_id, k=4, seed=0)
+    group = next(g for g in packed.by_image if len(g) >= 4)[:4]
+    model = make_tiny_model(tokenizer, tiny_tower, seed=3, spread=0.1).train()
+    feats = FeatureStore(tiny_tower, data.image_paths, "cpu", None)
+
+    def loss_and_grads(samples):
+        model.zero_grad()
+        b = collate(samples, tokenizer.pad_token_id)
+        extra = {k: b[k] for k in ("position_ids", "attn_mask") if k in b}
+        loss, n, _ = model(b["input_ids"], feats.get(b["image_index"]), b["labels"], **extra)
+        loss.backward()
+        return loss.detach(), int(n), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    l_sep, n_sep, g_sep = loss_and_grads([data.samples[i] for i in group])
+    l_pack, n_pack, g_pack = loss_and_grads([packed._pack(group)])
+    assert n_sep == n_pack
+    assert torch.allclose(l_sep, l_pack, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_sep, g_pack))
+    assert len(packed._pack(group).input_ids) < sum(len(data.samples[i].input_ids) for i in group) / 2
 
 
 def test_packed_training_runs_and_resumes(demo_data, tmp_path):

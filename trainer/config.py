@@ -23,7 +23,7 @@ class TrainConfig:
     cache_dir: str = "dataset/cache"
     feature_cache_gb: float = 4.0
     max_seq_len: int = 512
-    pack_questions: int = 1     # >1: up to this many questions about one image per training sequence
+    pack_questions: int = 1     # >1: up to this many questions share one image prefix per sequence
     # model
     hidden_size: int = 768
     num_hidden_layers: int = 16
@@ -95,8 +95,8 @@ HELP = {
     "cache_dir": "where frozen vision features are cached ('' = memory only)",
     "feature_cache_gb": "above this size features are computed per batch instead of cached",
     "max_seq_len": "longer samples lose question tokens (never answer or image tokens)",
-    "pack_questions": "train on up to K questions about the same image per sequence (multi-turn; "
-                      "the image is encoded once for K answers)",
+    "pack_questions": "up to K questions about one image share its image tokens in one training sequence "
+                      "(same loss as separate samples, far fewer tokens)",
     "hidden_size": "512 (26M) or 768 (104M) for the MiniMind2 sizes",
     "projector": "mlp (LLaVA-1.5) or linear (MiniMind2-V)",
     "vision_model": "CLIP folder or hub id; 'random' / 'random-tiny' for offline tests",

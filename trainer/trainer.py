@@ -269,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
                                 cfg.num_workers, build=False, progress=False)
 
-    packed = PackedQuestions(data, encoder, cfg.pack_questions, cfg.max_seq_len, cfg.seed) \
+    packed = PackedQuestions(data, encoder.image_id, cfg.pack_questions, cfg.seed) \
         if cfg.pack_questions > 1 else None
     n_seq = len(packed) if packed else len(data)
     global_batch = cfg.batch_size * dist.world * cfg.accumulation_steps
@@ -368,9 +368,11 @@ def train(cfg: TrainConfig) -> dict:
             ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
             with ctx:
                 with amp:
+                    extra = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "attn_mask")
+                             if k in batch}
                     loss_sum, _, aux = ddp(batch["input_ids"].to(device, non_blocking=True),
                                            features.get(batch["image_index"]),
-                                           batch["labels"].to(device, non_blocking=True))
+                                           batch["labels"].to(device, non_blocking=True), **extra)
                 # DDP averages gradients over processes: scale so the result is the mean
                 # over every answer token of the global batch.
                 loss = loss_sum * dist.world / total_targets + aux / len(batches)
