@@ -10,7 +10,7 @@ bash scripts/setup_env.sh
 PY=.venv/bin/python
 DATA=dataset/demo
 OUT=out/demo
-EPOCHS=${DEMO_EPOCHS:-10}
+EPOCHS=${DEMO_EPOCHS:-16}
 MODEL=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4
        --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$OUT" --cache_dir "$DATA/cache")
 start=$(date +%s)
@@ -21,7 +21,8 @@ $PY train_pretrain_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_pretrain.json
   --learning_rate 1e-3 --log_interval 10
 echo "== 3/4 stage 2: medical question answering"
 $PY train_sft_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_vqa_train.jsonl" \
-  --val_path "$DATA/medical_vqa_validation.jsonl" --epochs "$EPOCHS" --batch_size 32 --learning_rate 2e-3 \
+  --val_path "$DATA/medical_vqa_validation.jsonl" --epochs "$EPOCHS" --batch_size 8 --pack_questions 4 \
+  --learning_rate 2e-3 \
   --log_interval 10
 echo "== 4/4 evaluation on the demo test split"
 $PY eval_vlm.py --model_path "$OUT/medical_vlm_128.pth" --data_path "$DATA/medical_vqa_test.jsonl" \
