@@ -60,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=4919, help="questions (SLAKE train: 4,919)")
     ap.add_argument("--images", type=int, default=450)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--pack_questions", type=int, default=1, help="shared-prefix packing (see README)")
     ap.add_argument("--peak_tflops", type=float, default=989.0)
     args = ap.parse_args(argv)
     setup_logging()
@@ -71,21 +72,24 @@ def main(argv=None):
                           num_hidden_layers=args.num_hidden_layers, vision_model=args.vision_model, epochs=2,
                           batch_size=args.batch_size, learning_rate=args.learning_rate, dtype=args.dtype,
                           device=args.device, from_weight="none", log_interval=50, compile=args.compile,
-                          num_workers=0)
+                          num_workers=0, pack_questions=args.pack_questions)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         out = train(cfg)
     seconds = out["epoch_seconds"][-1]
     steps_per_epoch = out["samples"] // args.batch_size
-    used = steps_per_epoch * args.batch_size
-    tokens = out["tokens"] * used / out["samples"]
+    used_seq = steps_per_epoch * args.batch_size  # sequences (packed groups when packing)
+    used = out["questions"] * used_seq / out["samples"]  # questions answered per epoch
+    tokens = out["tokens"] * used_seq / out["samples"]
     seq = out["tokens"] / out["samples"]
+    # attention FLOPs counted over the whole (packed) sequence: an upper bound when packing
     flops_per_token = 6 * out["trainable_params"] + 12 * args.num_hidden_layers * args.hidden_size * seq
     cuda = torch.cuda.is_available() and args.device in ("auto", "cuda")
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
-        "vision_model": args.vision_model, "batch_size": args.batch_size, "samples": used,
+        "vision_model": args.vision_model, "batch_size": args.batch_size, "pack_questions": args.pack_questions,
+        "samples": round(used),
         "epoch_seconds": round(seconds, 3), "first_epoch_seconds": round(out["epoch_seconds"][0], 3),
         "samples_per_s": round(used / seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
         "mean_seq_len": round(seq, 1),
