@@ -62,7 +62,8 @@ def interleaved_to_half(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def convert_minimind_state_dict(sd: dict, n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
+def convert_minimind_state_dict(sd: dict, n_heads: int, n_kv_heads: int) -> tuple[dict[str, torch.Tensor], bool]:
+    """Returns the weights under this model's names and whether the original naming was used."""
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
     old = any(k.startswith("tok_embeddings") or ".attention.wq." in k for k in sd)
     new = any(k.startswith("model.embed_tokens") for k in sd)
@@ -84,7 +85,7 @@ def convert_minimind_state_dict(sd: dict, n_heads: int, n_kv_heads: int) -> dict
     if ignored:
         log.info("--from_llm: ignored %d tensor(s) not part of the language model (e.g. %s)",
                  len(ignored), ignored[0])
-    return out
+    return out, old
 
 
 def load_minimind_llm(model: MedicalVLM, path: str) -> None:
@@ -94,7 +95,7 @@ def load_minimind_llm(model: MedicalVLM, path: str) -> None:
     if "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     cfg = model.config
-    weights = convert_minimind_state_dict(sd, cfg.num_attention_heads, cfg.num_key_value_heads)
+    weights, original_naming = convert_minimind_state_dict(sd, cfg.num_attention_heads, cfg.num_key_value_heads)
     emb = weights.get("embed_tokens.weight")
     if emb is None:
         raise CheckpointError(f"{path}: no token embedding found")
@@ -125,4 +126,4 @@ def load_minimind_llm(model: MedicalVLM, path: str) -> None:
         raise CheckpointError(f"{path}: weights do not fit this model (missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}); check --use_moe")
     log.info("language model initialised from %s (%s naming)", path,
-             "original MiniMind" if "tok_embeddings.weight" in sd else "transformers-style")
+             "original MiniMind" if original_naming else "transformers-style")

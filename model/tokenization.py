@@ -83,7 +83,6 @@ class ChatEncoder:
         self.image_id = image_token_id(tok)
         self.end_id = end_token_id(tok)
         self._memo: dict[str, list[int]] = {}
-        self._headers: dict[str, list[int]] = {}
         self.newline = self._ids("\n")
 
     def _ids(self, text: str) -> list[int]:
@@ -93,9 +92,7 @@ class ChatEncoder:
         return list(self._memo[text])
 
     def _header(self, role: str) -> list[int]:
-        if role not in self._headers:
-            self._headers[role] = self._ids(f"{IM_START}{role}\n")
-        return self._headers[role]
+        return self._ids(f"{IM_START}{role}\n")
 
     def _content(self, text: str) -> tuple[list[int], list[bool]]:
         """Token ids of a user/system message with image placeholders expanded; the mask

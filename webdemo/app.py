@@ -15,7 +15,7 @@ from pathlib import Path
 from dataset.images import ImageReadError, load_image
 from evaluation.runner import answer_stream
 from model.checkpoint import LoadedCheckpoint, load_model
-from model.config import IMAGE_PLACEHOLDER
+from model.config import IMAGE_PLACEHOLDER, resolve_path
 from model.generation import GenerationConfig
 
 log = logging.getLogger("web_demo")
@@ -75,8 +75,9 @@ class Session:
         self._loaded: LoadedCheckpoint | None = None
 
     def model(self, path: str | Path | None = None) -> LoadedCheckpoint:
-        path = Path(path) if path else self.paths[0]
-        if self._loaded is None or self._loaded.path != path.resolve():
+        path = resolve_path(path) if path else resolve_path(self.paths[0])
+        # compared the way load_model records it, so an unchanged choice never reloads
+        if self._loaded is None or self._loaded.path != path:
             self._loaded = None  # free the previous model before loading the next
             self._loaded = load_model(path, self.device, vision_model=self.vision_model)
         return self._loaded
