@@ -15,9 +15,11 @@ import argparse
 import logging
 import sys
 
-from dataset.contract import MANIFEST
+from dataset.contract import MANIFEST, DataError
 from dataset.demo import write_demo_release
 from dataset.slake import DEFAULT_HUB_ID, ConversionError, convert, download_release, read_hub_vqa, read_release
+from dataset.images import ImageReadError
+from model import flags
 from model.config import resolve_path
 from model.runtime import setup_logging
 
@@ -35,9 +37,9 @@ def parse_args(argv=None):
     ap.add_argument("--lang", choices=["en", "zh", "all"], default="en")
     ap.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     ap.add_argument("--allow_overlap", action="store_true", help="write a test split sharing images with train")
-    ap.add_argument("--seed", type=int, default=0, help="demo set seed")
-    ap.add_argument("--demo_images", type=int, nargs=3, default=[300, 40, 60], metavar=("TRAIN", "VAL", "TEST"),
-                    help="demo set images per split")
+    ap.add_argument("--seed", type=flags.non_negative_int, default=0, help="demo set seed")
+    ap.add_argument("--demo_images", type=flags.positive_int, nargs=3, default=[300, 40, 60],
+                    metavar=("TRAIN", "VAL", "TEST"), help="demo set images per split")
     return ap.parse_args(argv)
 
 
@@ -57,9 +59,14 @@ def main(argv=None) -> int:
         else:
             conv = download_release(DEFAULT_HUB_ID)
         manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConversionError, DataError, ImageReadError, OSError) as exc:
+        print(f"error: {exc}\nNothing in {out_dir} was changed (a previous dataset there is intact).",
+              file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; nothing in {out_dir} was changed (a previous dataset there is intact).",
+              file=sys.stderr)
+        return 130
     c, t = manifest["counts"], manifest["answer_types"]
     log.info("source %s (lang %s)", manifest["source"], manifest["lang"])
     for split in c:

@@ -19,7 +19,9 @@ from evaluation.runner import answer_stream, evaluate_split, format_table
 from model.checkpoint import CheckpointError, checkpoint_path, load_model
 from model.config import resolve_path
 from model.generation import GenerationConfig
-from model.runtime import pick_device, setup_logging
+from model import flags
+from model.runtime import DeviceError, pick_device, setup_logging
+from model.tokenization import clean_question
 from model.vision import VisionTowerNotFound
 
 log = logging.getLogger("eval")
@@ -29,7 +31,7 @@ MODES = {0: "pretrain", 1: "sft"}
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_mode", type=int, choices=[0, 1], default=1, help="0 = pretrain model, 1 = SFT model")
-    ap.add_argument("--hidden_size", type=int, default=768, help="picks the default checkpoint name")
+    ap.add_argument("--hidden_size", type=flags.positive_int, default=768, help="picks the default checkpoint name")
     ap.add_argument("--use_moe", action="store_true", help="picks the default checkpoint name (_moe)")
     ap.add_argument("--out_dir", default="out", help="where checkpoints are and eval/ is written")
     ap.add_argument("--model_path", help="checkpoint to evaluate (overrides --model_mode/--hidden_size)")
@@ -40,18 +42,27 @@ def parse_args(argv=None):
     ap.add_argument("--vision_model", help="load the vision tower from here instead of the stored id "
                                            "(its weights must match the checkpoint)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--batch_size", type=flags.positive_int, default=64)
+    ap.add_argument("--max_new_tokens", type=flags.int_range(1, 1024), default=32)
     ap.add_argument("--image", help="answer questions about this PNG/JPEG/DICOM image instead")
-    ap.add_argument("--question", help="with --image: one question (otherwise an interactive prompt)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top_p", type=float, default=1.0)
-    return ap.parse_args(argv)
+    ap.add_argument("--question", type=flags.text("question"),
+                    help="with --image: one question (otherwise an interactive prompt)")
+    ap.add_argument("--temperature", type=flags.float_range(0, 10), default=0.0, help="0 = greedy")
+    ap.add_argument("--top_p", type=flags.float_range(0, 1, lo_open=True), default=1.0)
+    args = ap.parse_args(argv)
+    if args.question is not None and not args.image:
+        ap.error("--question needs --image (the picture the question is about)")
+    if args.question is not None:
+        try:
+            args.question = clean_question(args.question)
+        except ValueError as exc:
+            ap.error(f"argument --question: {exc}")
+    return args
 
 
 def ask(ckpt, image_path: str, question: str | None, gen_cfg: GenerationConfig) -> int:
     image = load_image(resolve_path(image_path))
-    questions = [question] if question else None
+    questions = [question] if question is not None else None
     while True:
         if questions is None:
             try:
@@ -60,6 +71,11 @@ def ask(ckpt, image_path: str, question: str | None, gen_cfg: GenerationConfig) 
                 return 0
             if not q:
                 return 0
+            try:
+                q = clean_question(q)
+            except ValueError as exc:
+                print(f"({exc})")
+                continue
         elif questions:
             q = questions.pop()
         else:
@@ -77,8 +93,8 @@ def main(argv=None) -> int:
     stage = MODES[args.model_mode]
     path = resolve_path(args.model_path) if args.model_path else checkpoint_path(
         args.out_dir, stage, args.hidden_size, args.use_moe)
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
         ckpt = load_model(path, device, vision_model=args.vision_model,
                           stage_hint=None if args.model_path else stage)
         log.info("%s: stage %s, step %d | %s", path, ckpt.stage, ckpt.step, ckpt.model.parameter_line())
@@ -90,9 +106,13 @@ def main(argv=None) -> int:
                                  resolve_path(args.train_path) if args.train_path else None,
                                  resolve_path(args.out_dir) / "eval" / path.stem, device, args.batch_size,
                                  args.max_new_tokens, resolve_path(args.cache_dir) if args.cache_dir else None)
-    except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError) as exc:
+    except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError, DeviceError) as exc:
         log.error("error: %s", exc)
         return 1
+    except KeyboardInterrupt:
+        log.error("\ninterrupted; no metrics were written (earlier results in %s are untouched)",
+                  resolve_path(args.out_dir) / "eval")
+        return 130
     print(format_table(metrics))
     print(f"generation: {metrics['generation_seconds']:.1f} s for {metrics['count']['all']} questions; "
           f"wrote {resolve_path(args.out_dir) / 'eval' / path.stem}/metrics.json")

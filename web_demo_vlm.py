@@ -14,9 +14,10 @@ from pathlib import Path
 
 from model.checkpoint import CheckpointError, read_checkpoint
 from model.config import resolve_path
-from model.runtime import pick_device, setup_logging
+from model import flags
+from model.runtime import DeviceError, pick_device, setup_logging
 from model.vision import VisionTowerNotFound
-from webdemo.app import Session, build_app, checkpoints_in
+from webdemo.app import MAX_UPLOAD_MB, Session, build_app, checkpoints_in
 
 log = logging.getLogger("web_demo")
 
@@ -25,7 +26,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_path", default="out/medical_vlm_768.pth", help="a checkpoint or a folder of them")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your local network")
-    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--port", type=flags.port, default=7860)
     ap.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--vision_model", help="load the vision tower from here (weights must match)")
@@ -39,17 +40,31 @@ def stage_of(path: Path) -> str | None:
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
+    if not flags.port_is_free(args.host, args.port):
+        log.error("error: port %d on %s is already in use (another demo still running?); pass --port %d or stop "
+                  "the other server", args.port, args.host, args.port + 1)
+        return 1
     try:
         paths = checkpoints_in(resolve_path(args.model_path))
         read_checkpoint(paths[0], stage_hint=stage_of(paths[0]))  # fail fast, with the stage to run
         session = Session(paths, pick_device(args.device), args.vision_model)
         app, theme, css = build_app(session)
-    except (FileNotFoundError, CheckpointError, VisionTowerNotFound) as exc:
+    except (FileNotFoundError, CheckpointError, VisionTowerNotFound, DeviceError) as exc:
         log.error("error: %s", exc)
         return 1
+    except KeyboardInterrupt:
+        log.error("interrupted before the server started")
+        return 130
     log.info("serving %d checkpoint(s) on http://%s:%d", len(paths), args.host, args.port)
-    app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme, css=css,
-               footer_links=[], show_error=True)
+    try:
+        app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme, css=css,
+                   footer_links=[], show_error=True, max_file_size=f"{MAX_UPLOAD_MB}mb")
+    except KeyboardInterrupt:
+        log.info("stopped")
+        return 130
+    except OSError as exc:  # the port was taken between the check and the start
+        log.error("error: cannot serve on %s:%d (%s); pass another --port", args.host, args.port, exc)
+        return 1
     return 0
 
 

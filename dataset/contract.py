@@ -15,7 +15,8 @@ file, line and field that is wrong.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 from model.config import IMAGE_PLACEHOLDER
 
@@ -29,6 +30,46 @@ ANSWER_TYPES = ("OPEN", "CLOSED")
 
 class DataError(ValueError):
     pass
+
+
+def safe_relpath(name) -> str | None:
+    """The one image-path rule: a relative path inside the image folder, written with '/'.
+    Returns the normalised path, or None for absolute paths, drive letters, '..' parts,
+    empty names and control characters."""
+    if not isinstance(name, str) or not name.strip() or any(ord(c) < 32 for c in name):
+        return None
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", name) or str(p) in ("", "."):
+        return None
+    return str(p)
+
+
+def image_file(root: str | Path, rel: str, where: str = "") -> Path:
+    """Where an image named in the data lives: ``root/rel`` after the path rule, and still
+    inside ``root`` once symbolic links are followed. Every reader opens images through this."""
+    prefix = f"{where}: " if where else ""
+    clean = safe_relpath(rel)
+    root = Path(root)
+    if clean is None:
+        raise DataError(f"{prefix}image path {rel!r} escapes {root}: image paths must be relative to the "
+                        "image folder, without '..' or a leading '/'")
+    path = (root / clean).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise DataError(f"{prefix}image path {rel!r} leads outside {root} (through a symbolic link)")
+    return path
+
+
+def read_utf8(path: str | Path) -> str:
+    """A text file as str; a file that is not UTF-8 is a DataError naming the line and byte."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {col}); "
+                        "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in > out`)") from None
 
 
 def images_of(record: dict) -> list[str]:
@@ -56,6 +97,10 @@ def validate_record(rec, where: str, require_vqa: bool = False) -> dict:
     if images is not None and not (isinstance(images, str) or
                                    (isinstance(images, list) and all(isinstance(x, str) for x in images))):
         raise DataError(f"{where}: field 'image' must be a path string or a list of them")
+    for rel in images_of(rec):
+        if safe_relpath(rel) is None:
+            raise DataError(f"{where}: image path {rel!r} escapes the image folder: image paths must be "
+                            "relative to it, without '..' or a leading '/'")
     if n_placeholders != len(images_of(rec)):
         raise DataError(f"{where}: {n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) but "
                         f"{len(images_of(rec))} image(s) in field 'image'")
@@ -70,15 +115,14 @@ def read_jsonl(path: str | Path, require_vqa: bool = False, hint: str = "") -> l
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found" + (f"; {hint}" if hint else ""))
     records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-            records.append(validate_record(rec, f"{path}:{n}", require_vqa))
+    for n, line in enumerate(read_utf8(path).split("\n"), 1):  # not splitlines: \u2028 may be in text
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        records.append(validate_record(rec, f"{path}:{n}", require_vqa))
     if not records:
         raise DataError(f"{path} has no records" + (f"; {hint}" if hint else ""))
     return records

@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dataset.images import load_image
 from model.checkpoint import atomic_save, safe_load
-from model.vision import VisionTower
+from model.vision import VisionTower, preprocess
+from model.runtime import progress as show_progress
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +28,33 @@ def file_hash(path: Path) -> str:
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], tower: VisionTower):
-        self.paths, self.tower = paths, tower
+    """Decoding and preprocessing for DataLoader workers: holds the image processor only,
+    never the tower (whose weights may live on the GPU)."""
+
+    def __init__(self, paths: list[Path], processor):
+        self.paths, self.processor = paths, processor
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.tower.preprocess([load_image(self.paths[i])])[0]
+        return preprocess(self.processor, [load_image(self.paths[i])])[0]
+
+
+def run_tower(tower: VisionTower, pixels: torch.Tensor, device) -> torch.Tensor:
+    """Tower features in the cache's dtype, always computed outside any autocast so the
+    cached path, the per-batch path and single questions give the same numbers."""
+    with torch.autocast(torch.device(device).type, enabled=False):
+        return tower(pixels.to(device)).to(FEATURE_DTYPE)
 
 
 def compute_features(tower: VisionTower, paths: list[Path], device, batch_size: int = 32,
                      num_workers: int = 0, progress: bool = True) -> torch.Tensor:
-    loader = torch.utils.data.DataLoader(_Images(paths, tower), batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_Images(paths, tower.processor), batch_size=batch_size,
+                                         num_workers=num_workers)
     out = []
-    for pixels in tqdm(loader, desc="vision features", unit="batch", disable=not progress, leave=False):
-        out.append(tower(pixels.to(device)).to(FEATURE_DTYPE))
+    for pixels in show_progress(loader, desc="vision features", unit="batch", enabled=progress):
+        out.append(run_tower(tower, pixels, device))
     return torch.cat(out) if out else torch.zeros(0, tower.num_patches, tower.hidden_size, dtype=FEATURE_DTYPE)
 
 
@@ -96,9 +107,11 @@ class FeatureStore:
     def get(self, index: torch.Tensor) -> torch.Tensor:
         """Features [len(index), tokens, width] for image-table rows ``index``."""
         if self.cached:
-            return self.features[index.to(self.device, non_blocking=True)]
+            if torch.device(self.device).type == "cuda":
+                index = index.pin_memory()  # asynchronous copy
+            return self.features.index_select(0, index.to(self.device, non_blocking=True))
         if index.numel() == 0:
             return torch.zeros(0, self.tower.num_patches, self.tower.hidden_size, dtype=FEATURE_DTYPE,
                                device=self.device)
         pixels = self.tower.preprocess([load_image(self.paths[i]) for i in index.tolist()])
-        return self.tower(pixels.to(self.device)).to(FEATURE_DTYPE)
+        return run_tower(self.tower, pixels, self.device)

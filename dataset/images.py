@@ -1,4 +1,11 @@
-"""Reading user images: PNG/JPEG through Pillow and DICOM through pydicom.
+"""The one image loader, used by the converter, training, evaluation and the web demo.
+
+PNG/JPEG (any Pillow format) through Pillow and DICOM through pydicom, from a path or from
+bytes, with the same limits everywhere: the whole image is decoded (a truncated file fails
+here, not in the middle of training) and images above MAX_PIXELS are refused. Every image
+comes back as 8-bit grey ("L") or "RGB". 16-bit and float images (PNG/TIFF modes I;16, I,
+F: common in medical imaging) are mapped to 8 bits through their 0.5-99.5 percentile
+range, like DICOM without a stored window, instead of being clipped to white.
 
 DICOM: the modality LUT (rescale slope/intercept) and the stored window (centre/width)
 are applied; without a stored window the 0.5-99.5 percentile range is used. Multi-frame
@@ -6,6 +13,7 @@ files give their middle frame; MONOCHROME1 is inverted so that dense tissue is b
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +37,17 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
-def read_dicom(path: str | Path) -> Image.Image:
+def _looks_dicom(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def read_dicom(path: str | Path, data: bytes | None = None) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     path = Path(path)
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
     if "PixelData" not in ds:
@@ -44,6 +56,8 @@ def read_dicom(path: str | Path) -> Image.Image:
         arr = ds.pixel_array
     except Exception as exc:  # codecs raise their own types for truncated or unsupported data
         raise ImageReadError(f"{path}: cannot decode the DICOM pixel data ({exc})") from exc
+    if arr.size > MAX_PIXELS * 3 * max(1, int(ds.get("NumberOfFrames", 1) or 1)):
+        raise ImageReadError(f"{path}: DICOM image of {arr.shape} values is too large")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     rgb = ds.get("SamplesPerPixel", 1) == 3
     if frames > 1:
@@ -72,19 +86,42 @@ def _to_uint8(arr: np.ndarray, window: tuple[float, float] | None) -> np.ndarray
     return (np.clip((arr - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Any supported image as a PIL image; errors say what is wrong with which file."""
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Grey 8-bit or RGB, whatever Pillow decoded (16-bit/float grey is windowed, palette,
+    alpha and CMYK images are converted)."""
+    if im.mode in ("L", "RGB"):
+        return im
+    if im.mode.startswith("I") or im.mode == "F":  # I;16, I;16B, I;16L, I, F: high dynamic range grey
+        arr = np.asarray(im, dtype=np.float32)
+        finite = np.isfinite(arr)
+        if not finite.all():
+            arr = np.where(finite, arr, arr[finite].min() if finite.any() else 0)
+        return Image.fromarray(_to_uint8(arr, None), mode="L")
+    if im.mode in ("1", "LA", "La"):
+        return im.convert("L")
+    return im.convert("RGB")
+
+
+def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
+    """Any supported image as an "L" or "RGB" PIL image, from ``path`` or from ``data`` (then
+    ``path`` only names it in messages). Errors say what is wrong with which file."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
-    if is_dicom(path):
-        return read_dicom(path)
+    if data is None:
+        if not path.is_file():
+            raise ImageReadError(f"{path}: file not found")
+        if is_dicom(path):
+            return read_dicom(path)
+    elif _looks_dicom(data) or path.suffix.lower() in (".dcm", ".dicom"):
+        return read_dicom(path, data)
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise ImageReadError(f"{path}: image of {im.width}x{im.height} pixels is too large")
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+                raise ImageReadError(f"{path}: image of {im.width}x{im.height} pixels is too large (more "
+                                     f"than {MAX_PIXELS // 1_000_000} megapixels); downscale it first")
+            im.load()  # decodes everything: truncated files fail here
+            return _to_8bit(im).copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageReadError):
+            raise
         raise ImageReadError(f"{path}: not a readable image (PNG, JPEG or DICOM expected; "
                              f"{exc.__class__.__name__}: {exc})") from exc

@@ -13,18 +13,21 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
+import tempfile
 import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
-from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES
-from model.atomic import atomic_write_bytes, atomic_write_text
+from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath
+from dataset.images import ImageReadError, load_image
+from model.atomic import atomic_write_text
+from model.runtime import progress
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +104,6 @@ class _ImageFolder:
         return load
 
 
-def _safe_relpath(name) -> str | None:
-    if not isinstance(name, str) or not name.strip():
-        return None
-    p = PurePosixPath(name.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", name):
-        return None
-    return str(p)
-
-
 def read_release(root: str | Path) -> Conversion:
     """The original SLAKE release or the BoKelvin/SLAKE snapshot, from a local folder."""
     root = Path(root)
@@ -122,7 +116,9 @@ def read_release(root: str | Path) -> Conversion:
         if path is None:
             raise ConversionError(f"{root}: missing the {split} split (expected one of {names})")
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(read_utf8(path))
+        except DataError as exc:
+            raise ConversionError(str(exc)) from None
         except json.JSONDecodeError as exc:
             raise ConversionError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
         if not isinstance(rows, list):
@@ -140,7 +136,7 @@ def read_release(root: str | Path) -> Conversion:
                 modality=row.get("modality"), location=row.get("location"), lang=row.get("q_lang", "en"),
                 where=where)
             missing = [f for f in REQUIRED_FIELDS if f not in row]
-            rel = _safe_relpath(row.get("img_name"))
+            rel = safe_relpath(row.get("img_name"))
             if missing:
                 rec.problem = f"missing field(s) {missing}"
             elif rel is None:
@@ -205,7 +201,7 @@ def read_hub_vqa(hub_id: str) -> Conversion:
         missing = [c for c in ("image", "question", "answer") if c not in cols]
         if missing:
             raise ConversionError(f"{hub_id} split '{split_name}' lacks column(s) {missing}; found {cols}")
-        for i, row in enumerate(tqdm(table, desc=f"reading {split_name}", unit="q", leave=False)):
+        for i, row in enumerate(progress(table, desc=f"reading {split_name}", unit="q")):
             where = f"{split_name}[{i}]"
             try:
                 data = _image_bytes(row["image"])
@@ -265,31 +261,70 @@ def make_caption(meta: dict, qas: list[tuple[str, str, str | None]]) -> str:
     return " ".join(parts)
 
 
-def _is_valid_image(data: bytes) -> str | None:
+def _image_problem(data: bytes, name: str) -> str | None:
+    """Decodes the image with the loader and limits that training and evaluation use, so a
+    file that would stop them later is skipped (and listed) here instead."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
+        load_image(name, data)
         return None
-    except Exception as exc:  # PIL raises many types for broken files
-        return f"unreadable image ({exc.__class__.__name__})"
+    except ImageReadError as exc:
+        return f"unreadable image ({str(exc).removeprefix(name + ': ')})"
 
 
-def _copy_image(data: bytes, dest: Path) -> bool:
-    """Writes the image unless an identical file is already there; returns True if written."""
-    if dest.is_file() and dest.stat().st_size == len(data) and dest.read_bytes() == data:
-        return False
-    atomic_write_bytes(dest, data)
+def _copy_image(data: bytes, dest: Path, previous: Path) -> bool:
+    """Writes the image into the staging folder; an identical file of the previous dataset
+    is hard-linked instead. Returns True if new bytes were written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if previous.is_file() and previous.stat().st_size == len(data) and previous.read_bytes() == data:
+        try:
+            os.link(previous, dest)
+            return False
+        except OSError:  # no hard links on this filesystem: copy
+            pass
+    dest.write_bytes(data)
     return True
+
+
+STAGING_PREFIX = ".convert-staging-"
 
 
 def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: bool = False,
             allow_overlap: bool = False) -> dict:
-    """Writes the contract files into ``out_dir`` and returns the manifest. Each output is
-    written atomically and the manifest last (deleted first): a run that stops early never
-    leaves a set of files that looks complete."""
+    """Writes the contract files into ``out_dir`` and returns the manifest.
+
+    Everything is built in a staging folder inside ``out_dir`` and swapped in only when
+    the whole conversion succeeded: a refusal (overlap, ``--strict``), an error or Ctrl-C
+    leaves the previous dataset exactly as it was."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_outputs(out_dir, images=False)
+    for old in out_dir.glob(STAGING_PREFIX + "*"):  # left by a killed run
+        shutil.rmtree(old, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    try:
+        manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap)
+        _swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _swap_in(staging: Path, out_dir: Path):
+    """Moves the staged dataset over the previous one: renames only, manifest removed first
+    and written last, so the few microseconds in between never look like a complete set."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    old_images = None
+    if (out_dir / IMAGES_DIR).exists():
+        old_images = staging / "previous_images"
+        os.replace(out_dir / IMAGES_DIR, old_images)
+    os.replace(staging / IMAGES_DIR, out_dir / IMAGES_DIR)
+    for name in [*VQA_FILES.values(), PRETRAIN_FILE, MANIFEST]:
+        os.replace(staging / name, out_dir / name)
+    if old_images is not None:
+        shutil.rmtree(old_images, ignore_errors=True)
+
+
+def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, strict: bool,
+           allow_overlap: bool) -> dict:
     skipped = []
 
     def skip(rec: SourceRecord, reason: str):
@@ -320,18 +355,19 @@ def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: boo
     # images: read each once, check, copy; a bad image drops all of its questions
     image_status: dict[str, str | None] = {}
     images_dir = out_dir / IMAGES_DIR
+    images_dir.mkdir()
     copied = 0
-    for rec in tqdm(kept, desc="images", unit="q", leave=False):
+    for rec in progress(kept, desc="images", unit="q"):
         if rec.image_key in image_status:
             continue
         try:
             data = rec.load_image()
-            problem = _is_valid_image(data)
+            problem = _image_problem(data, rec.image_key)
         except (OSError, KeyError) as exc:
             problem = f"missing image ({exc.__class__.__name__}: {exc})"
         image_status[rec.image_key] = problem
         if problem is None:
-            copied += _copy_image(data, images_dir / rec.image_key)
+            copied += _copy_image(data, images_dir / rec.image_key, previous_images / rec.image_key)
     final = []
     for rec in kept:
         problem = image_status[rec.image_key]
@@ -390,13 +426,3 @@ def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: boo
     }
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
-
-
-def remove_outputs(out_dir: str | Path, images: bool = True):
-    """Removes the files of a previous run (the images too unless ``images=False``: they are
-    kept so an unchanged re-run copies nothing)."""
-    out_dir = Path(out_dir)
-    for name in [MANIFEST, *VQA_FILES.values(), PRETRAIN_FILE]:
-        (out_dir / name).unlink(missing_ok=True)
-    if images:
-        shutil.rmtree(out_dir / IMAGES_DIR, ignore_errors=True)

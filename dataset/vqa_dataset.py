@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dataset.contract import DataError, images_of, read_jsonl
+from dataset.contract import DataError, image_file, images_of, read_jsonl
 from model.config import IMAGE_PLACEHOLDER
 from model.tokenization import IGNORE_INDEX, ChatEncoder
 
@@ -56,9 +56,7 @@ class VQADataset:
                 raise DataError(f"{where}: sample has no answer tokens to learn from")
             idx = []
             for rel in images_of(rec):
-                p = (self.images_root / rel).resolve()
-                if not p.is_relative_to(self.images_root.resolve()):
-                    raise DataError(f"{where}: image path {rel!r} escapes {self.images_root}")
+                p = image_file(self.images_root, rel, where)
                 if not p.is_file():
                     raise DataError(f"{where}: image {p} not found; run convert_slake_dataset.py or pass "
                                     "--images_path to the folder the 'image' paths are relative to")
@@ -148,16 +146,30 @@ class PackedQuestions:
         return Sample(ids, labels, first.images, first.record, segments, positions)
 
 
-def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads to the longest sequence in the batch (not to a fixed max_seq_len)."""
-    width = max(len(s.input_ids) for s in samples)
+def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
+            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pads to the longest sequence in the batch, rounded up to ``pad_multiple`` (few
+    distinct shapes for torch.compile), never to a fixed max_seq_len.
+
+    Also builds, on the host, the flat indices the model would otherwise find with boolean
+    masks on the device (each a sync): ``target_pos`` (positions whose next token is an
+    answer token), ``targets`` (those tokens) and, with ``image_id``, ``image_slots`` (the
+    image-token positions). ``n_targets`` is their count as a plain number."""
+    longest = max(len(s.input_ids) for s in samples)
+    width = -(-longest // pad_multiple) * pad_multiple
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     for i, s in enumerate(samples):
         ids[i, :len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[i, :len(s.labels)] = torch.tensor(s.labels)
     images = torch.tensor([j for s in samples for j in s.images], dtype=torch.long)
-    batch = {"input_ids": ids, "labels": labels, "image_index": images}
+    nxt = torch.full_like(labels, IGNORE_INDEX)
+    nxt[:, :-1] = labels[:, 1:]
+    target_pos = (nxt.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    batch = {"input_ids": ids, "labels": labels, "image_index": images, "target_pos": target_pos,
+             "targets": nxt.view(-1)[target_pos]}
+    if image_id is not None:
+        batch["image_slots"] = (ids.view(-1) == image_id).nonzero().squeeze(1)
     if any(s.segments is not None for s in samples):
         # Shared-prefix packed rows: a question sees the image prefix and itself, never the
         # other questions. Unpacked rows are one segment (plain causal); padding is its own.
@@ -172,3 +184,7 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         batch["attn_mask"] = (causal & visible).unsqueeze(1)
         batch["position_ids"] = pos
     return batch
+
+
+# batch entries the model takes as keyword arguments (all but the image table index)
+MODEL_INPUTS = ("position_ids", "attn_mask", "image_slots", "target_pos", "targets")

@@ -8,17 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from dataset.contract import answer_of, images_of, question_of, read_jsonl
-from dataset.features import FEATURE_DTYPE, FeatureStore
+from dataset.contract import answer_of, image_file, images_of, question_of, read_jsonl
+from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines, compute_metrics, exact_match
 from model.atomic import atomic_write_text
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.generation import GenerationConfig, generate, stream_generate
-from model.tokenization import ChatEncoder
+from model.runtime import autocast, compute_dtype, progress
+from model.tokenization import ChatEncoder, clean_question
 
 log = logging.getLogger("eval")
 
@@ -32,9 +32,10 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     encoder = ChatEncoder(tok, model.config.image_tokens)
     # images that cannot be read count as failures in the report instead of stopping the run
     image_paths, image_index, failures = [], {}, {}
-    for rec in records:
-        for rel in images_of(rec):
-            p = (images_path / rel).resolve()
+    rec_paths = [[image_file(images_path, rel, f"{data_path}:{n}") for rel in images_of(rec)]
+                 for n, rec in enumerate(records, 1)]
+    for paths in rec_paths:
+        for p in paths:
             if p in image_index or p in failures:
                 continue
             try:
@@ -46,8 +47,7 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     features = FeatureStore(model.vision_tower, image_paths, device, cache_dir, feature_cache_gb)
 
     items, pending = [], []
-    for n, rec in enumerate(records):
-        paths = [(images_path / rel).resolve() for rel in images_of(rec)]
+    for n, (rec, paths) in enumerate(zip(records, rec_paths)):
         item = {"qid": rec.get("qid", n), "question": question_of(rec), "answer": answer_of(rec),
                 "answer_type": rec["answer_type"], "content_type": rec.get("content_type"),
                 "modality": rec.get("modality"), "prediction": "", "error": None}
@@ -65,8 +65,8 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     pending.sort(key=lambda x: len(x[1]))  # similar lengths together: less padding
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for start in tqdm(range(0, len(pending), batch_size), desc="evaluating", unit="batch"):
+    amp = generation_autocast(device)
+    for start in progress(range(0, len(pending), batch_size), desc="evaluating", unit="batch"):
         chunk = pending[start:start + batch_size]
         index = torch.tensor([j for _, _, imgs in chunk for j in imgs], dtype=torch.long)
         with amp:
@@ -97,6 +97,13 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     return metrics
 
 
+def generation_autocast(device) -> torch.autocast:
+    """One precision for every generation path (batched evaluation, single questions, the
+    web demo): the training policy's compute dtype for this device."""
+    device = torch.device(device)
+    return autocast(device, compute_dtype("auto", device))
+
+
 def _pct(x) -> str:
     return "   -  " if x is None else f"{100 * x:5.1f}%"
 
@@ -123,22 +130,22 @@ def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], que
     earlier turns in ``history`` ([{"role", "content"}], the first user turn holding the
     image placeholder(s)). Used by eval_vlm.py's single-question mode and the web demo."""
     model, tok = ckpt.model, ckpt.tokenizer
-    if not question.strip():
-        raise ValueError("the question is empty")
+    question = clean_question(question)
     msgs = list(history)
     if not msgs:
-        question = IMAGE_PLACEHOLDER * len(images) + "\n" + question.strip() if images else question.strip()
+        question = IMAGE_PLACEHOLDER * len(images) + "\n" + question if images else question
     msgs.append({"role": "user", "content": question})
     prompt = ChatEncoder(tok, model.config.image_tokens).encode(msgs, add_generation_prompt=True).input_ids
     device = next(model.parameters()).device
     feats = None
     if images:
-        # rounded like the cached features the model was trained on
-        feats = model.vision_tower(model.vision_tower.preprocess(images).to(device)).to(FEATURE_DTYPE)
+        # computed and rounded like the cached features the model was trained on
+        feats = run_tower(model.vision_tower, model.vision_tower.preprocess(images), device)
     ids: list[int] = []
-    for tok_id in stream_generate(model, prompt, feats, gen_cfg, model.config.eos_token_id,
-                                  model.config.pad_token_id):
-        ids.append(tok_id)
-        text = tok.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
-            yield text
+    with generation_autocast(device):  # the same precision as batched evaluation
+        for tok_id in stream_generate(model, prompt, feats, gen_cfg, model.config.eos_token_id,
+                                      model.config.pad_token_id):
+            ids.append(tok_id)
+            text = tok.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+                yield text

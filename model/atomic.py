@@ -4,6 +4,7 @@ file under the final name."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -35,3 +36,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_open(path, "wb") as f:
         f.write(data)
     return Path(path)
+
+
+def remove_stale_temps(path: str | Path) -> int:
+    """Removes hidden temporary files that a killed save of ``path`` left behind (only the
+    ones named after this target, never anything else); returns how many."""
+    path = Path(path)
+    n = 0
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+

@@ -70,17 +70,57 @@ def safe_load(path: str | Path, what: str = "checkpoint", hint: str = "") -> dic
     return obj
 
 
+# The only names a stored tokenizer file may have. A checkpoint is shared data: nothing
+# read from it may choose a path, so any other key (``/etc/x``, ``../../x``, ``a/b``) is refused.
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                             "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
+                             "merges.txt"})
+
+
 def tokenizer_files(tok: PreTrainedTokenizerBase) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
-        return {p.name: p.read_text(encoding="utf-8") for p in Path(d).iterdir() if p.is_file()}
+        return {p.name: p.read_text(encoding="utf-8") for p in Path(d).iterdir()
+                if p.is_file() and p.name in TOKENIZER_FILES}
 
 
-def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
+def tokenizer_from_files(files, source: str = "checkpoint") -> PreTrainedTokenizerBase:
+    """Rebuilds the tokenizer stored in a checkpoint. Only the allow-listed file names are
+    written, each into a fresh private temporary folder, and nothing else."""
+    if not isinstance(files, dict) or "tokenizer.json" not in files:
+        raise CheckpointError(f"{source}: the stored tokenizer is missing or has no tokenizer.json")
+    bad = [name for name in files if name not in TOKENIZER_FILES]
+    if bad:
+        raise CheckpointError(f"{source}: the stored tokenizer has entries that are not tokenizer file names "
+                              f"({', '.join(repr(b) for b in bad[:3])}); refusing to load it. The file may have "
+                              "been tampered with: only use checkpoints from sources you trust")
+    if not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"{source}: the stored tokenizer files are not text")
     with tempfile.TemporaryDirectory() as d:
-        for name, text in files.items():
-            (Path(d) / name).write_text(text, encoding="utf-8")
-        return prepare_tokenizer(AutoTokenizer.from_pretrained(d), "checkpoint")
+        for name in TOKENIZER_FILES & files.keys():
+            (Path(d) / name).write_text(files[name], encoding="utf-8")
+        try:
+            tok = AutoTokenizer.from_pretrained(d, trust_remote_code=False)
+        except Exception as exc:  # malformed JSON and the like: transformers raises many types
+            raise CheckpointError(f"{source}: the stored tokenizer cannot be read ({exc.__class__.__name__}: "
+                                  f"{exc})") from exc
+        return prepare_tokenizer(tok, source)
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or Inf (one host sync per call)."""
+    names = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return []
+    ok = torch.stack([tensors[k].isfinite().all() for k in names]).cpu()
+    return [k for k, good in zip(names, ok.tolist()) if not good]
+
+
+def ensure_finite(tensors: dict[str, torch.Tensor], what: str):
+    """The save/load guard: a file is never written from, or loaded with, NaN/Inf weights."""
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} tensor(s) hold NaN or Inf values (e.g. {bad[0]})")
 
 
 def build_config(tok: PreTrainedTokenizerBase, tower: VisionTower | None, **overrides) -> VLMConfig:
@@ -106,11 +146,16 @@ class LoadedCheckpoint:
 
 
 def save_checkpoint(path: str | Path, model: MedicalVLM, tok: PreTrainedTokenizerBase, stage: str,
-                    step: int, extra: dict | None = None) -> Path:
+                    step: int, extra: dict | None = None, dtype: str | torch.dtype = "float32") -> Path:
+    """Writes the checkpoint atomically; refuses (CheckpointError, nothing written) when any
+    weight is NaN/Inf. ``dtype``: precision of the stored floating-point weights."""
     model = getattr(model, "module", model)  # DDP / compiled wrappers
     model = getattr(model, "_orig_mod", model)
     tower = model.vision_tower
-    state = {k: v.detach().to("cpu").clone() for k, v in model.trainable_state_dict().items()}
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).clone()
+             for k, v in model.trainable_state_dict().items()}
+    ensure_finite(state, f"not saving {path}")
     obj = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": state,
@@ -138,6 +183,14 @@ def read_checkpoint(path: str | Path, stage_hint: str | None = None) -> dict:
     if obj.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version (format {obj['format_version']}); "
                               "update this toolkit")
+    missing = [k for k in ("model", "config", "tokenizer", "vision", "stage", "step") if k not in obj]
+    if missing or not isinstance(obj["model"], dict):
+        raise CheckpointError(f"{path} is incomplete (missing {missing or ['model']}); re-create it")
+    try:
+        ensure_finite(obj["model"], str(path))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}: the file is damaged or was saved from a diverged run; "
+                              "use an earlier checkpoint or train again") from None
     return obj
 
 
@@ -146,8 +199,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", vision_mode
     """Rebuilds model + tokenizer from a checkpoint. ``vision_model`` overrides where the
     tower is loaded from (e.g. another local copy); its weights must still match."""
     obj = read_checkpoint(path, stage_hint)
-    config = VLMConfig.from_dict(obj["config"])
-    tok = tokenizer_from_files(obj["tokenizer"])
+    try:
+        config = VLMConfig.from_dict(obj["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the stored config is not valid ({exc})") from None
+    tok = tokenizer_from_files(obj["tokenizer"], str(path))
     if len(tok) != config.vocab_size or image_token_id(tok) != config.image_token_id:
         raise CheckpointError(f"{path}: stored tokenizer ({len(tok)} tokens) does not match the model "
                               f"config ({config.vocab_size}); the file is inconsistent")

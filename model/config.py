@@ -57,6 +57,9 @@ class VLMConfig:
     eos_token_id: int = -1
 
     def __post_init__(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.intermediate_size <= 0:
             self.intermediate_size = minimind_intermediate_size(self.hidden_size)
         if self.hidden_size % self.num_attention_heads:

@@ -56,10 +56,12 @@ def _sample(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | 
 
 @torch.inference_mode()
 def generate_steps(model: MedicalVLM, prompts: list[list[int]], image_features: torch.Tensor | None,
-                   cfg: GenerationConfig, eos_id: int, pad_id: int) -> Iterator[torch.Tensor]:
-    """Yields the next token of every prompt ([B]) per step until all rows hit ``eos_id``
-    or ``max_new_tokens``. ``image_features``: raw vision features of every image of the
-    batch in prompt order ([n_images, tokens, width])."""
+                   cfg: GenerationConfig, eos_id: int, pad_id: int, check_every: int = 1) -> Iterator[torch.Tensor]:
+    """Yields the next token of every prompt ([B], on the device) per step until all rows hit
+    ``eos_id`` or ``max_new_tokens``. ``image_features``: raw vision features of every image
+    of the batch in prompt order ([n_images, tokens, width]). Whether every row has finished
+    is asked of the device (a sync) only every ``check_every`` steps: batched evaluation
+    checks every 8 tokens and the decode steps in between never wait."""
     device = next(model.parameters()).device
     ids, key_mask = _left_pad(prompts, pad_id, device)
     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -68,9 +70,17 @@ def generate_steps(model: MedicalVLM, prompts: list[list[int]], image_features: 
     if cfg.seed is not None:
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
+    limit = model.config.max_position_embeddings
+    if t + cfg.max_new_tokens > limit:
+        raise ValueError(f"the prompt has {t} tokens and {cfg.max_new_tokens} new ones were asked for, more "
+                         f"than the model's {limit} positions: shorten the question or lower max_new_tokens")
     embeds = model.embed(ids, image_features)
     if cfg.use_cache:
-        cache = KVCache(model.config, b, t + cfg.max_new_tokens, device, embeds.dtype)
+        # K/V are stored in the dtype attention computes in (bf16 under autocast), so no
+        # decode step re-casts the whole cache
+        kv_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+            else embeds.dtype
+        cache = KVCache(model.config, b, t + cfg.max_new_tokens, device, kv_dtype)
         h = model.llm(embeds, positions, _attention_mask(key_mask, t), cache)
     else:
         h = model.llm(embeds, positions, _attention_mask(key_mask, t))
@@ -79,7 +89,7 @@ def generate_steps(model: MedicalVLM, prompts: list[list[int]], image_features: 
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         yield nxt
         finished |= nxt == eos_id
-        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
+        if step == cfg.max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
             return
         key_mask = torch.cat([key_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
         new_pos = positions[:, -1:] + 1
@@ -95,17 +105,9 @@ def generate_steps(model: MedicalVLM, prompts: list[list[int]], image_features: 
 def generate(model: MedicalVLM, prompts: list[list[int]], image_features: torch.Tensor | None,
              cfg: GenerationConfig, eos_id: int, pad_id: int) -> list[list[int]]:
     """Batched generation; returns each row's new tokens without the end token."""
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for nxt in generate_steps(model, prompts, image_features, cfg, eos_id, pad_id):
-        for i, tok in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            if tok == eos_id:
-                done[i] = True
-            else:
-                out[i].append(tok)
-    return out
+    steps = list(generate_steps(model, prompts, image_features, cfg, eos_id, pad_id, check_every=8))
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]  # one copy to the host
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
 def stream_generate(model: MedicalVLM, prompt: list[int], image_features: torch.Tensor | None,

@@ -82,12 +82,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        # Without an explicit mask the sequence is unpadded on the left (training), so the
-        # fused causal kernel is exact; generation passes a padding-aware boolean mask.
-        is_causal = attn_mask is None and t > 1
+        # No mask: training on right-padded rows, where the fused causal kernel (flash) is
+        # exact. ``cache is None`` rather than ``t > 1`` keeps this a Python bool when the
+        # length is symbolic under torch.compile (a symbolic bool breaks the graph).
+        is_causal = attn_mask is None and cache is None
+        gqa = self.n_kv != self.n_heads
+        if attn_mask is not None and gqa:
+            # With a mask flash is out, and the memory-efficient kernel refuses enable_gqa
+            # (torch < 2.12): give it K/V for every head instead of the slow math kernel.
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            gqa = False
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads)
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -104,7 +112,11 @@ class FeedForward(nn.Module):
 
 class MoEFeedForward(nn.Module):
     """MiniMind's MoE: routed experts chosen top-k per token plus always-on shared experts,
-    with a load-balancing auxiliary loss (sequence-averaged f_i * P_i)."""
+    with a load-balancing auxiliary loss (f_i * P_i over the batch's tokens).
+
+    Every routed expert runs on every token and is weighted by its routing weight (zero
+    when not chosen): with 4 experts and top-2 that is 2x the routed FLOPs, but it needs no
+    per-expert token lists, whose sizes the host would have to wait for on every layer."""
 
     def __init__(self, config: VLMConfig):
         super().__init__()
@@ -121,12 +133,12 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, shape[-1])
         scores = F.softmax(self.gate(flat).float(), dim=-1)
         top_w, top_i = scores.topk(self.top_k, dim=-1)
-        top_w = (top_w / top_w.sum(-1, keepdim=True)).to(flat.dtype)
+        top_w = top_w / top_w.sum(-1, keepdim=True)
+        # [tokens, experts]: the normalised weight of each chosen expert, 0 elsewhere
+        weights = torch.zeros_like(scores).scatter(-1, top_i, top_w).to(flat.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
-            rows, slot = (top_i == e).nonzero(as_tuple=True)
-            if rows.numel():
-                out.index_add_(0, rows, expert(flat[rows]) * top_w[rows, slot].unsqueeze(-1))
+            out = out + expert(flat) * weights[:, e:e + 1]
         if self.training and self.alpha > 0:
             load = F.one_hot(top_i, self.n_experts).float().sum((0, 1)) / (flat.shape[0] * self.top_k)
             self.aux_loss = self.alpha * self.n_experts * (load * scores.mean(0)).sum()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import sys
 
 import numpy as np
@@ -20,16 +21,113 @@ def setup_logging(level: int = logging.INFO):
                         stream=sys.stderr, force=True)
 
 
+class DeviceError(ValueError):
+    pass
+
+
+def nvidia_driver_present() -> bool:
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
 def pick_device(requested: str | None = None) -> torch.device:
     if requested and requested != "auto":
-        dev = torch.device(requested)
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise DeviceError(f"--device {requested!r} is not a device: use auto, cpu, cuda or cuda:N") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+            raise DeviceError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {requested}: this machine has {torch.cuda.device_count()} GPU(s)")
         return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if nvidia_driver_present() and torch.version.cuda is None:
+        logging.getLogger(__name__).warning(
+            "\n" + "!" * 78 + "\n!! This machine has an NVIDIA driver but PyTorch %s is a CPU-only build: running "
+            "on the CPU.\n!! Install the CUDA build (README, 'GPU install') to use the GPU.\n" + "!" * 78,
+            torch.__version__)
+    elif nvidia_driver_present():
+        logging.getLogger(__name__).warning(
+            "\n" + "!" * 78 + "\n!! This machine has an NVIDIA driver but CUDA is not usable by PyTorch "
+            "(driver too old for CUDA %s?): running on the CPU.\n" + "!" * 78, torch.version.cuda)
+    return torch.device("cpu")
+
+
+def compute_dtype(flag: str, device: torch.device) -> torch.dtype:
+    """The one precision policy, for training and every generation path. ``auto``: bfloat16
+    on GPUs that compute it natively (Ampere and newer), float16 on older ones (with a
+    GradScaler in training: emulated bf16 on T4/V100 would be slow), float32 on the CPU."""
+    if flag == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[flag]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+class Progress:
+    """A tqdm bar on a terminal; in a log file (stderr not a TTY) plain lines instead of
+    carriage-return redraws: one every ``every`` updates (default: every 10 %) and at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0,
+                 every: int | None = None):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.enabled = enabled
+        self.every = every or max(1, total // 10)
+        self.postfix = ""
+        self.bar = None
+        if enabled and is_tty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+    def update(self, n: int = 1):
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (self.n % self.every == 0 or self.n == self.total):
+            logging.getLogger("progress").info("%s: %d/%d %s%s", self.desc, self.n, self.total, self.unit,
+                                               f" | {self.postfix}" if self.postfix else "")
+
+    def set_postfix(self, text: str):
+        self.postfix = text
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def write(self, msg: str):
+        """A line that stays (above the bar on a terminal)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            logging.getLogger("progress").info("%s", msg)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress(iterable, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True):
+    """Iterates with a Progress (see there)."""
+    total = len(iterable) if total is None else total
+    p = Progress(total, desc, unit, enabled)
+    try:
+        for item in iterable:
+            yield item
+            p.update()
+    finally:
+        p.close()

@@ -22,6 +22,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 IMAGE_TOKEN = "<|image_pad|>"
 IGNORE_INDEX = -100
+MAX_QUESTION_CHARS = 2000  # typed questions (web demo, --question, the API): far above any real one
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -58,6 +59,21 @@ def load_tokenizer(path: str = DEFAULT_TOKENIZER) -> PreTrainedTokenizerBase:
     return prepare_tokenizer(AutoTokenizer.from_pretrained(str(resolved)), str(resolved))
 
 
+def clean_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
+    """A question typed by a person, made safe to put in a prompt: the image placeholder is
+    removed (images are attached by the program, not by text) and the length is capped.
+    Special tokens such as ``<|im_end|>`` need no removal: ChatEncoder encodes message text
+    with ``split_special_tokens``, so they are ordinary characters there."""
+    if not isinstance(text, str):
+        raise ValueError("the question must be text")
+    text = " ".join(text.replace(IMAGE_PLACEHOLDER, " ").split())
+    if not text:
+        raise ValueError("the question is empty")
+    if len(text) > max_chars:
+        raise ValueError(f"the question has {len(text):,} characters; the limit is {max_chars:,}")
+    return text
+
+
 def image_token_id(tok: PreTrainedTokenizerBase) -> int:
     return tok.convert_tokens_to_ids(IMAGE_TOKEN)
 
@@ -82,17 +98,21 @@ class ChatEncoder:
         self.image_tokens = image_tokens
         self.image_id = image_token_id(tok)
         self.end_id = end_token_id(tok)
-        self._memo: dict[str, list[int]] = {}
+        self._memo: dict[tuple[str, bool], list[int]] = {}
         self.newline = self._ids("\n")
 
-    def _ids(self, text: str) -> list[int]:
+    def _ids(self, text: str, markup: bool = False) -> list[int]:
+        """Token ids of message text, where special-token strings (``<|im_end|>``, the image
+        token) are plain characters; ``markup=True`` only for the chat headers we write."""
         # VQA data repeats the same questions and answers many times: tokenise each once
-        if text not in self._memo:
-            self._memo[text] = self.tok(text, add_special_tokens=False)["input_ids"] if text else []
-        return list(self._memo[text])
+        key = (text, markup)
+        if key not in self._memo:
+            self._memo[key] = self.tok(text, add_special_tokens=False, split_special_tokens=not markup)[
+                "input_ids"] if text else []
+        return list(self._memo[key])
 
     def _header(self, role: str) -> list[int]:
-        return self._ids(f"{IM_START}{role}\n")
+        return self._ids(f"{IM_START}{role}\n", markup=True)
 
     def _content(self, text: str) -> tuple[list[int], list[bool]]:
         """Token ids of a user/system message with image placeholders expanded; the mask

@@ -63,8 +63,7 @@ class VisionTower(nn.Module):
         return super().train(False)
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        rgb = [im.convert("RGB") for im in images]
-        return self.processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return preprocess(self.processor, images)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -82,6 +81,12 @@ class VisionTower(nn.Module):
                 h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def preprocess(processor, images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> the tower's pixel tensor (resize, crop, normalise)."""
+    rgb = [im.convert("RGB") for im in images]
+    return processor(images=rgb, return_tensors="pt")["pixel_values"]
 
 
 def _random_tower(name: str) -> VisionTower:

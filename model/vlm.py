@@ -31,15 +31,21 @@ class Projector(nn.Module):
 
 
 def merge_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
-                         image_embeds: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
+                         image_embeds: torch.Tensor | None, image_token_id: int,
+                         image_slots: torch.Tensor | None = None) -> torch.Tensor:
     """Replaces every image-token embedding with the projected patch features, in order.
 
     ``image_embeds``: [n_images, tokens_per_image, H] for all images of the batch in
     reading order (sample by sample, left to right), so multi-image samples just work.
+    ``image_slots``: the flat positions (into B*T) of the image tokens, built by ``collate``
+    on the host; with them the merge is an ``index_copy`` whose sizes are known without
+    asking the device (no sync). Without them they are found here (one sync: generation's
+    prefill, tests).
     """
-    mask = input_ids == image_token_id
-    n_slots = int(mask.sum())
     n_feats = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+    if image_slots is None:
+        image_slots = (input_ids.reshape(-1) == image_token_id).nonzero().squeeze(1)
+    n_slots = image_slots.shape[0]
     if n_slots != n_feats:
         per = image_embeds.shape[1] if image_embeds is not None and image_embeds.ndim == 3 else "?"
         raise ValueError(f"image token count mismatch: the text has {n_slots} image tokens but "
@@ -47,8 +53,20 @@ def merge_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
                          f"features = {n_feats}; each <image> must expand to exactly one image's tokens")
     if n_slots == 0:
         return inputs_embeds
-    return inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.reshape(-1, inputs_embeds.shape[-1])
-                                        .to(inputs_embeds.dtype))
+    b, t, h = inputs_embeds.shape
+    flat = inputs_embeds.reshape(b * t, h).index_copy(0, image_slots, image_embeds.reshape(-1, h)
+                                                      .to(inputs_embeds.dtype))
+    return flat.view(b, t, h)
+
+
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions (into B*T) whose next token is a target, and those targets. Host-side
+    in ``collate`` for training; here as the fallback (a sync) for direct calls."""
+    b, t = labels.shape
+    nxt = torch.full_like(labels, IGNORE_INDEX)
+    nxt[:, :-1] = labels[:, 1:]
+    pos = (nxt.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    return pos, nxt.reshape(-1)[pos]
 
 
 class MedicalVLM(nn.Module):
@@ -75,32 +93,40 @@ class MedicalVLM(nn.Module):
             raise RuntimeError("this model was built without a vision tower; pass image_features")
         return self.vision_tower(pixel_values)
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
+              image_slots: torch.Tensor | None = None) -> torch.Tensor:
         embeds = self.llm.embed_tokens(input_ids)
         projected = None
         if image_features is not None and image_features.numel():
             projected = self.projector(image_features.to(self.projector_dtype()))
-        return merge_image_features(embeds, input_ids, projected, self.config.image_token_id)
+        elif self.training and torch.is_grad_enabled():
+            # A batch without images still touches the projector (times zero), so DDP finds a
+            # gradient for every parameter and never fails on an "unused" projector.
+            embeds = embeds + 0.0 * self.projector(embeds.new_zeros(1, self.config.vision_hidden_size)).sum()
+        return merge_image_features(embeds, input_ids, projected, self.config.image_token_id, image_slots)
 
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 
     def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                position_ids=None, attn_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0):
-        """With ``labels``: returns (sum of token losses, number of target tokens, aux loss);
-        logits are computed only at target positions, which are a few percent of the
-        sequence in VQA. Without: logits for the last ``logits_to_keep`` positions (0 = all)."""
+                position_ids=None, attn_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0,
+                image_slots: torch.Tensor | None = None, target_pos: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None):
+        """With ``labels`` (or ``target_pos`` + ``targets`` from ``collate``): returns (sum of
+        token losses, number of target tokens as an int, aux loss); logits are computed only
+        at target positions, which are a few percent of the sequence in VQA. Without: logits
+        for the last ``logits_to_keep`` positions (0 = all)."""
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
-        h = self.llm(self.embed(input_ids, image_features), position_ids, attn_mask, cache)
-        if labels is None:
+        h = self.llm(self.embed(input_ids, image_features, image_slots), position_ids, attn_mask, cache)
+        if labels is None and target_pos is None:
             return self.llm.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.llm.lm_head(h[:, :-1][keep])
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss_sum, keep.sum(), self.llm.aux_loss()
+        if target_pos is None:
+            target_pos, targets = target_positions(labels)
+        logits = self.llm.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, target_pos))
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return loss_sum, target_pos.shape[0], self.llm.aux_loss()
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen vision tower (its weights come from its own source)."""

@@ -214,9 +214,11 @@ def test_overlap_is_refused_and_nothing_looks_complete(tmp_path):
     out = tmp_path / "out"
     convert(read_release(root), out, allow_overlap=True)
     assert json.loads((out / "manifest.json").read_text())["image_overlap"]["train&test"] == 1
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ConversionError, match="--allow_overlap"):
         convert(read_release(root), out)
-    assert not (out / "manifest.json").exists() and not (out / "medical_vqa_test.jsonl").exists()
+    # the refused run changed nothing: the previous (complete) dataset is still there
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_missing_split_file_and_offline_hub(tmp_path, monkeypatch, capsys):

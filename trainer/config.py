@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, fields
 
+from model import flags
 from model.config import DEFAULT_TOKENIZER, DEFAULT_VISION_MODEL
 
 STAGES = ("pretrain", "sft")
@@ -47,6 +48,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"         # auto: bfloat16 on CUDA (float16 if unsupported), float32 on CPU
     compile: bool = False
+    save_dtype: str = "float32"  # weights checkpoint precision; the resume state is always float32
     # run
     out_dir: str = "out"
     device: str = "auto"
@@ -60,12 +62,22 @@ class TrainConfig:
     wandb_project: str = "medical-vlm"
 
     def __post_init__(self):
+        """The same rules as the command line (RULES), plus the ones that tie flags together."""
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
-        if self.freeze_llm not in ("all", "except_last", "none", "auto"):
-            raise ValueError("--freeze_llm must be all, except_last, none or auto")
-        if min(self.accumulation_steps, self.batch_size, self.epochs, self.pack_questions) < 1:
-            raise ValueError("--batch_size, --accumulation_steps, --epochs and --pack_questions must be >= 1")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise flags.FlagError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name, rule in RULES.items():
+            setattr(self, name, flags.check_value(name, rule, getattr(self, name)))
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
+            raise flags.FlagError(
+                f"--hidden_size {self.hidden_size} must split into --num_attention_heads "
+                f"{self.num_attention_heads} heads of an even width (rotary embeddings rotate pairs), "
+                "e.g. 512/8 or 768/8")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise flags.FlagError(f"--num_attention_heads {self.num_attention_heads} must be a multiple of "
+                                  f"--num_key_value_heads {self.num_key_value_heads}")
 
     @property
     def frozen_llm(self) -> str:
@@ -108,11 +120,25 @@ HELP = {
     "resume": "continue from out/<name>_resume.pth",
     "stop_at_step": "stop after this optimizer step without changing the schedule",
     "compile": "torch.compile the language model",
+    "save_dtype": "precision of the weights checkpoint (bfloat16/float16 halve its size; resume state stays float32)",
 }
 
 
 CHOICES = {"freeze_llm": ["all", "except_last", "none", "auto"], "projector": ["mlp", "linear"],
-           "dtype": ["auto", "bfloat16", "float16", "float32"]}
+           "dtype": ["auto", "bfloat16", "float16", "float32"], "save_dtype": ["float32", "bfloat16", "float16"]}
+
+# Allowed range of every numeric flag (argparse ``type=`` and TrainConfig.__post_init__).
+RULES = {
+    "feature_cache_gb": flags.non_negative_float, "max_seq_len": flags.int_range(8),
+    "pack_questions": flags.positive_int, "hidden_size": flags.positive_int,
+    "num_hidden_layers": flags.positive_int, "num_attention_heads": flags.positive_int,
+    "num_key_value_heads": flags.positive_int, "epochs": flags.positive_int, "batch_size": flags.positive_int,
+    "accumulation_steps": flags.positive_int, "learning_rate": flags.positive_float,
+    "min_lr_ratio": flags.fraction, "weight_decay": flags.non_negative_float,
+    "warmup_ratio": flags.fraction_below_one, "grad_clip": flags.non_negative_float,
+    "num_workers": flags.non_negative_int, "seed": flags.non_negative_int, "log_interval": flags.positive_int,
+    "save_interval": flags.non_negative_int, "stop_at_step": flags.non_negative_int,
+}
 
 
 def parse_train_args(stage: str, argv=None, description: str | None = None) -> TrainConfig:
@@ -126,6 +152,11 @@ def parse_train_args(stage: str, argv=None, description: str | None = None) -> T
         if f.type in ("bool", bool):
             ap.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            typ = RULES.get(f.name) or {"int": int, "float": float, "str": str}[
+                f.type if isinstance(f.type, str) else f.type.__name__]
             ap.add_argument(f"--{f.name}", type=typ, default=default, help=help_text, choices=CHOICES.get(f.name))
-    return TrainConfig(stage=stage, **vars(ap.parse_args(argv)))
+    args = ap.parse_args(argv)
+    try:
+        return TrainConfig(stage=stage, **vars(args))
+    except ValueError as exc:  # rules that tie several flags together
+        ap.error(str(exc))

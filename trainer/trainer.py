@@ -10,26 +10,26 @@ computes the same update. Resume therefore reproduces the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as tdist
-from tqdm import tqdm
 
-from dataset.vqa_dataset import PackedQuestions, VQADataset, collate
-from model.checkpoint import (atomic_save, build_config, checkpoint_path, read_checkpoint, safe_load,
-                              save_checkpoint, tokenizer_from_files)
-from model.atomic import atomic_open
-from model.config import VLMConfig, resolve_path
 from dataset.features import FeatureStore
+from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, VQADataset, collate
+from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
+from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
+                              non_finite, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
+from model.config import VLMConfig, resolve_path
 from model.minimind_weights import load_minimind_llm
-from model.runtime import pick_device, seed_everything
+from model.runtime import Progress, compute_dtype, pick_device, seed_everything
 from model.tokenization import ChatEncoder, load_tokenizer
 from model.vision import load_vision_tower
 from model.vlm import MedicalVLM
@@ -46,6 +46,15 @@ ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key
 
 class TrainingError(RuntimeError):
     pass
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C: the message says what was kept."""
+
+
+# Longest time a process waits for the others (rank 0 builds the feature cache while the
+# rest wait at a barrier: minutes for a large image set on a slow disk).
+DDP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass
@@ -77,20 +86,18 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
     if world == 1:
         return Dist(), pick_device(device_flag)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_flag in ("auto", "cuda")
+    if device_flag.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {device_flag} under torchrun, but CUDA is not available here: pass "
+                            "--device cpu to train on CPU processes (gloo), or fix the CUDA install")
+    use_cuda = torch.cuda.is_available() and (device_flag == "auto" or device_flag.startswith("cuda"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
     if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-
-
-def amp_dtype(flag: str, device: torch.device) -> torch.dtype:
-    if flag == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[flag]
+        # device_id binds NCCL to this GPU at once (no guessing, no hang on a wrong device)
+        tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=DDP_TIMEOUT,
+                                 device_id=device if use_cuda else None)
+    return Dist(rank, world, local_rank), device
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -125,7 +132,7 @@ def resolve_from_weight(cfg: TrainConfig) -> Path | None:
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, object]:
     start = resolve_from_weight(cfg)
     ckpt = read_checkpoint(start) if start else None
-    tok = tokenizer_from_files(ckpt["tokenizer"]) if ckpt else load_tokenizer(cfg.tokenizer_path)
+    tok = tokenizer_from_files(ckpt["tokenizer"], str(start)) if ckpt else load_tokenizer(cfg.tokenizer_path)
     tower = load_vision_tower(cfg.vision_model)
     model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS})
     if cfg.max_seq_len > model_cfg.max_position_embeddings:
@@ -161,22 +168,43 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool, fresh: bool, wandb_run=None):
+    """The run's JSONL metrics. A new run replaces the previous log only when it writes its
+    first row (a run that fails earlier leaves the old log alone); a resumed run first
+    drops the rows logged after the step it resumes from, so no step appears twice."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None, wandb_run=None):
         self.path, self.enabled, self.wandb = path, enabled, wandb_run
-        if enabled and fresh:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+        self.resume_step = resume_step
+        self.started = False
+
+    def _start(self):
+        self.started = True
+        kept = []
+        if self.resume_step is not None and self.path.is_file():
+            kept = [r for r in self._read() if r.get("step", 0) <= self.resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict):
         if not self.enabled:
             return
+        if not self.started:
+            self._start()
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=row.get("step"))
 
+    def _read(self) -> list[dict]:
+        rows = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+        return rows
+
     def rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return self._read() if self.started and self.path.is_file() else []
 
 
 def plot_losses(rows: list[dict], path: Path, title: str):
@@ -214,39 +242,85 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
 
 
+def pad_multiple(cfg: TrainConfig) -> int:
+    """Batch widths are rounded up to this: few distinct shapes, so torch.compile compiles
+    a handful of graphs instead of one per length (and tensor cores like multiples of 8)."""
+    return 64 if cfg.compile else 8
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Host batch -> device. On CUDA the host tensors are pinned first, so the copies are
+    asynchronous and the step never waits for them."""
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate_loss(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, dist: Dist, device, amp) -> float:
     model.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)
     idx = list(range(dist.rank, len(data), dist.world))
     for i in range(0, len(idx), cfg.batch_size):
-        batch = collate([data.samples[j] for j in idx[i:i + cfg.batch_size]], model.config.pad_token_id)
+        batch = collate([data.samples[j] for j in idx[i:i + cfg.batch_size]], model.config.pad_token_id,
+                        model.config.image_token_id, pad_multiple(cfg))
+        feats = features.get(batch["image_index"])
+        batch = to_device(batch, device)
         with amp:
-            loss_sum, n, _ = model(batch["input_ids"].to(device), features.get(batch["image_index"]),
-                                   batch["labels"].to(device))
-        total += torch.stack([loss_sum.double(), n.double()])
+            loss_sum, n, _ = model(batch["input_ids"], feats, **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        total[0] += loss_sum.double()
+        total[1] += n
     dist.all_sum(total)
     model.train()
     return float(total[0] / total[1].clamp(min=1))
 
 
-def train(cfg: TrainConfig) -> dict:
-    dist, device = init_distributed(cfg.device)
-    seed_everything(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = amp_dtype(cfg.dtype, device)
-    name = run_name(cfg)
-    out_dir = resolve_path(cfg.out_dir)
-    final_path = out_dir / f"{name}.pth"
-    resume_path = out_dir / f"{name}_resume.pth"
-    log.info("stage %s -> %s | device %s | %s | world size %d", cfg.stage, final_path, device,
-             str(dtype).replace("torch.", ""), dist.world)
+@dataclass
+class Checkpointer:
+    """The one save path of a run, with its guard: the weights are checked for NaN/Inf
+    before anything is written, so a good file is never replaced by a bad one, and the log
+    says "saved" only for files that were written."""
+    cfg: TrainConfig
+    final_path: Path
+    resume_path: Path
+    dist: Dist
+    last_saved: tuple[Path, int] | None = None
+    previous: list[Path] = field(default_factory=list)
 
-    model, tok = build_model(cfg, device)
-    log.info(model.parameter_line())
-    encoder = ChatEncoder(tok, model.config.image_tokens)
+    def __post_init__(self):
+        self.previous = [p for p in (self.final_path, self.resume_path) if p.is_file()]
+
+    def kept_message(self) -> str:
+        if self.last_saved:
+            return f"the last good checkpoint {self.last_saved[0]} (step {self.last_saved[1]}) is kept"
+        if self.previous:
+            return f"nothing was saved by this run; {', '.join(map(str, self.previous))} from before is untouched"
+        return "nothing was saved"
+
+    def save(self, model, tok, opt, scaler, metrics: "MetricsLog", step: int, epoch: int, extra: dict,
+             with_resume: bool, plot: bool):
+        if self.dist.is_main:
+            bad = non_finite(model.trainable_state_dict())
+            if bad:
+                raise TrainingError(
+                    f"the weights became NaN/Inf at step {step} (e.g. {bad[0]}): training diverged and this "
+                    f"step was not saved; {self.kept_message()}. Lower --learning_rate (now "
+                    f"{self.cfg.learning_rate}), keep --grad_clip on, or use --dtype bfloat16 instead of float16.")
+            save_checkpoint(self.final_path, model, tok, self.cfg.stage, step, dtype=self.cfg.save_dtype,
+                            extra={"train_config": self.cfg.to_dict(), "epoch": epoch, **extra})
+            if with_resume:
+                atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
+                             "scaler": scaler.state_dict(), "step": step, "world": self.dist.world,
+                             "train_config": self.cfg.to_dict()}, self.resume_path)
+            if plot:
+                plot_losses(metrics.rows(), self.final_path.with_name(f"{self.final_path.stem}_loss.png"),
+                            f"{self.final_path.stem} ({self.cfg.stage})")
+        self.last_saved = (self.final_path, step)
+        self.dist.barrier()
+
+
+def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: Dist, device):
+    """Training/validation samples and their frozen vision features (built once, cached)."""
     images_path = resolve_path(cfg.images_path)
     hint = ("run `python convert_slake_dataset.py` first (or --demo offline)"
             if cfg.data_path.startswith("dataset/") else "")
@@ -259,18 +333,110 @@ def train(cfg: TrainConfig) -> dict:
         else:
             log.warning("validation file %s not found: no validation loss", vpath)
     cache_dir = resolve_path(cfg.cache_dir) if cfg.cache_dir else None
-    build_cache = dist.is_main or cache_dir is None
+    # rank 0 builds the cache file; the others wait, then read it
     features = None
-    if build_cache:
+    if dist.is_main or cache_dir is None:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
                                 cfg.num_workers, progress=dist.is_main)
     dist.barrier()
     if features is None:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
                                 cfg.num_workers, build=False, progress=False)
-
     packed = PackedQuestions(data, encoder.image_id, cfg.pack_questions, cfg.seed) \
         if cfg.pack_questions > 1 else None
+    return data, val, features, packed
+
+
+def make_optimizer(model: MedicalVLM, cfg: TrainConfig, device, dtype):
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
+                            betas=(0.9, 0.95), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return params, opt, scaler
+
+
+def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: Dist, total_steps: int) -> int:
+    state = safe_load(resume_path, "resume state", "run without --resume to start fresh")
+    mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
+                if state["train_config"].get(k) != getattr(cfg, k)}
+    if state.get("world") != dist.world:
+        mismatch["world size"] = (state.get("world"), dist.world)
+    if mismatch:
+        raise TrainingError(f"--resume: {resume_path} was written with different settings "
+                            f"{mismatch}; use the same flags or start fresh")
+    try:
+        ensure_finite(state["model"], str(resume_path))
+    except CheckpointError as exc:
+        raise TrainingError(f"--resume: {exc}; the file is damaged, start fresh") from None
+    model.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    log.info("resumed from %s at step %d/%d", resume_path, state["step"], total_steps)
+    if state["step"] >= total_steps:
+        log.info("nothing left to do: the run had finished")
+    return state["step"]
+
+
+def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
+               dist: Dist, device, amp, lr: float) -> torch.Tensor:
+    """One optimizer step over the micro-batches; returns this process's share of the
+    step's mean loss as a device tensor. Nothing here waits for the device: counts come from
+    the host batches, and the global answer-token count is summed on the device."""
+    n_local = float(sum(b["targets"].shape[0] for b in batches))
+    if dist.enabled:
+        total_targets = dist.all_sum(to_device({"n": torch.tensor([n_local], dtype=torch.float32)}, device)["n"])[0]
+    else:
+        total_targets = n_local
+    for group in opt.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=device, dtype=torch.float32)
+    for m, batch in enumerate(batches):
+        sync = m == len(batches) - 1
+        ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
+        feats = features.get(batch["image_index"])
+        b = to_device(batch, device)
+        with ctx:
+            with amp:
+                loss_sum, _, aux = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b})
+            # DDP averages gradients over processes: scale so the result is the mean over
+            # every answer token of the global batch.
+            loss = loss_sum * dist.world / total_targets + aux / len(batches)
+            scaler.scale(loss).backward()
+        step_loss += loss_sum.detach().float()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return step_loss / total_targets
+
+
+def train(cfg: TrainConfig) -> dict:
+    dist, device = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = compute_dtype(cfg.dtype, device)
+    name = run_name(cfg)
+    out_dir = resolve_path(cfg.out_dir)
+    final_path = out_dir / f"{name}.pth"
+    resume_path = out_dir / f"{name}_resume.pth"
+    metrics_path = out_dir / f"{name}_metrics.jsonl"
+    if dist.is_main:  # hidden temporary files of a save that was killed
+        for p in (final_path, resume_path, metrics_path, out_dir / f"{name}_loss.png"):
+            remove_stale_temps(p)
+    log.info("stage %s -> %s | device %s | %s | world size %d", cfg.stage, final_path, device,
+             str(dtype).replace("torch.", ""), dist.world)
+
+    model, tok = build_model(cfg, device)
+    log.info(model.parameter_line())
+    encoder = ChatEncoder(tok, model.config.image_tokens)
+    data, val, features, packed = setup_data(cfg, model, encoder, dist, device)
     n_seq = len(packed) if packed else len(data)
     global_batch = cfg.batch_size * dist.world * cfg.accumulation_steps
     steps_per_epoch = n_seq // global_batch
@@ -283,31 +449,8 @@ def train(cfg: TrainConfig) -> dict:
              f", packed {cfg.pack_questions} per image into {n_seq} sequences" if packed else "",
              steps_per_epoch, cfg.epochs, global_batch)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
-                            betas=(0.9, 0.95), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    start_step = 0
-    if cfg.resume:
-        state = safe_load(resume_path, "resume state", "run without --resume to start fresh")
-        mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
-                    if state["train_config"].get(k) != getattr(cfg, k)}
-        if state.get("world") != dist.world:
-            mismatch["world size"] = (state.get("world"), dist.world)
-        if mismatch:
-            raise TrainingError(f"--resume: {resume_path} was written with different settings "
-                                f"{mismatch}; use the same flags or start fresh")
-        model.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-        log.info("resumed from %s at step %d/%d", resume_path, start_step, total_steps)
-        if start_step >= total_steps:
-            log.info("nothing left to do: the run had finished")
+    params, opt, scaler = make_optimizer(model, cfg, device, dtype)
+    start_step = load_resume(cfg, resume_path, model, opt, scaler, dist, total_steps) if cfg.resume else 0
 
     if cfg.compile:
         model.llm.compile()
@@ -324,107 +467,87 @@ def train(cfg: TrainConfig) -> dict:
         except ImportError as exc:
             raise TrainingError("--use_wandb needs the wandb package: pip install wandb") from exc
         wandb_run = wandb.init(project=cfg.wandb_project, name=name, config=cfg.to_dict())
-    metrics = MetricsLog(out_dir / f"{name}_metrics.jsonl", dist.is_main, fresh=not cfg.resume, wandb_run=wandb_run)
+    metrics = MetricsLog(metrics_path, dist.is_main, resume_step=start_step if cfg.resume else None,
+                         wandb_run=wandb_run)
     amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def save(step: int, epoch: int, extra: dict):
-        if dist.is_main:
-            save_checkpoint(final_path, model, tok, cfg.stage, step,
-                            extra={"train_config": cfg.to_dict(), "epoch": epoch, **extra})
-            atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
-                         "scaler": scaler.state_dict(), "step": step, "world": dist.world,
-                         "train_config": cfg.to_dict()}, resume_path)
-            plot_losses(metrics.rows(), out_dir / f"{name}_loss.png", f"{name} ({cfg.stage})")
-        dist.barrier()
+    saver = Checkpointer(cfg, final_path, resume_path, dist)
 
     model.train()
     end_step = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
-    bar = tqdm(total=total_steps, initial=start_step, desc=cfg.stage, unit="step", disable=not dist.is_main,
-               dynamic_ncols=True)
-    window_loss = torch.zeros((), device=device, dtype=torch.float64)
+    bar = Progress(total_steps, cfg.stage, "step", enabled=dist.is_main, initial=start_step, every=cfg.log_interval)
+    window_loss = torch.zeros((), device=device, dtype=torch.float32)
     window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
     last_val = None
     epoch_seconds: list[float] = []  # training steps only: validation and saving excluded
-    t_epoch = time.perf_counter()
+    t_epoch, paused = time.perf_counter(), 0.0
     step = start_step
     samples_epoch, samples = -1, data.samples
-    while step < end_step:
-        epoch = step // steps_per_epoch
-        if packed is not None and epoch != samples_epoch:
-            samples, samples_epoch = packed.epoch_samples(epoch), epoch
-        perm = _epoch_perm(len(samples), cfg.seed, epoch)
-        micro = _micro_batches(perm, step % steps_per_epoch, cfg, dist)
-        batches = [collate([samples[i] for i in m.tolist()], model.config.pad_token_id) for m in micro]
-        if device.type == "cuda":  # page-locked host memory makes the non_blocking copies below asynchronous
-            batches = [{k: v.pin_memory() for k, v in b.items()} for b in batches]
-        n_tokens = torch.tensor([float(sum((b["labels"] != -100).sum() for b in batches))], device=device)
-        total_targets = dist.all_sum(n_tokens)[0]
-        lr = lr_at(step, total_steps, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device, dtype=torch.float64)
-        for m, batch in enumerate(batches):
-            sync = m == len(batches) - 1
-            ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
-            with ctx:
-                with amp:
-                    extra = {k: batch[k].to(device, non_blocking=True) for k in ("position_ids", "attn_mask")
-                             if k in batch}
-                    loss_sum, _, aux = ddp(batch["input_ids"].to(device, non_blocking=True),
-                                           features.get(batch["image_index"]),
-                                           batch["labels"].to(device, non_blocking=True), **extra)
-                # DDP averages gradients over processes: scale so the result is the mean
-                # over every answer token of the global batch.
-                loss = loss_sum * dist.world / total_targets + aux / len(batches)
-                scaler.scale(loss).backward()
-            step_loss += loss_sum.detach().double()
-            window_tokens += int((batch["input_ids"] != model.config.pad_token_id).sum())
-        if cfg.grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        window_loss += dist.all_sum(step_loss) / total_targets
-        window_steps += 1
-        step += 1
-        bar.update(1)
+    pad_to = pad_multiple(cfg)
+    try:
+        while step < end_step:
+            epoch = step // steps_per_epoch
+            if packed is not None and epoch != samples_epoch:
+                samples, samples_epoch = packed.epoch_samples(epoch), epoch
+            perm = _epoch_perm(len(samples), cfg.seed, epoch)
+            micro = [[samples[i] for i in m.tolist()] for m in _micro_batches(perm, step % steps_per_epoch, cfg, dist)]
+            batches = [collate(m, model.config.pad_token_id, model.config.image_token_id, pad_to) for m in micro]
+            lr = lr_at(step, total_steps, cfg)
+            window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp, lr)
+            window_tokens += sum(len(s.input_ids) for m in micro for s in m)
+            window_steps += 1
+            step += 1
 
-        epoch_end = step % steps_per_epoch == 0
-        want_save = (cfg.save_interval and step % cfg.save_interval == 0) or epoch_end or step == end_step
-        if step % cfg.log_interval == 0 or want_save:
-            mean_loss = float(window_loss) / window_steps
-            if not math.isfinite(mean_loss):
-                raise TrainingError(
-                    f"loss became {mean_loss} at step {step}: training diverged and nothing was saved "
-                    f"(the last good checkpoint, if any, is untouched). Lower --learning_rate (now "
-                    f"{cfg.learning_rate}), keep --grad_clip on, or use --dtype bfloat16 instead of float16.")
-            elapsed = time.perf_counter() - t_window
-            tok_s = window_tokens * dist.world / max(elapsed, 1e-9)
-            metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(mean_loss, 6),
-                           "lr": lr, "tokens_per_s": round(tok_s, 1)})
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            window_loss.zero_()
-            window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
-        if epoch_end:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_seconds.append(time.perf_counter() - t_epoch)
-            metrics.write({"step": step, "epoch": step // steps_per_epoch, "epoch_seconds": round(epoch_seconds[-1], 3)})
-        if epoch_end and val is not None:
-            last_val = evaluate_loss(model, val, features, cfg, dist, device, amp)
-            metrics.write({"step": step, "epoch": step // steps_per_epoch, "val_loss": round(last_val, 6)})
-            if dist.is_main:
-                bar.write(f"epoch {step // steps_per_epoch}: validation loss {last_val:.4f}")
-        if want_save:
-            save(step, step // steps_per_epoch, {"val_loss": last_val})
-        if epoch_end or want_save:
-            t_epoch = time.perf_counter()
-    bar.close()
+            epoch_end = step % steps_per_epoch == 0
+            want_save = (cfg.save_interval and step % cfg.save_interval == 0) or epoch_end or step == end_step
+            if step % cfg.log_interval == 0 or want_save:
+                mean_loss = float(dist.all_sum(window_loss)) / window_steps  # the one sync per log interval
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"loss became {mean_loss} at step {step}: training diverged and this step was not "
+                        f"saved; {saver.kept_message()}. Lower --learning_rate (now {cfg.learning_rate}), keep "
+                        "--grad_clip on, or use --dtype bfloat16 instead of float16.")
+                elapsed = time.perf_counter() - t_window
+                tok_s = window_tokens * dist.world / max(elapsed, 1e-9)
+                metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(mean_loss, 6),
+                               "lr": lr, "tokens_per_s": round(tok_s, 1)})
+                bar.set_postfix(f"loss {mean_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s")
+                window_loss.zero_()
+                window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+            bar.update(1)
+            t_pause = time.perf_counter()
+            if epoch_end:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                epoch_seconds.append(t_pause - t_epoch - paused)
+                metrics.write({"step": step, "epoch": step // steps_per_epoch,
+                               "epoch_seconds": round(epoch_seconds[-1], 3)})
+            if epoch_end and val is not None:
+                last_val = evaluate_loss(model, val, features, cfg, dist, device, amp)
+                metrics.write({"step": step, "epoch": step // steps_per_epoch, "val_loss": round(last_val, 6)})
+            if epoch_end:
+                bar.write(f"epoch {step // steps_per_epoch}/{cfg.epochs} done in {epoch_seconds[-1]:.1f} s"
+                          + (f": validation loss {last_val:.4f}" if last_val is not None else ""))
+            if want_save:
+                with_resume = step == end_step or bool(cfg.save_interval and step % cfg.save_interval == 0)
+                saver.save(model, tok, opt, scaler, metrics, step, step // steps_per_epoch, {"val_loss": last_val},
+                           with_resume=with_resume, plot=epoch_end or step == end_step)
+            if epoch_end:
+                t_epoch, paused = time.perf_counter(), 0.0
+            else:
+                paused += time.perf_counter() - t_pause
+    except KeyboardInterrupt:
+        resume = f"; continue with --resume from {resume_path}" if resume_path.is_file() else ""
+        raise TrainingInterrupted(f"interrupted at step {step}/{total_steps}: {saver.kept_message()}{resume}") from None
+    finally:
+        bar.close()
     if wandb_run is not None:
         wandb_run.finish()
-    log.info("saved %s (metrics %s, curve %s)", final_path, metrics.path, out_dir / f"{name}_loss.png")
-    return {"checkpoint": final_path, "resume": resume_path, "metrics": metrics.path, "steps": step,
-            "total_steps": total_steps, "val_loss": last_val, "epoch_seconds": epoch_seconds,
+    if saver.last_saved:
+        log.info("saved %s at step %d (metrics %s, curve %s)", final_path, saver.last_saved[1], metrics.path,
+                 out_dir / f"{name}_loss.png")
+    else:
+        log.info("nothing to train (step %d of %d): no checkpoint was written", step, total_steps)
+    return {"checkpoint": final_path if saver.last_saved else None, "resume": resume_path, "metrics": metrics.path,
+            "steps": step, "total_steps": total_steps, "val_loss": last_val, "epoch_seconds": epoch_seconds,
             "samples": n_seq, "tokens": sum(len(s_.input_ids) for s_ in samples) if packed else data.num_tokens(),
             "questions": len(data), "trainable_params": model.parameter_summary()["trainable"]}

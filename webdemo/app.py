@@ -17,11 +17,13 @@ from evaluation.runner import answer_stream
 from model.checkpoint import LoadedCheckpoint, load_model
 from model.config import IMAGE_PLACEHOLDER, resolve_path
 from model.generation import GenerationConfig
+from model.tokenization import MAX_QUESTION_CHARS, clean_question
 
 log = logging.getLogger("web_demo")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-MAX_UPLOAD_MB = 30
+MAX_UPLOAD_MB = 30          # refused by the server before the upload is stored (launch(max_file_size))
+UPLOAD_CACHE = (300, 900)   # every 5 min, delete uploads older than 15 min (and all at restart)
 DISCLAIMER = ("**Research model — not for diagnosis.** Answers come from a small model trained on a public "
               "dataset; they can be wrong and must not guide clinical decisions.")
 
@@ -98,12 +100,16 @@ class Session:
     def respond(self, question: str, chat: list[dict], image, ckpt_path, temperature: float, top_p: float,
                 max_new_tokens: int) -> Iterator[Reply]:
         chat = [{"role": m["role"], "content": text_of(m["content"])} for m in (chat or [])]
-        question = (question or "").strip()
         if image is None:
             yield Reply(chat, "Upload an image (PNG, JPEG or DICOM) or pick an example first.")
             return
-        if not question:
+        if not (question or "").strip():
             yield Reply(chat, "Type a question first.")
+            return
+        try:
+            question = clean_question(question)
+        except ValueError as exc:
+            yield Reply(chat, f"Cannot use this question: {exc}.")
             return
         history = [dict(m, content=(IMAGE_PLACEHOLDER + "\n" + m["content"]) if i == 0 else m["content"])
                    for i, m in enumerate(chat)]
@@ -129,7 +135,7 @@ def build_app(session: Session):
     # System fonts only: the default theme would fetch web fonts, which hangs offline.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
-    with gr.Blocks(title="Medical VQA demo", analytics_enabled=False) as app:
+    with gr.Blocks(title="Medical VQA demo", analytics_enabled=False, delete_cache=UPLOAD_CACHE) as app:
         gr.Markdown("# Medical visual question answering\n" + DISCLAIMER)
         image_state = gr.State(None)
         with gr.Row():
@@ -150,7 +156,7 @@ def build_app(session: Session):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
                 error = gr.HTML(elem_id="error")
                 question = gr.Textbox(label="Question", placeholder="e.g. Which organ is abnormal?",
-                                      elem_id="question", lines=1)
+                                      elem_id="question", lines=1, max_length=MAX_QUESTION_CHARS)
                 with gr.Row():
                     send = gr.Button("Ask", variant="primary", elem_id="ask")
                     clear = gr.Button("Clear conversation", elem_id="clear")
