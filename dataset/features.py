@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dataset.images import load_image
+from model.atomic import remove_stale_temps
 from model.checkpoint import atomic_save, safe_load
 from model.vision import VisionTower, preprocess
 from model.runtime import progress as show_progress
@@ -74,6 +75,8 @@ class FeatureStore:
                         "batch instead (slower)", need / 1024**3, budget_gb)
             return
         self.cache_file = Path(cache_dir) / f"vision_{tower.fingerprint()}.pt" if cache_dir else None
+        if self.cache_file is not None and build:
+            remove_stale_temps(self.cache_file)  # left by a build that was killed
         self._load_or_build(build)
 
     def _load_or_build(self, build: bool):

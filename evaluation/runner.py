@@ -13,7 +13,7 @@ from dataset.contract import answer_of, image_file, images_of, question_of, read
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines, compute_metrics, exact_match
-from model.atomic import atomic_write_text
+from model.atomic import atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.generation import GenerationConfig, generate, stream_generate
@@ -88,6 +88,8 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         log.warning("no training file at %s: baselines skipped", train_path)
     metrics.update(checkpoint=str(ckpt.path), stage=ckpt.stage, data=str(data_path), images=str(images_path))
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("predictions.jsonl", "metrics.json"):
+        remove_stale_temps(out_dir / name)
     atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(
         {"qid": i["qid"], "question": i["question"], "answer": i["answer"], "prediction": i["prediction"],
          "correct": exact_match(i["prediction"], i["answer"]), "answer_type": i["answer_type"],
@@ -142,10 +144,14 @@ def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], que
         # computed and rounded like the cached features the model was trained on
         feats = run_tower(model.vision_tower, model.vision_tower.preprocess(images), device)
     ids: list[int] = []
+    shown = text = ""
     with generation_autocast(device):  # the same precision as batched evaluation
         for tok_id in stream_generate(model, prompt, feats, gen_cfg, model.config.eos_token_id,
                                       model.config.pad_token_id):
             ids.append(tok_id)
             text = tok.decode(ids, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+                shown = text
                 yield text
+    if text != shown:  # the answer ended inside a character: show what there is
+        yield text

@@ -90,13 +90,18 @@ class Attention(nn.Module):
         if attn_mask is not None and gqa:
             # With a mask flash is out, and the memory-efficient kernel refuses enable_gqa
             # (torch < 2.12): give it K/V for every head instead of the slow math kernel.
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            k, v = self._all_heads(k), self._all_heads(v)
             gqa = False
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+    def _all_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, kv_heads, T, D] -> [B, heads, T, D], each K/V head shared by its query group."""
+        b, n_kv, t, d = x.shape
+        return x[:, :, None].expand(b, n_kv, self.n_heads // n_kv, t, d).reshape(b, self.n_heads, t, d)
 
 
 class FeedForward(nn.Module):
@@ -112,7 +117,9 @@ class FeedForward(nn.Module):
 
 class MoEFeedForward(nn.Module):
     """MiniMind's MoE: routed experts chosen top-k per token plus always-on shared experts,
-    with a load-balancing auxiliary loss (f_i * P_i over the batch's tokens).
+    with MiniMind's load-balancing auxiliary loss (``seq_aux``): per sequence,
+    sum_i (E * f_i) * P_i, where f_i is the share of the sequence's top-k choices that went
+    to expert i and P_i its mean routing probability; averaged over sequences, times alpha.
 
     Every routed expert runs on every token and is weighted by its routing weight (zero
     when not chosen): with 4 experts and top-2 that is 2x the routed FLOPs, but it needs no
@@ -133,15 +140,20 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, shape[-1])
         scores = F.softmax(self.gate(flat).float(), dim=-1)
         top_w, top_i = scores.topk(self.top_k, dim=-1)
-        top_w = top_w / top_w.sum(-1, keepdim=True)
+        if self.top_k > 1:  # MiniMind renormalises the chosen weights only when it picks several
+            top_w = top_w / top_w.sum(-1, keepdim=True)
         # [tokens, experts]: the normalised weight of each chosen expert, 0 elsewhere
         weights = torch.zeros_like(scores).scatter(-1, top_i, top_w).to(flat.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             out = out + expert(flat) * weights[:, e:e + 1]
         if self.training and self.alpha > 0:
-            load = F.one_hot(top_i, self.n_experts).float().sum((0, 1)) / (flat.shape[0] * self.top_k)
-            self.aux_loss = self.alpha * self.n_experts * (load * scores.mean(0)).sum()
+            b, t = shape[0], flat.shape[0] // shape[0]
+            picks = top_i.view(b, t * self.top_k)
+            # scatter_add, not one_hot: one_hot checks its indices on the host (a sync)
+            share = torch.zeros(b, self.n_experts, device=x.device).scatter_add_(
+                1, picks, torch.ones(picks.shape, device=x.device)) / (t * self.top_k / self.n_experts)
+            self.aux_loss = self.alpha * (share * scores.view(b, t, -1).mean(1)).sum(1).mean()
         else:
             self.aux_loss = flat.new_zeros(())
         out = out.view(shape)

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from model.checkpoint import CheckpointError, safe_load
+from model.checkpoint import CheckpointError, ensure_finite, safe_load
 from model.vlm import MedicalVLM
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,10 @@ def load_minimind_llm(model: MedicalVLM, path: str) -> None:
     sd = safe_load(path, "MiniMind weights", "download llm_512.pth / llm_768.pth from the MiniMind release")
     if "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
+    try:
+        ensure_finite(sd, str(path))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}: the download is damaged; fetch it again") from None
     cfg = model.config
     weights, original_naming = convert_minimind_state_dict(sd, cfg.num_attention_heads, cfg.num_key_value_heads)
     emb = weights.get("embed_tokens.weight")

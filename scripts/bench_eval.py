@@ -21,6 +21,7 @@ import torch
 from dataset.features import FeatureStore
 from evaluation.runner import evaluate_split
 from model.checkpoint import build_config, load_model, save_checkpoint
+from model import flags
 from model.runtime import pick_device, setup_logging
 from model.tokenization import load_tokenizer
 from model.vision import load_vision_tower
@@ -30,12 +31,12 @@ from scripts.bench_train import make_data
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden_size", type=int, default=768)
-    ap.add_argument("--num_hidden_layers", type=int, default=16)
+    ap.add_argument("--hidden_size", type=flags.positive_int, default=768)
+    ap.add_argument("--num_hidden_layers", type=flags.positive_int, default=16)
     ap.add_argument("--vision_model", default="random")
-    ap.add_argument("--batch_size", type=int, default=128)
-    ap.add_argument("--answer_tokens", type=int, default=4)
-    ap.add_argument("--questions", type=int, default=1061)
+    ap.add_argument("--batch_size", type=flags.positive_int, default=128)
+    ap.add_argument("--answer_tokens", type=flags.positive_int, default=4)
+    ap.add_argument("--questions", type=flags.positive_int, default=1061)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     setup_logging()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model import flags
 from model.runtime import setup_logging
 from trainer.config import TrainConfig
 from trainer.trainer import train
@@ -50,18 +51,19 @@ def make_data(root: Path, n_questions: int, n_images: int, seed: int = 0) -> Pat
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden_size", type=int, default=768)
-    ap.add_argument("--num_hidden_layers", type=int, default=16)
+    ap.add_argument("--hidden_size", type=flags.positive_int, default=768)
+    ap.add_argument("--num_hidden_layers", type=flags.positive_int, default=16)
     ap.add_argument("--vision_model", default="random", help="random has CLIP ViT-B/16's shape and cost")
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--learning_rate", type=float, default=1e-4)
+    ap.add_argument("--batch_size", type=flags.positive_int, default=32)
+    ap.add_argument("--learning_rate", type=flags.positive_float, default=1e-4)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--samples", type=int, default=4919, help="questions (SLAKE train: 4,919)")
-    ap.add_argument("--images", type=int, default=450)
+    ap.add_argument("--samples", type=flags.positive_int, default=4919, help="questions (SLAKE train: 4,919)")
+    ap.add_argument("--images", type=flags.positive_int, default=450)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--pack_questions", type=int, default=1, help="shared-prefix packing (see README)")
-    ap.add_argument("--peak_tflops", type=float, default=989.0)
+    ap.add_argument("--epochs", type=flags.int_range(2), default=2, help="the last one is reported")
+    ap.add_argument("--pack_questions", type=flags.positive_int, default=1, help="shared-prefix packing (see README)")
+    ap.add_argument("--peak_tflops", type=flags.positive_float, default=989.0)
     args = ap.parse_args(argv)
     setup_logging()
     with tempfile.TemporaryDirectory() as d:
@@ -69,7 +71,7 @@ def main(argv=None):
         cfg = TrainConfig(stage="sft", data_path=str(root / "train.jsonl"), val_path="",
                           images_path=str(root / "medical_images"), cache_dir=str(root / "cache"),
                           out_dir=str(root / "out"), hidden_size=args.hidden_size,
-                          num_hidden_layers=args.num_hidden_layers, vision_model=args.vision_model, epochs=2,
+                          num_hidden_layers=args.num_hidden_layers, vision_model=args.vision_model, epochs=args.epochs,
                           batch_size=args.batch_size, learning_rate=args.learning_rate, dtype=args.dtype,
                           device=args.device, from_weight="none", log_interval=50, compile=args.compile,
                           num_workers=0, pack_questions=args.pack_questions)

@@ -21,6 +21,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from dataset.contract import DataError, read_utf8
+from model import flags
 from model.config import DEFAULT_TOKENIZER, resolve_path
 from model.tokenization import CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN
 
@@ -86,19 +88,24 @@ def read_inputs(paths: list[str]) -> list[str]:
     texts = []
     for p in paths:
         path = resolve_path(p)
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                if path.suffix == ".jsonl":
-                    try:
-                        rec = json.loads(line)
-                        texts += [m["content"].replace("<image>", "") for m in rec["conversations"]]
-                    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                        raise SystemExit(f"{path}:{n}: expected a JSON object with 'conversations' ({exc})")
-                else:
-                    texts.append(line)
+        if not path.is_file():
+            raise SystemExit(f"--input {p}: file not found")
+        try:
+            text = read_utf8(path)
+        except DataError as exc:
+            raise SystemExit(str(exc)) from None
+        for n, line in enumerate(text.split("\n"), 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    rec = json.loads(line)
+                    texts += [m["content"].replace("<image>", "") for m in rec["conversations"]]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise SystemExit(f"{path}:{n}: expected a JSON object with 'conversations' ({exc})")
+            else:
+                texts.append(line)
     return texts
 
 
@@ -123,7 +130,7 @@ def train(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokeniz
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", action="append", default=[], help="extra .txt or .jsonl corpus (repeatable)")
-    ap.add_argument("--vocab_size", type=int, default=6400, help="upper bound; a small corpus yields fewer")
+    ap.add_argument("--vocab_size", type=flags.int_range(300, 200_000), default=6400, help="upper bound; a small corpus yields fewer")
     ap.add_argument("--out_dir", default=DEFAULT_TOKENIZER)
     args = ap.parse_args()
     texts = builtin_corpus() + read_inputs(args.input)
