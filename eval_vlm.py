@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from dataset.contract import DataError
 from dataset.images import ImageReadError, load_image
@@ -34,7 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--hidden_size", type=flags.positive_int, default=768, help="picks the default checkpoint name")
     ap.add_argument("--use_moe", action="store_true", help="picks the default checkpoint name (_moe)")
     ap.add_argument("--out_dir", default="out", help="where checkpoints are and eval/ is written")
-    ap.add_argument("--model_path", help="checkpoint to evaluate (overrides --model_mode/--hidden_size)")
+    ap.add_argument("--model_path", help="checkpoint to evaluate: a .pth, a model folder (export_hf) or a hub id "
+                                         "(overrides --model_mode/--hidden_size)")
     ap.add_argument("--data_path", default="dataset/medical_vqa_test.jsonl")
     ap.add_argument("--train_path", default="dataset/medical_vqa_train.jsonl", help="for the answer baselines")
     ap.add_argument("--images_path", default="dataset/medical_images")
@@ -91,20 +93,21 @@ def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
     stage = MODES[args.model_mode]
-    path = resolve_path(args.model_path) if args.model_path else checkpoint_path(
+    path = args.model_path if args.model_path else checkpoint_path(
         args.out_dir, stage, args.hidden_size, args.use_moe)
+    name = Path(str(path)).name.removesuffix(".pth")  # out/eval/<name>/ (a .pth, a model folder or a hub id)
     try:
         device = pick_device(args.device)
         ckpt = load_model(path, device, vision_model=args.vision_model,
                           stage_hint=None if args.model_path else stage)
-        log.info("%s: stage %s, step %d | %s", path, ckpt.stage, ckpt.step, ckpt.model.parameter_line())
+        log.info("%s: stage %s, step %d | %s", ckpt.path, ckpt.stage, ckpt.step, ckpt.model.parameter_line())
         gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p)
         if args.image:
             return ask(ckpt, args.image, args.question, gen_cfg)
         metrics = evaluate_split(ckpt, resolve_path(args.data_path), resolve_path(args.images_path),
                                  resolve_path(args.train_path) if args.train_path else None,
-                                 resolve_path(args.out_dir) / "eval" / path.stem, device, args.batch_size,
+                                 resolve_path(args.out_dir) / "eval" / name, device, args.batch_size,
                                  args.max_new_tokens, resolve_path(args.cache_dir) if args.cache_dir else None)
     except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError, DeviceError) as exc:
         log.error("error: %s", exc)
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
         return 130
     print(format_table(metrics))
     print(f"generation: {metrics['generation_seconds']:.1f} s for {metrics['count']['all']} questions; "
-          f"wrote {resolve_path(args.out_dir) / 'eval' / path.stem}/metrics.json")
+          f"wrote {resolve_path(args.out_dir) / 'eval' / name}/metrics.json")
     return 0
 
 

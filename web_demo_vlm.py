@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from model.checkpoint import CheckpointError, read_checkpoint
-from model.config import resolve_path
 from model import flags
 from model.runtime import DeviceError, pick_device, setup_logging
 from model.vision import VisionTowerNotFound
@@ -24,7 +23,8 @@ log = logging.getLogger("web_demo")
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_path", default="out/medical_vlm_768.pth", help="a checkpoint or a folder of them")
+    ap.add_argument("--model_path", default="out/medical_vlm_768.pth",
+                    help="a checkpoint (.pth, model folder or hub id) or a folder of them")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your local network")
     ap.add_argument("--port", type=flags.port, default=7860)
     ap.add_argument("--share", action="store_true", help="also open a public Gradio share link")
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                   "the other server", args.port, args.host, args.port + 1)
         return 1
     try:
-        paths = checkpoints_in(resolve_path(args.model_path))
+        paths = checkpoints_in(args.model_path)
         read_checkpoint(paths[0], stage_hint=stage_of(paths[0]))  # fail fast, with the stage to run
         session = Session(paths, pick_device(args.device), args.vision_model)
         app, theme, css = build_app(session)

@@ -1,6 +1,8 @@
 """The one checkpoint API: file names, atomic writes, what goes in, how it comes back.
 
-A checkpoint is a single ``.pth`` holding the language model + projector weights (never
+Every reader takes a ``.pth`` checkpoint, a model folder written by ``save_pretrained``
+(model/pretrained.py: config.json + model.safetensors + tokenizer + model card) or a hub id
+of such a folder. A ``.pth`` checkpoint is a single file holding the language model + projector weights (never
 the frozen vision tower), the full ``VLMConfig``, the tokenizer files, the vision tower's
 id and weight fingerprint, the training stage and step. ``load_model`` rebuilds the
 model from the file alone and refuses a vision tower whose weights differ from the one
@@ -21,6 +23,7 @@ from model.atomic import atomic_open
 from model.config import VLMConfig, resolve_path
 from model.tokenization import end_token_id, image_token_id, prepare_tokenizer
 from model.vision import VisionTower, load_vision_tower
+from model.pretrained import CONFIG, WEIGHTS, download, is_pretrained_dir, looks_like_hub_id, read_pretrained
 from model.vlm import MedicalVLM
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,7 @@ class LoadedCheckpoint:
     step: int
     path: Path
     meta: dict = field(default_factory=dict)
+    vision: dict = field(default_factory=dict)  # the tower id and weight fingerprint it was trained with
 
 
 def save_checkpoint(path: str | Path, model: MedicalVLM, tok: PreTrainedTokenizerBase, stage: str,
@@ -169,11 +173,28 @@ def save_checkpoint(path: str | Path, model: MedicalVLM, tok: PreTrainedTokenize
     return atomic_save(obj, path)
 
 
+def locate_checkpoint(spec: str | Path) -> Path:
+    """Where a checkpoint given as a ``.pth`` file, a model folder (``save_pretrained``) or a
+    hub id of such a folder is on disk (hub ids are downloaded once)."""
+    local = resolve_path(spec)
+    if local.exists() or Path(spec).is_absolute() or not looks_like_hub_id(str(spec)):
+        return local
+    return download(str(spec))
+
+
 def read_checkpoint(path: str | Path, stage_hint: str | None = None) -> dict:
+    """The checkpoint's dictionary, from a ``.pth``, a model folder or a hub id."""
     hint = ""
     if stage_hint in STAGE_SCRIPT:
         hint = f"run `{STAGE_SCRIPT[stage_hint]}` first to produce it, or pass --model_path"
-    obj = safe_load(resolve_path(path), "checkpoint", hint)
+    path = locate_checkpoint(path)
+    if path.is_dir():
+        if not is_pretrained_dir(path):
+            raise CheckpointError(f"{path} is a folder without {CONFIG} and {WEIGHTS}: pass a .pth checkpoint or a "
+                                  "folder written by save_pretrained / scripts/export_hf.py")
+        obj = read_pretrained(path)
+    else:
+        obj = safe_load(path, "checkpoint", hint)
     if obj.get("format") != FORMAT:
         looks_llm = any(k.startswith(("tok_embeddings", "model.embed_tokens", "layers.")) for k in obj)
         raise CheckpointError(
@@ -198,6 +219,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", vision_mode
                stage_hint: str | None = None, with_vision: bool = True) -> LoadedCheckpoint:
     """Rebuilds model + tokenizer from a checkpoint. ``vision_model`` overrides where the
     tower is loaded from (e.g. another local copy); its weights must still match."""
+    path = locate_checkpoint(path)
     obj = read_checkpoint(path, stage_hint)
     try:
         config = VLMConfig.from_dict(obj["config"])
@@ -226,5 +248,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", vision_mode
         raise CheckpointError(f"{path}: weights do not fit the stored config (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
     model.to(device).eval()
-    return LoadedCheckpoint(model, tok, config, obj["stage"], obj["step"], resolve_path(path), obj.get("extra", {}))
+    return LoadedCheckpoint(model, tok, config, obj["stage"], obj["step"], path, obj.get("extra", {}), obj["vision"])
 

@@ -77,6 +77,9 @@ def convert_minimind_state_dict(sd: dict, n_heads: int, n_kv_heads: int) -> tupl
         if name is None:
             ignored.append(key)
             continue
+        # MiniMind's 2025-02 MoE keeps its one shared expert as a single module
+        # (feed_forward.shared_experts.w1); here shared experts are a list
+        name = re.sub(r"\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.", r".mlp.shared_experts.0.\1.", name)
         if old and name.endswith("self_attn.q_proj.weight"):
             value = interleaved_to_half(value, n_heads)
         elif old and name.endswith("self_attn.k_proj.weight"):

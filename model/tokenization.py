@@ -1,11 +1,14 @@
 """Tokenizer loading and the one chat format used for training, evaluation and the demo.
 
-Conversations are rendered ChatML-style::
+Conversations are rendered with the tokenizer's own turn markers. With this toolkit's
+tokenizer and MiniMind's 2025-04+ one that is ChatML::
 
     <|im_start|>user\n<image tokens>\nWhat organ is this?<|im_end|>\n<|im_start|>assistant\nLiver<|im_end|>\n
 
-Only the assistant's content and its closing ``<|im_end|>`` carry loss. ``<image>`` in a
-user message becomes ``image_tokens`` copies of the tokenizer's image token.
+and with MiniMind's 2025-02 tokenizer (the one paired with the original-naming MiniMind2
+weights) ``<s>user\n...</s>\n<s>assistant\nLiver</s>\n``. Only the assistant's content and
+its closing marker carry loss. ``<image>`` in a user message becomes ``image_tokens``
+copies of the tokenizer's image token.
 """
 from __future__ import annotations
 
@@ -23,31 +26,73 @@ PAD_TOKEN = "<|endoftext|>"
 IMAGE_TOKEN = "<|image_pad|>"
 IGNORE_INDEX = -100
 MAX_QUESTION_CHARS = 2000  # typed questions (web demo, --question, the API): far above any real one
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+
+
+@dataclass(frozen=True)
+class ChatMarkers:
+    """The tokens that open a turn (followed by the role and a newline) and close it (the
+    model's end token)."""
+    start: str
+    end: str
+
+    def template(self) -> str:
+        """A Jinja chat template for tokenizers that have none."""
+        return ("{%- for message in messages -%}"
+                f"{{{{ '{self.start}' + message['role'] + '\\n' + message['content'] + '{self.end}' + '\\n' }}}}"
+                "{%- endfor -%}"
+                f"{{%- if add_generation_prompt -%}}{{{{ '{self.start}assistant\\n' }}}}{{%- endif -%}}")
+
+
+CHATML = ChatMarkers(IM_START, IM_END)
+CHAT_TEMPLATE = CHATML.template()
+
+
+def chat_markers(tok: PreTrainedTokenizerBase) -> ChatMarkers:
+    """Turn markers derived from the tokenizer itself: ChatML when it has those tokens;
+    otherwise the special tokens its chat template puts around a message (MiniMind's
+    2025-02 tokenizer: ``<s>`` and ``</s>``); otherwise its BOS/EOS tokens."""
+    vocab = tok.get_vocab()
+    if IM_START in vocab and IM_END in vocab:
+        return CHATML
+    specials = sorted({t for t in [*tok.all_special_tokens, *tok.get_added_vocab()] if t in vocab},
+                      key=len, reverse=True)
+    if tok.chat_template:
+        probe = "\u2063probe\u2063"
+        try:
+            text = tok.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+            at = text.index(probe)
+            before, after = text[:text.rindex("user", 0, at)], text[at + len(probe):]
+            start = next((t for t in specials if before.endswith(t)), None)
+            end = next((t for t in specials if after.startswith(t)), None)
+            if start and end and start != end:
+                return ChatMarkers(start, end)
+        except Exception:  # a template that needs other inputs: fall back to BOS/EOS
+            pass
+    if tok.bos_token in vocab and tok.eos_token in vocab and tok.bos_token != tok.eos_token:
+        return ChatMarkers(tok.bos_token, tok.eos_token)
+    raise ValueError("the tokenizer has no turn markers: neither the ChatML tokens "
+                     f"{[IM_START, IM_END]}, nor a chat template with special tokens around a message, nor "
+                     f"distinct BOS/EOS tokens; use {DEFAULT_TOKENIZER} or MiniMind's tokenizer")
 
 
 def prepare_tokenizer(tok: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
-    """Checks the ChatML tokens and adds the image/pad tokens when a foreign tokenizer
-    (e.g. MiniMind's) lacks them; the model's vocabulary then follows ``len(tok)``."""
+    """Finds the turn markers and adds the image token when a foreign tokenizer (e.g.
+    MiniMind's) lacks it, at the end of the vocabulary: every existing id keeps the meaning
+    the weights were trained with, and the model's vocabulary follows ``len(tok)``."""
+    try:
+        markers = chat_markers(tok)
+    except ValueError as exc:
+        raise ValueError(f"tokenizer at {source}: {exc}") from None
     vocab = tok.get_vocab()
-    missing = [t for t in (IM_START, IM_END) if t not in vocab]
-    if missing:
-        raise ValueError(f"tokenizer at {source} lacks the chat tokens {missing}; use a ChatML tokenizer "
-                         f"such as {DEFAULT_TOKENIZER} or MiniMind's")
     if IMAGE_TOKEN not in vocab:
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         log.info("tokenizer %s: added special token %s (id %d)", source, IMAGE_TOKEN,
                  tok.convert_tokens_to_ids(IMAGE_TOKEN))
     if tok.pad_token is None:
-        tok.pad_token = PAD_TOKEN if PAD_TOKEN in tok.get_vocab() else IM_END
-    tok.eos_token = IM_END
+        tok.pad_token = next(t for t in (PAD_TOKEN, tok.unk_token, markers.end) if t and t in tok.get_vocab())
+    tok.eos_token = markers.end
     if not tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = markers.template()
     return tok
 
 
@@ -79,7 +124,7 @@ def image_token_id(tok: PreTrainedTokenizerBase) -> int:
 
 
 def end_token_id(tok: PreTrainedTokenizerBase) -> int:
-    return tok.convert_tokens_to_ids(IM_END)
+    return tok.convert_tokens_to_ids(chat_markers(tok).end)
 
 
 @dataclass
@@ -97,7 +142,8 @@ class ChatEncoder:
         self.tok = tok
         self.image_tokens = image_tokens
         self.image_id = image_token_id(tok)
-        self.end_id = end_token_id(tok)
+        self.markers = chat_markers(tok)
+        self.end_id = tok.convert_tokens_to_ids(self.markers.end)
         self._memo: dict[tuple[str, bool], list[int]] = {}
         self.newline = self._ids("\n")
 
@@ -112,7 +158,7 @@ class ChatEncoder:
         return list(self._memo[key])
 
     def _header(self, role: str) -> list[int]:
-        return self._ids(f"{IM_START}{role}\n", markup=True)
+        return self._ids(f"{self.markers.start}{role}\n", markup=True)
 
     def _content(self, text: str) -> tuple[list[int], list[bool]]:
         """Token ids of a user/system message with image placeholders expanded; the mask

@@ -128,6 +128,23 @@ class MedicalVLM(nn.Module):
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         return loss_sum, target_pos.shape[0], self.llm.aux_loss()
 
+    def save_pretrained(self, folder, tokenizer, stage: str = "sft", step: int = 0, extra: dict | None = None,
+                        metrics: dict | None = None, dtype: str = "float32", vision: dict | None = None):
+        """A Hugging Face-style folder: config.json, model.safetensors, the tokenizer and a model
+        card (see model/pretrained.py). The frozen vision tower is not saved, only its id and
+        weight fingerprint."""
+        from model.pretrained import save_pretrained
+        return save_pretrained(folder, self, tokenizer, stage, step, extra, metrics, dtype, vision)
+
+    @classmethod
+    def from_pretrained(cls, source, device="cpu", vision_model: str | None = None) -> "MedicalVLM":
+        """The model from a folder written by ``save_pretrained``, a hub id of one, or a ``.pth``
+        checkpoint; its tokenizer is ``model.tokenizer``."""
+        from model.checkpoint import load_model
+        loaded = load_model(source, device, vision_model=vision_model)
+        loaded.model.tokenizer = loaded.tokenizer
+        return loaded.model
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen vision tower (its weights come from its own source)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("vision_tower.")}

@@ -26,7 +26,7 @@ from dataset.features import FeatureStore
 from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, VQADataset, collate
 from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
-                              non_finite, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
+                              locate_checkpoint, non_finite, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
 from model.config import VLMConfig, resolve_path
 from model.minimind_weights import load_minimind_llm
 from model.runtime import Progress, compute_dtype, pick_device, seed_everything
@@ -123,8 +123,8 @@ def resolve_from_weight(cfg: TrainConfig) -> Path | None:
         log.warning("no stage-1 checkpoint at %s: starting stage 2 without it (run train_pretrain_vlm.py first "
                     "for better results, or pass --from_weight none to silence this)", path)
         return None
-    path = resolve_path(cfg.from_weight)
-    if not path.is_file():
+    path = locate_checkpoint(cfg.from_weight)  # a .pth, a model folder or a hub id
+    if not path.exists():
         raise TrainingError(f"--from_weight {cfg.from_weight}: file not found")
     return path
 

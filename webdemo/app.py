@@ -14,7 +14,8 @@ from pathlib import Path
 
 from dataset.images import ImageReadError, load_image
 from evaluation.runner import answer_stream
-from model.checkpoint import LoadedCheckpoint, load_model
+from model.checkpoint import LoadedCheckpoint, load_model, locate_checkpoint
+from model.pretrained import is_pretrained_dir
 from model.config import IMAGE_PLACEHOLDER, resolve_path
 from model.generation import GenerationConfig
 from model.tokenization import MAX_QUESTION_CHARS, clean_question
@@ -28,12 +29,16 @@ DISCLAIMER = ("**Research model — not for diagnosis.** Answers come from a sma
               "dataset; they can be wrong and must not guide clinical decisions.")
 
 
-def checkpoints_in(path: Path) -> list[Path]:
-    """A checkpoint file, or every model checkpoint in a folder (resume states excluded)."""
-    if path.is_dir():
+def checkpoints_in(spec: str | Path) -> list[Path]:
+    """A checkpoint (.pth, model folder or hub id), or every checkpoint in a folder: its
+    .pth files (resume states excluded) and its model folders."""
+    path = locate_checkpoint(spec)
+    if path.is_dir() and not is_pretrained_dir(path):
         found = sorted(p for p in path.glob("*.pth") if not p.stem.endswith("_resume"))
+        found += sorted(p for p in path.iterdir() if p.is_dir() and is_pretrained_dir(p))
         if not found:
-            raise FileNotFoundError(f"no checkpoints (*.pth) in {path}; train one with python train_sft_vlm.py")
+            raise FileNotFoundError(f"no checkpoints (*.pth or model folders) in {path}; train one with "
+                                    "python train_sft_vlm.py")
         return found
     return [path]
 
