@@ -323,6 +323,15 @@ def _swap_in(staging: Path, out_dir: Path):
         shutil.rmtree(old_images, ignore_errors=True)
 
 
+def _english_splits(records: list[SourceRecord]) -> dict[str, str]:
+    """Each image's split among the English questions (images in one English split only)."""
+    seen: dict[str, set] = defaultdict(set)
+    for r in records:
+        if r.lang == "en" and not r.problem and r.image_key:
+            seen[r.image_key].add(r.split)
+    return {key: next(iter(splits)) for key, splits in seen.items() if len(splits) == 1}
+
+
 def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, strict: bool,
            allow_overlap: bool) -> dict:
     skipped = []
@@ -334,10 +343,19 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
                                   "--strict to skip and report such records)")
         skipped.append(entry)
 
+    # The split rule for other languages: SLAKE's Chinese questions use the same images as the
+    # English ones but split them differently (its Chinese test images are English training
+    # images). Every image keeps the split it has among the English questions and the other
+    # languages' questions follow their image, so no image is in two splits in any language.
+    anchor = _english_splits(conv.records) if lang != "en" else {}
+    moved = 0
     kept: list[SourceRecord] = []
     for rec in conv.records:
         if lang != "all" and rec.lang != lang:
             continue
+        if rec.lang != "en" and anchor.get(rec.image_key, rec.split) != rec.split:
+            rec.split = anchor[rec.image_key]
+            moved += 1
         if rec.problem:
             skip(rec, rec.problem)
             continue
@@ -422,7 +440,10 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
         "pretrain_captions": len(caption_lines),
         "image_overlap": {k: len(v) for k, v in overlap.items()},
         "images_written": copied,
-        "skipped": skipped, "notes": conv.notes,
+        "skipped": skipped,
+        "notes": conv.notes + ([f"split rule: {moved} non-English question(s) moved to the split their image has "
+                                "among the English questions (one split per image in every language)"]
+                               if moved else []),
     }
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest

@@ -1,7 +1,8 @@
 """SLAKE metrics as the literature reports them, and the baselines they are compared with.
 
 Normalisation (before any comparison): lower-case, number words to digits, punctuation
-to spaces, articles dropped, whitespace collapsed.
+to spaces, articles dropped, whitespace collapsed; answers in Chinese get rules of their own
+(see ``normalize``).
 
 * ``closed_accuracy`` / ``open_accuracy`` / ``overall_accuracy``: exact match after
   normalisation (the MEVF / PubMedCLIP protocol for SLAKE).
@@ -14,6 +15,7 @@ to spaces, articles dropped, whitespace collapsed.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter, defaultdict
 
 NUMBER_WORDS = {w: str(i) for i, w in enumerate(
@@ -23,8 +25,26 @@ ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(r"[^\w\s]")
 
 
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# whole Chinese answers that are numbers ("两个" = 2); SLAKE's Chinese counts are mostly digits already
+CHINESE_NUMBERS = {c: str(i) for i, c in enumerate("零一二三四五六七八九十")} | {"两": "2"}
+
+
+def is_chinese(text: str) -> bool:
+    return bool(_CJK.search(str(text)))
+
+
 def normalize(text: str) -> str:
-    words = _PUNCT.sub(" ", str(text).lower()).split()
+    """English: lower-case, number words to digits, punctuation to spaces, articles dropped.
+    Chinese (any CJK character): full-width forms to ASCII (NFKC), punctuation and spaces
+    removed (Chinese has no word spaces), Latin letters lower-cased, a whole-number answer
+    ("两个", "三") to digits; no article or word rules."""
+    text = unicodedata.normalize("NFKC", str(text))
+    if is_chinese(text):
+        t = _PUNCT.sub("", text).replace(" ", "").lower()
+        core = t[:-1] if len(t) == 2 and t.endswith("个") else t
+        return CHINESE_NUMBERS.get(core, t)
+    words = _PUNCT.sub(" ", text.lower()).split()
     return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ARTICLES)
 
 
@@ -32,11 +52,17 @@ def exact_match(pred: str, gt: str) -> bool:
     return normalize(pred) == normalize(gt)
 
 
+def _tokens(text: str) -> list[str]:
+    """Words; for Chinese, characters (it has no word boundaries)."""
+    norm = normalize(text)
+    return list(norm) if is_chinese(norm) else norm.split()
+
+
 def token_recall(pred: str, gt: str) -> float:
-    gt_tokens = normalize(gt).split()
+    gt_tokens = _tokens(gt)
     if not gt_tokens:
         return 0.0
-    pred_tokens = set(normalize(pred).split())
+    pred_tokens = set(_tokens(pred))
     return sum(t in pred_tokens for t in gt_tokens) / len(gt_tokens)
 
 

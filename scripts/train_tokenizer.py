@@ -6,7 +6,11 @@ Run from the repository root:
         --out_dir out/my_tokenizer
 
 The built-in corpus is a medical-VQA vocabulary (question phrasings, anatomy, modalities,
-findings); ``--input`` adds your own text (.txt lines, or .jsonl with "conversations").
+findings); ``--input`` adds your own text (.txt lines, .jsonl with "conversations", or a
+SLAKE release split such as train.json, whose English and Chinese questions and answers are
+all used). The shipped tokenizer was built with
+    python -m scripts.train_tokenizer --input ../shared/data/slake/train.json
+(SLAKE's training split only, both languages: validation and test text is never seen).
 Byte-level BPE encodes any text, so words outside the corpus still work, only longer.
 Special tokens get fixed ids: <|endoftext|>=0 (padding), <|im_start|>=1, <|im_end|>=2,
 <|image_pad|>=3.
@@ -18,7 +22,7 @@ import itertools
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dataset.contract import DataError, read_utf8
@@ -68,6 +72,7 @@ CAPTIONS = [
     "No abnormality is visible.", "The {o} appears normal.", "A lesion is seen in the {o}.",
     "This image is taken in the transverse plane.", "The study is a chest X-ray in the coronal plane.",
 ]
+CJK_CHAR = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]"  # CJK, full-width
 REGIONS = ["head", "chest", "abdomen", "pelvic cavity", "neck", "brain"]
 
 
@@ -94,6 +99,13 @@ def read_inputs(paths: list[str]) -> list[str]:
             text = read_utf8(path)
         except DataError as exc:
             raise SystemExit(str(exc)) from None
+        if path.suffix == ".json":  # a SLAKE release split: questions and answers of every language
+            try:
+                rows = json.loads(text)
+                texts += [str(r[k]) for r in rows for k in ("question", "answer") if r.get(k) is not None]
+            except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+                raise SystemExit(f"{path}: expected a JSON list of records with 'question'/'answer' ({exc})")
+            continue
         for n, line in enumerate(text.split("\n"), 1):
             line = line.strip()
             if not line:
@@ -112,7 +124,12 @@ def read_inputs(paths: list[str]) -> list[str]:
 def train(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
     specials = [PAD_TOKEN, IM_START, IM_END, IMAGE_TOKEN]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Chinese has no spaces: left alone, BPE would merge whole repeated questions into single
+    # tokens that unseen phrasings never use. Each CJK character is its own piece instead, so
+    # a known character is one token (its 3 UTF-8 bytes merged) and any text still encodes.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CJK_CHAR), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -129,7 +146,8 @@ def train(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokeniz
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", action="append", default=[], help="extra .txt or .jsonl corpus (repeatable)")
+    ap.add_argument("--input", action="append", default=[],
+                    help="extra .txt, .jsonl or SLAKE .json corpus (repeatable)")
     ap.add_argument("--vocab_size", type=flags.int_range(300, 200_000), default=6400, help="upper bound; a small corpus yields fewer")
     ap.add_argument("--out_dir", default=DEFAULT_TOKENIZER)
     args = ap.parse_args()
