@@ -17,6 +17,7 @@ import sys
 
 from dataset.contract import MANIFEST, DataError
 from dataset.demo import write_demo_release
+from dataset.demo_hard import write_hard_release
 from dataset.slake import DEFAULT_HUB_ID, ConversionError, convert, download_release, read_hub_vqa, read_release
 from dataset.images import ImageReadError
 from model import flags
@@ -32,7 +33,9 @@ def parse_args(argv=None):
     src.add_argument("--slake_dir", help="local copy of the SLAKE release or hub snapshot")
     src.add_argument("--hub_id", help="hub dataset with image/question/answer columns (or a local folder of it); "
                                       f"without any source flag: {DEFAULT_HUB_ID}")
-    src.add_argument("--demo", action="store_true", help="built-in synthetic mini-SLAKE (no download)")
+    src.add_argument("--demo", nargs="?", const="easy", choices=["easy", "hard"],
+                     help="built-in synthetic set, no download: 'easy' (the quick start) or 'hard' (compositional "
+                          "questions, yes/no balanced per question text: the answer priors are useless)")
     ap.add_argument("--out_dir", default="dataset")
     ap.add_argument("--lang", choices=["en", "zh", "all"], default="en")
     ap.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -49,9 +52,11 @@ def main(argv=None) -> int:
     out_dir = resolve_path(args.out_dir)
     try:
         if args.demo:
-            raw = write_demo_release(out_dir / "slake_demo_raw", args.seed, *args.demo_images)
+            write = write_hard_release if args.demo == "hard" else write_demo_release
+            raw = write(out_dir / f"slake_demo{'_hard' if args.demo == 'hard' else ''}_raw", args.seed,
+                        *args.demo_images)
             conv = read_release(raw)
-            conv.source = f"demo:seed={args.seed}"
+            conv.source = f"demo{'-hard' if args.demo == 'hard' else ''}:seed={args.seed}"
         elif args.slake_dir:
             conv = read_release(resolve_path(args.slake_dir))
         elif args.hub_id:
@@ -73,6 +78,9 @@ def main(argv=None) -> int:
         log.info("  %-10s %5d questions %s, %d images", split, c[split], t[split], manifest["images"][split])
     log.info("  stage-1 captions: %d (training images only)", manifest["pretrain_captions"])
     log.info("  image overlap between splits: %s", manifest["image_overlap"])
+    for name, b in manifest.get("baselines_test", {}).items():
+        log.info("  test-split baseline %-26s closed %s, open %s", name.replace("_", " "),
+                 *(f"{100 * b[k]:.1f}%" if b[k] is not None else "-" for k in ("closed_accuracy", "open_accuracy")))
     for s in manifest["skipped"][:10]:
         log.info("  skipped %s qid %s: %s", s["split"], s["qid"], s["reason"])
     if len(manifest["skipped"]) > 10:

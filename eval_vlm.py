@@ -49,6 +49,10 @@ def parse_args(argv=None):
     ap.add_argument("--image", help="answer questions about this PNG/JPEG/DICOM image instead")
     ap.add_argument("--question", type=flags.text("question"),
                     help="with --image: one question (otherwise an interactive prompt)")
+    ap.add_argument("--constrain", choices=["none", "closed", "all"], default="none",
+                    help="also decode with answers restricted to the training split's: closed questions to its "
+                         "closed answers ('closed'), and open ones to its answer vocabulary ('all'); both results "
+                         "are reported")
     ap.add_argument("--temperature", type=flags.float_range(0, 10), default=0.0, help="0 = greedy")
     ap.add_argument("--top_p", type=flags.float_range(0, 1, lo_open=True), default=1.0)
     args = ap.parse_args(argv)
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
         metrics = evaluate_split(ckpt, resolve_path(args.data_path), resolve_path(args.images_path),
                                  resolve_path(args.train_path) if args.train_path else None,
                                  resolve_path(args.out_dir) / "eval" / name, device, args.batch_size,
-                                 args.max_new_tokens, resolve_path(args.cache_dir) if args.cache_dir else None)
+                                 args.max_new_tokens, resolve_path(args.cache_dir) if args.cache_dir else None,
+                                 constrain=args.constrain)
     except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError, DeviceError) as exc:
         log.error("error: %s", exc)
         return 1

@@ -26,6 +26,7 @@ from PIL import Image
 
 from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath
 from dataset.images import ImageReadError, load_image
+from evaluation.metrics import baselines
 from model.atomic import atomic_write_text
 from model.runtime import progress
 
@@ -439,6 +440,11 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
         "images": {s: len(split_images.get(s, ())) for s in VQA_FILES},
         "pretrain_captions": len(caption_lines),
         "image_overlap": {k: len(v) for k, v in overlap.items()},
+        # what answering from the question alone scores on the test split (evaluation prints the same)
+        "baselines_test": baselines(
+            [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type} for r in by_split["train"]],
+            [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type, "content_type": None,
+              "modality": None} for r in by_split["test"]]) if by_split.get("train") and by_split.get("test") else {},
         "images_written": copied,
         "skipped": skipped,
         "notes": conv.notes + ([f"split rule: {moved} non-English question(s) moved to the split their image has "

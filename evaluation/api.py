@@ -15,14 +15,26 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dataset.contract import answer_of, read_jsonl
 from dataset.features import run_tower
 from dataset.images import load_image
 from evaluation.runner import generation_autocast
 from model.checkpoint import LoadedCheckpoint, load_model
-from model.config import IMAGE_PLACEHOLDER
+from model.config import IMAGE_PLACEHOLDER, resolve_path
+from model.constrain import build_answer_trie
 from model.generation import GenerationConfig, generate
 from model.runtime import pick_device
 from model.tokenization import ChatEncoder, clean_question
+
+
+YES_NO_OPENERS = {"is", "are", "does", "do", "did", "can", "could", "was", "were", "has", "have", "will",
+                  "should", "would", "是否", "有没有"}
+
+
+def guess_answer_type(question: str) -> str:
+    """CLOSED for yes/no questions (by their first word), OPEN otherwise."""
+    words = question.strip().lower().split()
+    return "CLOSED" if words and (words[0] in YES_NO_OPENERS or question.strip().endswith("吗?")) else "OPEN"
 
 
 class MedicalVQA:
@@ -32,6 +44,7 @@ class MedicalVQA:
         self.device = next(self.model.parameters()).device
         self.encoder = ChatEncoder(self.tokenizer, self.model.config.image_tokens)
         self.max_new_tokens = max_new_tokens
+        self.trie = None
 
     @classmethod
     def load(cls, source: str | Path = "out/medical_vlm_768.pth", device: str = "auto",
@@ -39,13 +52,30 @@ class MedicalVQA:
         """``source``: a .pth checkpoint, a model folder (scripts/export_hf.py) or a hub id."""
         return cls(load_model(source, pick_device(device), vision_model=vision_model), max_new_tokens)
 
-    def answer(self, image: str | Path | Image.Image, question: str) -> str:
+    def constrain(self, train_path: str | Path = "dataset/medical_vqa_train.jsonl", mode: str = "closed"):
+        """Answer-constrained decoding, as ``eval_vlm.py --constrain``: closed questions choose
+        among the training split's closed answers ('closed'); open ones also among its answers
+        ('all'); 'none' switches it off. Returns self."""
+        if mode == "none":
+            self.trie = None
+            return self
+        train = read_jsonl(resolve_path(train_path), require_vqa=True)
+        self.trie = build_answer_trie(self.tokenizer, [answer_of(r) for r in train if r["answer_type"] == "CLOSED"],
+                                      [answer_of(r) for r in train if r["answer_type"] == "OPEN"],
+                                      self.model.config.eos_token_id, mode)
+        return self
+
+    def answer(self, image: str | Path | Image.Image, question: str, answer_type: str | None = None) -> str:
         """The answer to one question about one image (a path to PNG/JPEG/DICOM, or a PIL image)."""
-        return self.answer_many([(image, question)])[0]
+        return self.answer_many([(image, question)], answer_types=[answer_type])[0]
 
     @torch.no_grad()
-    def answer_many(self, items: list[tuple[str | Path | Image.Image, str]], batch_size: int = 64) -> list[str]:
-        """Answers for (image, question) pairs, generated in batches."""
+    def answer_many(self, items: list[tuple[str | Path | Image.Image, str]], batch_size: int = 64,
+                    answer_types: list[str | None] | None = None) -> list[str]:
+        """Answers for (image, question) pairs, generated in batches. ``answer_types`` (CLOSED /
+        OPEN, or None to guess from the question's first word) matter only when constrained."""
+        answer_types = answer_types or [None] * len(items)
+        types = [t or guess_answer_type(q) for t, (_, q) in zip(answer_types, items)]
         answers: list[str] = []
         tower = self.model.vision_tower
         for start in range(0, len(items), batch_size):
@@ -56,6 +86,7 @@ class MedicalVQA:
             feats = run_tower(tower, tower.preprocess(images), self.device)
             with generation_autocast(self.device):
                 outs = generate(self.model, prompts, feats, GenerationConfig(max_new_tokens=self.max_new_tokens),
-                                self.model.config.eos_token_id, self.model.config.pad_token_id)
+                                self.model.config.eos_token_id, self.model.config.pad_token_id, trie=self.trie,
+                                answer_sets=types[start:start + batch_size] if self.trie is not None else None)
             answers += [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outs]
         return answers

@@ -130,3 +130,54 @@ def baselines(train: list[dict], test: list[dict]) -> dict:
         m = compute_metrics([{**r, "prediction": predict(r)} for r in test])
         out[name] = {k: m[k] for k in ("closed_accuracy", "open_accuracy", "open_recall", "overall_accuracy")}
     return out
+
+
+def image_use(train: list[dict], test: list[dict]) -> dict:
+    """Does the model look at the image? Two measures a score can hide:
+
+    * ``against_prior``: accuracy on the test questions whose answer differs from the training
+      split's majority answer for the same question text. A model that answers from the
+      question alone scores about 0 here, whatever its overall accuracy.
+    * ``varies_with_image``: among question texts asked about several test images whose answers
+      differ, the share where the model's answer changes too (a prior-only model: 0).
+    """
+    by_question = defaultdict(list)
+    for r in train:
+        by_question[(r["answer_type"], normalize(r["question"]))].append(normalize(r["answer"]))
+    prior = {q: _most_common(a) for q, a in by_question.items()}
+    hit = lambda i: exact_match(i["prediction"], i["answer"])  # noqa: E731
+    out = {}
+    for kind, rows in (("closed", [i for i in test if i["answer_type"] == "CLOSED"]),
+                       ("open", [i for i in test if i["answer_type"] == "OPEN"]), ("all", test)):
+        against = [i for i in rows if (key := (i["answer_type"], normalize(i["question"]))) in prior
+                   and normalize(i["answer"]) != prior[key]]
+        groups = defaultdict(list)
+        for i in rows:
+            groups[(i["answer_type"], normalize(i["question"]))].append(i)
+        informative = [g for g in groups.values() if len({normalize(i["answer"]) for i in g}) > 1]
+        out[kind] = {"against_prior_count": len(against), "against_prior_accuracy": _mean(map(hit, against)),
+                     "questions_with_varying_answers": len(informative),
+                     "varies_with_image": _mean(len({normalize(i["prediction"]) for i in g}) > 1
+                                                for g in informative)}
+    return out
+
+
+def image_use_verdict(m: dict) -> str:
+    """One line for the printed table: is the score earned by looking at the image?"""
+    use = m.get("image_use")
+    if not use:
+        return "image use: not measured (no training file for the priors)"
+    parts, blind = [], []
+    for kind in ("closed", "open"):
+        u = use[kind]
+        if u["against_prior_count"] == 0:
+            continue
+        acc, var = u["against_prior_accuracy"] or 0.0, u["varies_with_image"]
+        parts.append(f"{kind} {100 * acc:.1f}% against the prior (n={u['against_prior_count']})"
+                     + (f", answer changes with the image for {100 * var:.0f}% of repeated questions"
+                        if var is not None else ""))
+        if acc < 0.05 or (var is not None and var < 0.05):
+            blind.append(kind)
+    verdict = (f"NOT USING THE IMAGE for {' and '.join(blind)} questions: they are answered from the question "
+               "text alone" if blind else "the answers depend on the image")
+    return "image use: " + "; ".join(parts) + f" -> {verdict}"

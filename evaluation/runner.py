@@ -12,10 +12,11 @@ import torch
 from dataset.contract import answer_of, image_file, images_of, question_of, read_jsonl
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
-from evaluation.metrics import baselines, compute_metrics, exact_match
+from evaluation.metrics import baselines, compute_metrics, exact_match, image_use, image_use_verdict
 from model.atomic import atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
+from model.constrain import build_answer_trie
 from model.generation import GenerationConfig, generate, stream_generate
 from model.runtime import autocast, compute_dtype, progress
 from model.tokenization import ChatEncoder, clean_question
@@ -25,7 +26,9 @@ log = logging.getLogger("eval")
 
 def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, train_path: Path | None,
                    out_dir: Path, device: torch.device, batch_size: int = 64, max_new_tokens: int = 32,
-                   cache_dir: Path | None = None, feature_cache_gb: float = 4.0) -> dict:
+                   cache_dir: Path | None = None, feature_cache_gb: float = 4.0, constrain: str = "none") -> dict:
+    """Writes predictions.jsonl and metrics.json. ``constrain`` closed|all: a second pass with
+    answer-constrained decoding (model/constrain.py), reported beside the free one."""
     model, tok = ckpt.model, ckpt.tokenizer
     records = read_jsonl(data_path, require_vqa=True,
                          hint="run `python convert_slake_dataset.py` first, or pass --data_path")
@@ -65,27 +68,37 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     pending.sort(key=lambda x: len(x[1]))  # similar lengths together: less padding
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
-    amp = generation_autocast(device)
-    for start in progress(range(0, len(pending), batch_size), desc="evaluating", unit="batch"):
-        chunk = pending[start:start + batch_size]
-        index = torch.tensor([j for _, _, imgs in chunk for j in imgs], dtype=torch.long)
-        with amp:
-            outs = generate(model, [p for _, p, _ in chunk], features.get(index), gen_cfg,
-                            model.config.eos_token_id, model.config.pad_token_id)
-        for (i, _, _), ids in zip(chunk, outs):
-            items[i]["prediction"] = tok.decode(ids, skip_special_tokens=True).strip()
+    for i, text in _generate_all(model, tok, pending, features, gen_cfg, batch_size, device).items():
+        items[i]["prediction"] = text
     seconds = time.perf_counter() - t0
 
     metrics = compute_metrics(items)
     metrics["unreadable_images"] = len(failures)
     metrics["generation_seconds"] = round(seconds, 3)
     metrics["baselines"] = {}
+    train = None
     if train_path is not None and train_path.is_file():
         train = [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
                  for r in read_jsonl(train_path, require_vqa=True)]
         metrics["baselines"] = baselines(train, items)
+        metrics["image_use"] = image_use(train, items)
     else:
         log.warning("no training file at %s: baselines skipped", train_path)
+    if constrain != "none":
+        if train is None:
+            raise FileNotFoundError(f"--constrain {constrain} takes its answer sets from the training split: "
+                                    f"{train_path} not found (pass --train_path)")
+        trie = build_answer_trie(tok, [r["answer"] for r in train if r["answer_type"] == "CLOSED"],
+                                 [r["answer"] for r in train if r["answer_type"] == "OPEN"],
+                                 model.config.eos_token_id, constrain)
+        types = {i: items[i]["answer_type"] for i, _, _ in pending}
+        constrained = _generate_all(model, tok, pending, features, gen_cfg, batch_size, device, trie, types)
+        c_items = [dict(it, prediction=constrained.get(n, "")) for n, it in enumerate(items)]
+        for n, it in enumerate(items):
+            it["prediction_constrained"] = c_items[n]["prediction"]
+        cm = compute_metrics(c_items)
+        metrics["constrained"] = {"mode": constrain, **{k: cm[k] for k in (
+            "closed_accuracy", "open_accuracy", "open_recall", "overall_accuracy")}}
     metrics.update(checkpoint=str(ckpt.path), stage=ckpt.stage, data=str(data_path), images=str(images_path))
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("predictions.jsonl", "metrics.json"):
@@ -94,9 +107,30 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         {"qid": i["qid"], "question": i["question"], "answer": i["answer"], "prediction": i["prediction"],
          "correct": exact_match(i["prediction"], i["answer"]), "answer_type": i["answer_type"],
          "content_type": i["content_type"], "modality": i["modality"],
+         **({"prediction_constrained": i["prediction_constrained"],
+             "correct_constrained": exact_match(i["prediction_constrained"], i["answer"])}
+            if "prediction_constrained" in i else {}),
          **({"error": i["error"]} if i["error"] else {})}) + "\n" for i in items))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _generate_all(model, tok, pending, features, gen_cfg, batch_size, device, trie=None,
+                  types: dict | None = None) -> dict[int, str]:
+    """Greedy answers for every pending (item index, prompt, image rows), batched."""
+    out = {}
+    amp = generation_autocast(device)
+    desc = "evaluating" + (" (constrained)" if trie is not None else "")
+    for start in progress(range(0, len(pending), batch_size), desc=desc, unit="batch"):
+        chunk = pending[start:start + batch_size]
+        index = torch.tensor([j for _, _, imgs in chunk for j in imgs], dtype=torch.long)
+        with amp:
+            ids = generate(model, [p for _, p, _ in chunk], features.get(index), gen_cfg,
+                           model.config.eos_token_id, model.config.pad_token_id, trie=trie,
+                           answer_sets=[types[i] for i, _, _ in chunk] if trie is not None else None)
+        for (i, _, _), row in zip(chunk, ids):
+            out[i] = tok.decode(row, skip_special_tokens=True).strip()
+    return out
 
 
 def generation_autocast(device) -> torch.autocast:
@@ -111,7 +145,10 @@ def _pct(x) -> str:
 
 
 def format_table(m: dict) -> str:
-    rows = [("model", m)] + [(k.replace("_", " "), v) for k, v in m.get("baselines", {}).items()]
+    rows = [("model", m)]
+    if m.get("constrained"):
+        rows.append((f"model, constrained ({m['constrained']['mode']})", m["constrained"]))
+    rows += [(k.replace("_", " "), v) for k, v in m.get("baselines", {}).items()]
     lines = [f"{'':30s} {'closed':>7s} {'open':>7s} {'open rec':>8s} {'overall':>8s}"]
     for name, r in rows:
         lines.append(f"{name:30s} {_pct(r['closed_accuracy']):>7s} {_pct(r['open_accuracy']):>7s} "
@@ -123,6 +160,7 @@ def format_table(m: dict) -> str:
                                                  for k, v in m["by_content_type"].items()))
     lines.append("by modality:     " + ", ".join(f"{k} {_pct(v['accuracy']).strip()} (n={v['count']})"
                                                  for k, v in m["by_modality"].items()))
+    lines.append(image_use_verdict(m))
     return "\n".join(lines)
 
 

@@ -56,7 +56,8 @@ def _sample(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | 
 
 @torch.inference_mode()
 def generate_steps(model: MedicalVLM, prompts: list[list[int]], image_features: torch.Tensor | None,
-                   cfg: GenerationConfig, eos_id: int, pad_id: int, check_every: int = 1) -> Iterator[torch.Tensor]:
+                   cfg: GenerationConfig, eos_id: int, pad_id: int, check_every: int = 1,
+                   trie=None, trie_state: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yields the next token of every prompt ([B], on the device) per step until all rows hit
     ``eos_id`` or ``max_new_tokens``. ``image_features``: raw vision features of every image
     of the batch in prompt order ([n_images, tokens, width]). Whether every row has finished
@@ -85,7 +86,12 @@ def generate_steps(model: MedicalVLM, prompts: list[list[int]], image_features: 
     else:
         h = model.llm(embeds, positions, _attention_mask(key_mask, t))
     for step in range(cfg.max_new_tokens):
-        nxt = _sample(model.llm.lm_head(h[:, -1]), cfg, gen)
+        logits = model.llm.lm_head(h[:, -1])
+        if trie is not None:  # answer-constrained decoding (model/constrain.py)
+            logits = trie.mask(logits, trie_state)
+        nxt = _sample(logits, cfg, gen)
+        if trie is not None:
+            trie_state = trie.advance(trie_state, nxt)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         yield nxt
         finished |= nxt == eos_id
@@ -103,9 +109,17 @@ def generate_steps(model: MedicalVLM, prompts: list[list[int]], image_features: 
 
 
 def generate(model: MedicalVLM, prompts: list[list[int]], image_features: torch.Tensor | None,
-             cfg: GenerationConfig, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Batched generation; returns each row's new tokens without the end token."""
-    steps = list(generate_steps(model, prompts, image_features, cfg, eos_id, pad_id, check_every=8))
+             cfg: GenerationConfig, eos_id: int, pad_id: int, trie=None,
+             answer_sets: list[str | None] | None = None) -> list[list[int]]:
+    """Batched generation; returns each row's new tokens without the end token. With
+    ``trie`` (model/constrain.py), row i spells an answer of set ``answer_sets[i]``."""
+    state = None
+    if trie is not None:
+        device = next(model.parameters()).device
+        trie.to(device)
+        state = trie.start(answer_sets, device)
+    steps = list(generate_steps(model, prompts, image_features, cfg, eos_id, pad_id, check_every=8,
+                                trie=trie, trie_state=state))
     rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]  # one copy to the host
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 

@@ -4,18 +4,21 @@
 # convert (--demo) -> pretrain -> SFT -> evaluation with baselines, using a small language
 # model and the random-tiny vision tower. Writes dataset/demo/ and out/demo/ (your real
 # dataset/ and out/ files are left alone). Set DEMO_EPOCHS to train longer.
+#   DEMO=hard bash scripts/demo.sh    # the hard set (priors useless): dataset/demo_hard/, out/demo_hard/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=.venv/bin/python
-DATA=dataset/demo
-OUT=out/demo
+KIND=${DEMO:-easy}
+SUFFIX=$([ "$KIND" = hard ] && echo _hard || true)
+DATA=dataset/demo$SUFFIX
+OUT=out/demo$SUFFIX
 EPOCHS=${DEMO_EPOCHS:-16}
 MODEL=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4
        --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$OUT" --cache_dir "$DATA/cache")
 start=$(date +%s)
 echo "== 1/4 build the synthetic mini-SLAKE"
-$PY convert_slake_dataset.py --demo --out_dir "$DATA"
+$PY convert_slake_dataset.py --demo "$KIND" --out_dir "$DATA"
 echo "== 2/4 stage 1: align image features (captions)"
 $PY train_pretrain_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_pretrain.jsonl" --epochs 2 --batch_size 16 \
   --learning_rate 1e-3 --log_interval 10
