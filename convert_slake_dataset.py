@@ -18,7 +18,8 @@ import sys
 from dataset.contract import MANIFEST, DataError
 from dataset.demo import write_demo_release
 from dataset.demo_hard import write_hard_release
-from dataset.slake import DEFAULT_HUB_ID, ConversionError, convert, download_release, read_hub_vqa, read_release
+from dataset.slake import (DEFAULT_HUB_ID, ConversionError, convert, download_release, merge_training_sources,
+                           read_hub_vqa, read_release, read_source)
 from dataset.images import ImageReadError
 from model import flags
 from model.config import resolve_path
@@ -36,6 +37,10 @@ def parse_args(argv=None):
     src.add_argument("--demo", nargs="?", const="easy", choices=["easy", "hard"],
                      help="built-in synthetic set, no download: 'easy' (the quick start) or 'hard' (compositional "
                           "questions, yes/no balanced per question text: the answer priors are useless)")
+    ap.add_argument("--also", action="append", default=[], metavar="SOURCE",
+                    help="add the training split of another medical VQA dataset (repeatable): a release-layout "
+                         "folder, a hub id or a local folder of image/question/answer parquet files (VQA-RAD, "
+                         "PathVQA copies); SLAKE's validation and test splits stay as they are")
     ap.add_argument("--out_dir", default="dataset")
     ap.add_argument("--lang", choices=["en", "zh", "all"], default="en")
     ap.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
@@ -63,6 +68,8 @@ def main(argv=None) -> int:
             conv = read_hub_vqa(args.hub_id)
         else:
             conv = download_release(DEFAULT_HUB_ID)
+        if args.also:
+            conv = merge_training_sources(conv, [(spec, read_source(spec)) for spec in args.also])
         manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap)
     except (ConversionError, DataError, ImageReadError, OSError) as exc:
         print(f"error: {exc}\nNothing in {out_dir} was changed (a previous dataset there is intact).",

@@ -64,6 +64,7 @@ class SourceRecord:
     lang: str = "en"
     where: str = ""
     problem: str | None = None  # set when the record is malformed
+    source: str | None = None   # set for records merged from another dataset (--also)
 
 
 @dataclass
@@ -217,6 +218,61 @@ def read_hub_vqa(hub_id: str) -> Conversion:
     if not any(r.answer_type for r in records):
         notes.append("answer_type inferred: CLOSED for yes/no answers, OPEN otherwise")
     return Conversion(f"hub-vqa:{hub_id}", records, notes)
+
+
+def read_source(spec: str) -> Conversion:
+    """Any supported source: a release-layout folder (train.json + imgs/), else a hub id or
+    a local folder of image/question/answer parquet files."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and any((path / n).is_file() for n in RELEASE_FILES["train"]):
+        return read_release(path)
+    return read_hub_vqa(spec)
+
+
+def _image_hash(rec: SourceRecord) -> str | None:
+    try:
+        return hashlib.sha256(rec.load_image()).hexdigest()
+    except (OSError, KeyError, TypeError):
+        return None  # a missing image is reported (and skipped) by the conversion itself
+
+
+def merge_training_sources(main: Conversion, extras: list[tuple[str, Conversion]]) -> Conversion:
+    """Adds the *training* splits of other medical VQA datasets (e.g. VQA-RAD, PathVQA copies)
+    to ``main``'s: their validation and test splits are dropped, so SLAKE's are untouched.
+    Records keep a ``source`` name and their images a folder of their own. An image that is
+    also in ``main`` (any split, by content) is refused: it would leak or duplicate data."""
+    main_hashes = {}
+    for r in main.records:
+        if not r.problem and r.image_key and r.image_key not in main_hashes:
+            main_hashes[r.image_key] = _image_hash(r)
+    seen = {h: k for k, h in main_hashes.items() if h}
+    records, notes = list(main.records), list(main.notes)
+    for name, conv in extras:
+        safe = re.sub(r"[^\w.-]+", "_", name).strip("._") or "extra"
+        kept, dropped, shared = 0, 0, []
+        hashes: dict[str, str | None] = {}
+        for r in conv.records:
+            if r.split != "train":
+                dropped += 1
+                continue
+            if not r.problem and r.image_key:
+                if r.image_key not in hashes:
+                    hashes[r.image_key] = _image_hash(r)
+                h = hashes[r.image_key]
+                if h in seen:
+                    shared.append((r.image_key, seen[h]))
+            r.source = safe
+            r.image_key = f"{safe}/{r.image_key}" if r.image_key else r.image_key
+            records.append(r)
+            kept += 1
+        if shared:
+            raise ConversionError(f"--also {name}: {len(shared)} image(s) are also in {main.source} (same content), "
+                                  f"e.g. {shared[0][0]} = {shared[0][1]}: merging would leak or duplicate them; "
+                                  "remove them from that source first")
+        notes.append(f"--also {name}: {kept} training question(s) added as source '{safe}' "
+                     f"({dropped} of its validation/test questions not used)")
+    return Conversion(f"{main.source} + " + " + ".join(n for n, _ in extras) if extras else main.source,
+                      records, notes)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -414,6 +470,7 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             "conversations": [{"role": "user", "content": f"<image>\n{rec.question.strip()}"},
                               {"role": "assistant", "content": rec.answer}],
             "image": rec.image_key, "qid": rec.qid, "answer_type": rec.answer_type,
+            **({"source": rec.source} if rec.source else {}),
             "content_type": rec.content_type, "modality": rec.modality, "location": rec.location,
         }, ensure_ascii=False) for rec in by_split.get(split, [])]
         atomic_write_text(out_dir / fname, "".join(line + "\n" for line in lines))

@@ -82,6 +82,32 @@ class VQADataset:
         return sum(len(s.input_ids) for s in self.samples)
 
 
+def balance_closed(data: VQADataset, seed: int) -> int:
+    """Repeats samples of the rarer answers of each closed question text (drawn with a fixed
+    seed) until every answer of that text is as frequent as the commonest: the question
+    text alone then predicts nothing, and the loss rewards looking at the image. Texts with
+    a single answer are left alone. Returns how many samples were added."""
+    from evaluation.metrics import normalize
+    rng = random.Random(seed)
+    groups: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
+    for s in data.samples:
+        rec = s.record
+        if rec.get("answer_type") == "CLOSED":
+            question = " ".join(m["content"] for m in rec["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, "")
+            groups[normalize(question)][normalize(rec["conversations"][-1]["content"])].append(s)
+    added = []
+    for text in sorted(groups):
+        by_answer = groups[text]
+        if len(by_answer) < 2:
+            continue
+        most = max(len(v) for v in by_answer.values())
+        for answer in sorted(by_answer):
+            pool = by_answer[answer]
+            added += [rng.choice(pool) for _ in range(most - len(pool))]
+    data.samples.extend(added)
+    return len(added)
+
+
 class PackedQuestions:
     """Shared-prefix packing: up to ``k`` single-image questions about the same image in one
     training sequence, laid out as [header + image tokens][question 1 + answer 1][question 2 +

@@ -100,6 +100,7 @@ def compute_metrics(items: list[dict]) -> dict:
         "closed_accuracy_llava_med": _mean(llava_med_closed_hit(i["prediction"], i["answer"]) for i in closed),
         "by_content_type": breakdown("content_type"),
         "by_modality": breakdown("modality"),
+        **({"by_source": breakdown("source")} if any(i.get("source") for i in items) else {}),
     }
 
 

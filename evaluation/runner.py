@@ -53,7 +53,8 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     for n, (rec, paths) in enumerate(zip(records, rec_paths)):
         item = {"qid": rec.get("qid", n), "question": question_of(rec), "answer": answer_of(rec),
                 "answer_type": rec["answer_type"], "content_type": rec.get("content_type"),
-                "modality": rec.get("modality"), "prediction": "", "error": None}
+                "modality": rec.get("modality"), "source": rec.get("source") or "slake", "prediction": "",
+                "error": None}
         bad = [failures[p] for p in paths if p in failures]
         if bad:
             item["error"] = bad[0]

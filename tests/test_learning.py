@@ -137,3 +137,88 @@ def test_api_constrains_like_eval(tokenizer, tiny_tower, tmp_path):
     train_answers = {json.loads(line)["conversations"][-1]["content"]
                      for line in (tmp_path / "d" / "medical_vqa_train.jsonl").read_text().splitlines()}
     assert vqa.answer(img, "How many nodules are in the image?") in train_answers
+
+
+def test_balance_closed_equalises_answers_per_question_text(tokenizer, tmp_path):
+    from dataset.vqa_dataset import VQADataset, balance_closed
+    from tests.helpers import random_image
+    (tmp_path / "img").mkdir()
+    random_image(0).save(tmp_path / "img" / "a.png")
+    rows = [("Is there a cyst?", "Yes", "CLOSED")] * 5 + [("Is there a cyst?", "No", "CLOSED")] * 2 + \
+           [("Is this a CT?", "Yes", "CLOSED")] * 3 + [("How many cysts?", "2", "OPEN")] * 4
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({
+        "conversations": [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}],
+        "image": "a.png", "answer_type": t}) + "\n" for q, a, t in rows))
+    data = VQADataset(tmp_path / "d.jsonl", tmp_path / "img", ChatEncoder(tokenizer, 196), 512)
+    assert balance_closed(data, seed=0) == 3
+    counts = Counter((s.record["conversations"][0]["content"], s.record["conversations"][1]["content"])
+                     for s in data.samples)
+    assert counts[("<image>\nIs there a cyst?", "Yes")] == counts[("<image>\nIs there a cyst?", "No")] == 5
+    assert counts[("<image>\nIs this a CT?", "Yes")] == 3 and counts[("<image>\nHow many cysts?", "2")] == 4
+
+
+def test_more_epochs_advice():
+    from trainer.trainer import more_epochs_advice
+    assert "more epochs would likely help (e.g. --epochs 8)" in more_epochs_advice([1.0, 0.8, 0.7], 4)
+    assert more_epochs_advice([1.0, 0.8, 0.85], 4) is None and more_epochs_advice([0.8, 0.7999], 4) is None
+
+
+def test_other_clip_towers_work(tmp_path):
+    """A CLIP-format tower of another image size and patch size (like PubMedCLIP ViT-B/32,
+    49 tokens): the token count follows the tower through training, checkpoint and evaluation."""
+    from transformers import CLIPConfig, CLIPModel
+    from model.vision import CLIP_MEAN, CLIP_STD, _ImageProcessor
+    from trainer.cli import main as train_main
+    folder = tmp_path / "tiny-clip-b32"
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, vocab_size=100, max_position_embeddings=16),
+                         vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=96, patch_size=32),
+                         projection_dim=16)).save_pretrained(folder)
+    _ImageProcessor(size={"shortest_edge": 96}, crop_size={"height": 96, "width": 96}, image_mean=CLIP_MEAN,
+                    image_std=CLIP_STD).save_pretrained(folder)
+    raw = write_hard_release(tmp_path / "raw", seed=3, n_train=8, n_val=2, n_test=3)
+    from dataset.slake import convert, read_release
+    convert(read_release(raw), tmp_path / "d")
+    d = tmp_path / "d"
+    common = ["--vision_model", str(folder), "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads",
+              "2", "--num_key_value_heads", "1", "--device", "cpu", "--num_workers", "0", "--cache_dir", "",
+              "--images_path", str(d / "medical_images"), "--out_dir", str(tmp_path / "o")]
+    assert train_main("sft", common + ["--data_path", str(d / "medical_vqa_train.jsonl"), "--val_path", "",
+                                       "--epochs", "1", "--batch_size", "4", "--from_weight", "none"]) == 0
+    from model.checkpoint import load_model
+    ckpt = load_model(tmp_path / "o" / "medical_vlm_32.pth")
+    assert ckpt.config.image_tokens == 9 and ckpt.config.vision_hidden_size == 48  # (96 / 32)^2 tokens
+    assert eval_vlm.main(["--model_path", str(tmp_path / "o" / "medical_vlm_32.pth"), "--data_path",
+                          str(d / "medical_vqa_test.jsonl"), "--images_path", str(d / "medical_images"),
+                          "--train_path", "", "--out_dir", str(tmp_path / "o"), "--cache_dir", ""]) == 0
+
+
+def test_also_merges_training_splits_only_and_refuses_shared_images(tmp_path, capsys):
+    from dataset.demo import write_demo_release
+    main_raw = write_hard_release(tmp_path / "slake", seed=4, n_train=6, n_val=2, n_test=3)
+    extra = write_demo_release(tmp_path / "vqa-rad", seed=5, n_train=4, n_val=2, n_test=2)
+    out = tmp_path / "d"
+    assert convert_slake_dataset.main(["--slake_dir", str(main_raw), "--out_dir", str(tmp_path / "alone")]) == 0
+    assert convert_slake_dataset.main(["--slake_dir", str(main_raw), "--also", str(extra), "--out_dir", str(out)]) == 0
+    alone = json.loads((tmp_path / "alone" / "manifest.json").read_text())
+    m = json.loads((out / "manifest.json").read_text())
+    extra_train = len(json.loads((extra / "train.json").read_text()))
+    assert m["counts"]["train"] == alone["counts"]["train"] + extra_train
+    for split in ("validation", "test"):  # SLAKE's evaluation splits untouched
+        assert (out / f"medical_vqa_{split}.jsonl").read_text() == (tmp_path / "alone" / f"medical_vqa_{split}.jsonl").read_text()
+    rows = [json.loads(line) for line in (out / "medical_vqa_train.jsonl").read_text().splitlines()]
+    merged = [r for r in rows if r.get("source")]
+    assert len(merged) == extra_train and all(r["image"].startswith(merged[0]["source"] + "/") for r in merged)
+    assert all((out / "medical_images" / r["image"]).is_file() for r in rows)
+    assert any("--also" in n for n in m["notes"])
+    # a source that shares an image (same bytes, another name) with SLAKE is refused
+    first = json.loads((main_raw / "test.json").read_text())[0]["img_name"]
+    victim = json.loads((extra / "train.json").read_text())[0]["img_name"]
+    (extra / "imgs" / victim).write_bytes((main_raw / "imgs" / first).read_bytes())
+    before = (out / "manifest.json").read_text()
+    capsys.readouterr()
+    assert convert_slake_dataset.main(["--slake_dir", str(main_raw), "--also", str(extra), "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 image(s) are also in" in err and (out / "manifest.json").read_text() == before

@@ -25,6 +25,7 @@ class TrainConfig:
     feature_cache_gb: float = 4.0
     max_seq_len: int = 512
     pack_questions: int = 1     # >1: up to this many questions share one image prefix per sequence
+    balance_closed: bool = False  # resample so each closed question text is answered yes and no equally often
     # model
     hidden_size: int = 768
     num_hidden_layers: int = 16
@@ -120,6 +121,8 @@ HELP = {
     "resume": "continue from out/<name>_resume.pth",
     "stop_at_step": "stop after this optimizer step without changing the schedule",
     "compile": "torch.compile the language model",
+    "balance_closed": "repeat the rarer answer of every closed question text until its answers are balanced, so "
+                      "the question text alone cannot predict them",
     "save_dtype": "precision of the weights checkpoint (bfloat16/float16 halve its size; resume state stays float32)",
 }
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as tdist
 
 from dataset.features import FeatureStore
-from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, VQADataset, collate
+from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, VQADataset, balance_closed, collate
 from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
                               locate_checkpoint, non_finite, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
@@ -39,7 +39,8 @@ log = logging.getLogger("train")
 
 # fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
-               "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions")
+               "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
+               "balance_closed")
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
              "projector")
 
@@ -342,6 +343,10 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
     if features is None:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
                                 cfg.num_workers, build=False, progress=False)
+    if cfg.balance_closed:
+        added = balance_closed(data, cfg.seed)
+        log.info("--balance_closed: %d repeated closed question(s) balance the answers of every closed question text",
+                 added)
     packed = PackedQuestions(data, encoder.image_id, cfg.pack_questions, cfg.seed) \
         if cfg.pack_questions > 1 else None
     return data, val, features, packed
@@ -378,6 +383,17 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
     if state["step"] >= total_steps:
         log.info("nothing left to do: the run had finished")
     return state["step"]
+
+
+def more_epochs_advice(val_losses: list[float], epochs: int) -> str | None:
+    """A hint when the validation loss was still clearly falling at the end of training."""
+    if len(val_losses) < 2 or val_losses[-1] > min(val_losses):
+        return None
+    drop = (val_losses[-2] - val_losses[-1]) / max(abs(val_losses[-2]), 1e-9)
+    if drop < 0.01:
+        return None
+    return (f"validation loss still falling ({val_losses[-2]:.4f} -> {val_losses[-1]:.4f} in the last epoch, "
+            f"-{100 * drop:.1f}%): more epochs would likely help (e.g. --epochs {2 * epochs})")
 
 
 def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
@@ -477,7 +493,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = Progress(total_steps, cfg.stage, "step", enabled=dist.is_main, initial=start_step, every=cfg.log_interval)
     window_loss = torch.zeros((), device=device, dtype=torch.float32)
     window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
-    last_val = None
+    last_val, val_history = None, []
     epoch_seconds: list[float] = []  # training steps only: validation and saving excluded
     t_epoch, paused = time.perf_counter(), 0.0
     step = start_step
@@ -523,6 +539,7 @@ def train(cfg: TrainConfig) -> dict:
                                "epoch_seconds": round(epoch_seconds[-1], 3)})
             if epoch_end and val is not None:
                 last_val = evaluate_loss(model, val, features, cfg, dist, device, amp)
+                val_history.append(last_val)
                 metrics.write({"step": step, "epoch": step // steps_per_epoch, "val_loss": round(last_val, 6)})
             if epoch_end:
                 bar.write(f"epoch {step // steps_per_epoch}/{cfg.epochs} done in {epoch_seconds[-1]:.1f} s"
@@ -545,6 +562,9 @@ def train(cfg: TrainConfig) -> dict:
     if saver.last_saved:
         log.info("saved %s at step %d (metrics %s, curve %s)", final_path, saver.last_saved[1], metrics.path,
                  out_dir / f"{name}_loss.png")
+    advice = more_epochs_advice(val_history, cfg.epochs)
+    if advice:
+        log.warning("%s", advice)
     else:
         log.info("nothing to train (step %d of %d): no checkpoint was written", step, total_steps)
     return {"checkpoint": final_path if saver.last_saved else None, "resume": resume_path, "metrics": metrics.path,
