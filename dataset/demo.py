@@ -115,31 +115,37 @@ def questions(params: dict, rng: random.Random) -> list[dict]:
     return [{"question": q, "answer": a, "answer_type": t, "content_type": c} for q, a, t, c in qs]
 
 
-def write_demo_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
-                       n_test: int = 60) -> Path:
-    """Writes the release layout under ``root`` and ``demo_params.json`` (the drawing
-    parameters of every image, so tests can re-derive each answer)."""
+def write_release(root: str | Path, seed: int, counts: tuple[int, int, int], sample, draw_image, ask,
+                  image_name: str, row_fields) -> Path:
+    """The release layout (imgs/, train.json, validate.json, test.json) of a synthetic set, and
+    ``demo_params.json`` (the drawing parameters of every image, so tests can re-derive each
+    answer). ``sample(rng)``, ``draw_image(params)`` and ``ask(params, rng)`` define the set;
+    ``image_name`` is formatted with the image number; ``row_fields(params)`` adds metadata."""
     root = Path(root)
     rng = random.Random(seed)
     qid, img_id = 0, 0
     params_by_image = {}
-    for split, count, fname in (("train", n_train, "train.json"), ("validation", n_val, "validate.json"),
-                                ("test", n_test, "test.json")):
+    for count, fname in zip(counts, ("train.json", "validate.json", "test.json")):
         rows = []
         for _ in range(count):
             img_id += 1
-            params = sample_params(rng)
-            name = f"xmlab{img_id}/source.jpg"
+            params = sample(rng)
+            name = image_name.format(img_id)
             path = root / "imgs" / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            draw(params).save(path, quality=95)
+            draw_image(params).save(path, **({"quality": 95} if name.endswith(".jpg") else {}))
             params_by_image[name] = params
-            loc = REGIONS[params["region"]][0]
-            for q in questions(params, rng):
-                rows.append({"img_id": img_id, "img_name": name, "q_lang": "en", "location": loc,
-                             "modality": params["modality"], "base_type": "vqa", "triple": ["vhead", "_", "_"],
-                             "qid": qid, **q})
+            for q in ask(params, rng):
+                rows.append({"img_id": img_id, "img_name": name, "q_lang": "en", **row_fields(params), "qid": qid, **q})
                 qid += 1
         atomic_write_text(root / fname, json.dumps(rows, indent=1))
     atomic_write_text(root / "demo_params.json", json.dumps(params_by_image, indent=1))
     return root
+
+
+def write_demo_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
+                       n_test: int = 60) -> Path:
+    """The easy demo set in the release layout (see ``write_release``)."""
+    return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw, questions, "xmlab{}/source.jpg",
+                         lambda p: {"location": REGIONS[p["region"]][0], "modality": p["modality"],
+                                    "base_type": "vqa", "triple": ["vhead", "_", "_"]})

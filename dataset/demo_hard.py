@@ -20,15 +20,13 @@ Yes and No equally often across images, so the per-question prior is about 50 %:
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from dataset.demo import BODY_LEVEL, MODALITIES, SIZE, _ellipse
-from model.atomic import atomic_write_text
+from dataset.demo import BODY_LEVEL, MODALITIES, SIZE, _ellipse, write_release
 
 KINDS = ["nodule", "cyst", "calcification"]
 REGIONS = {"chest": ("Lung", "Chest", "lung"), "abdomen": ("Abdomen", "Abdomen", "kidney")}
@@ -112,24 +110,6 @@ def questions(params: dict, rng: random.Random) -> list[dict]:
 
 def write_hard_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
                        n_test: int = 60) -> Path:
-    root = Path(root)
-    rng = random.Random(seed)
-    qid, img_id, params_by_image = 0, 0, {}
-    for split, count, fname in (("train", n_train, "train.json"), ("validation", n_val, "validate.json"),
-                                ("test", n_test, "test.json")):
-        rows = []
-        for _ in range(count):
-            img_id += 1
-            params = sample_params(rng)
-            name = f"hard{img_id}/source.png"
-            path = root / "imgs" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            draw(params).save(path)
-            params_by_image[name] = params
-            for q in questions(params, rng):
-                rows.append({"img_id": img_id, "img_name": name, "q_lang": "en",
-                             "location": REGIONS[params["region"]][0], "modality": params["modality"], "qid": qid, **q})
-                qid += 1
-        atomic_write_text(root / fname, json.dumps(rows, indent=1))
-    atomic_write_text(root / "demo_params.json", json.dumps(params_by_image, indent=1))
-    return root
+    """The hard set in the release layout (PNG: JPEG would blur the 3-pixel textures)."""
+    return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw, questions, "hard{}/source.png",
+                         lambda p: {"location": REGIONS[p["region"]][0], "modality": p["modality"]})

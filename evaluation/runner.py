@@ -47,7 +47,8 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
                 image_paths.append(p)
             except ImageReadError as exc:
                 failures[p] = str(exc)
-    features = FeatureStore(model.vision_tower, image_paths, device, cache_dir, feature_cache_gb)
+    features = FeatureStore(model.vision_tower, image_paths, device, cache_dir, feature_cache_gb,
+                            stop_before=model.cache_layers())
 
     items, pending = [], []
     for n, (rec, paths) in enumerate(zip(records, rec_paths)):
@@ -181,7 +182,7 @@ def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], que
     feats = None
     if images:
         # computed and rounded like the cached features the model was trained on
-        feats = run_tower(model.vision_tower, model.vision_tower.preprocess(images), device)
+        feats = run_tower(model.vision_tower, model.vision_tower.preprocess(images), device, model.cache_layers())
     ids: list[int] = []
     shown = text = ""
     with generation_autocast(device):  # the same precision as batched evaluation

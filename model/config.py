@@ -6,7 +6,7 @@ the demo rebuild the exact network from the file alone.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,10 @@ class VLMConfig:
     vision_hidden_size: int = 768  # filled from the tower when the model is built
     image_tokens: int = 196  # patch tokens per image (224 px / 16 px patches, CLS dropped)
     projector: str = "mlp"  # "mlp" (LLaVA-1.5) or "linear" (MiniMind2-V)
+    # --train_vision: the last N tower blocks are copied into the model and trained; the feature
+    # cache keeps the frozen prefix's output. The block config lets a checkpoint be rebuilt alone.
+    vision_tuned_layers: int = 0
+    vision_layer_config: dict = field(default_factory=dict)
     # special token ids, always taken from the tokenizer
     image_token_id: int = -1
     pad_token_id: int = 0

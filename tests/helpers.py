@@ -30,6 +30,15 @@ def random_image(seed: int, size=(256, 240)) -> Image.Image:
     return Image.fromarray((rng.random(size) * 255).astype("uint8"))
 
 
+def converted_demo(root, seed: int, n_train: int, n_val: int, n_test: int):
+    """The easy demo set written under ``root`` and converted; returns the data folder."""
+    from dataset.demo import write_demo_release
+    from dataset.slake import convert, read_release
+    write_demo_release(root / "raw", seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
+    convert(read_release(root / "raw"), root / "data")
+    return root / "data"
+
+
 def train_tiny_on_demo(root, seed: int, n_train: int, n_val: int, n_test: int, cache_dir: str, epochs: int,
                        val: bool = True):
     """Builds a demo set under ``root`` and trains a 48-wide SFT model on it; returns the data folder."""

@@ -11,17 +11,15 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import trainer.trainer as tr
-from dataset.demo import write_demo_release
 from dataset.features import FeatureStore
-from dataset.slake import convert, read_release
-from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, Sample, VQADataset, collate
+from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, Sample, collate
 from evaluation.runner import answer_stream, generation_autocast
 from model.checkpoint import load_model, save_checkpoint
 from model.generation import GenerationConfig, generate, generate_steps
 from model.language_model import KVCache
 from model.runtime import compute_dtype
 from model.tokenization import ChatEncoder
-from tests.helpers import make_tiny_model, random_image
+from tests.helpers import converted_demo, make_tiny_model, random_image
 from trainer.cli import main as train_main
 from trainer.config import TrainConfig
 
@@ -51,10 +49,7 @@ class SyncRecorder(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu")
-    write_demo_release(root / "raw", seed=2, n_train=12, n_val=3, n_test=3)
-    convert(read_release(root / "raw"), root / "data")
-    return root / "data"
+    return converted_demo(tmp_path_factory.mktemp("gpu"), 2, 12, 3, 3)
 
 
 def _samples(enc, lengths):

@@ -20,10 +20,10 @@ import web_demo_vlm
 from dataset.contract import DataError, image_file, read_jsonl, safe_relpath
 from dataset.demo import write_demo_release
 from dataset.images import MAX_PIXELS, ImageReadError, load_image
-from dataset.slake import ConversionError, convert, read_release
+from dataset.slake import convert, read_release
 from model.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 from model.tokenization import MAX_QUESTION_CHARS, ChatEncoder, clean_question
-from tests.helpers import make_tiny_model, random_image
+from tests.helpers import converted_demo, make_tiny_model, random_image
 from trainer.cli import main as train_main
 from webdemo.app import Session
 
@@ -33,10 +33,7 @@ TINY = ["--vision_model", "random-tiny", "--hidden_size", "32", "--num_hidden_la
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hard")
-    write_demo_release(root / "raw", seed=3, n_train=12, n_val=3, n_test=3)
-    convert(read_release(root / "raw"), root / "data")
-    return root / "data"
+    return converted_demo(tmp_path_factory.mktemp("hard"), 3, 12, 3, 3)
 
 
 def sft_args(data: Path, out: Path, **flags) -> list[str]:

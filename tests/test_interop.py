@@ -245,15 +245,12 @@ import eval_vlm  # noqa: E402
 import web_demo_vlm  # noqa: E402
 from model.checkpoint import save_checkpoint  # noqa: E402
 from scripts import export_hf  # noqa: E402
-from tests.helpers import make_tiny_model, random_image  # noqa: E402
+from tests.helpers import converted_demo, make_tiny_model, random_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("interop")
-    write_demo_release(root / "raw", seed=8, n_train=8, n_val=2, n_test=4)
-    convert(read_release(root / "raw"), root / "data")
-    return root / "data"
+    return converted_demo(tmp_path_factory.mktemp("interop"), 8, 8, 2, 4)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ data, the learning rate, what is frozen and which weights they start from.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import asdict, dataclass, fields
 
 from model import flags
@@ -38,6 +39,8 @@ class TrainConfig:
     from_weight: str = "none"   # "none", "pretrain" (stage-1 output if present) or a checkpoint path
     from_llm: str = ""          # MiniMind2 LLM weights (llm_512.pth / llm_768.pth)
     freeze_llm: str = "none"    # "all", "except_last", "none" or "auto" (all when from_llm is given)
+    train_vision: str = "none"  # "none", "last:N" (fine-tune the tower's last N blocks) or "all"
+    vision_lr: float = 2e-5     # peak learning rate of the fine-tuned tower blocks
     # optimisation
     epochs: int = 4
     batch_size: int = 16
@@ -76,6 +79,8 @@ class TrainConfig:
                 f"--hidden_size {self.hidden_size} must split into --num_attention_heads "
                 f"{self.num_attention_heads} heads of an even width (rotary embeddings rotate pairs), "
                 "e.g. 512/8 or 768/8")
+        if self.train_vision not in ("none", "all") and not re.fullmatch(r"last:[1-9]\d*", self.train_vision):
+            raise flags.FlagError(f"--train_vision must be none, all or last:N (N >= 1), got {self.train_vision!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise flags.FlagError(f"--num_attention_heads {self.num_attention_heads} must be a multiple of "
                                   f"--num_key_value_heads {self.num_key_value_heads}")
@@ -121,6 +126,9 @@ HELP = {
     "resume": "continue from out/<name>_resume.pth",
     "stop_at_step": "stop after this optimizer step without changing the schedule",
     "compile": "torch.compile the language model",
+    "train_vision": "none | last:N | all: fine-tune the vision tower's last N (or all) blocks; the feature cache "
+                    "then keeps the frozen prefix's output",
+    "vision_lr": "peak learning rate of the fine-tuned vision blocks (same schedule as --learning_rate)",
     "balance_closed": "repeat the rarer answer of every closed question text until its answers are balanced, so "
                       "the question text alone cannot predict them",
     "save_dtype": "precision of the weights checkpoint (bfloat16/float16 halve its size; resume state stays float32)",
@@ -138,7 +146,7 @@ RULES = {
     "num_key_value_heads": flags.positive_int, "epochs": flags.positive_int, "batch_size": flags.positive_int,
     "accumulation_steps": flags.positive_int, "learning_rate": flags.positive_float,
     "min_lr_ratio": flags.fraction, "weight_decay": flags.non_negative_float,
-    "warmup_ratio": flags.fraction_below_one, "grad_clip": flags.non_negative_float,
+    "warmup_ratio": flags.fraction_below_one, "vision_lr": flags.positive_float, "grad_clip": flags.non_negative_float,
     "num_workers": flags.non_negative_int, "seed": flags.non_negative_int, "log_interval": flags.positive_int,
     "save_interval": flags.non_negative_int, "stop_at_step": flags.non_negative_int,
 }

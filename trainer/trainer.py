@@ -40,7 +40,7 @@ log = logging.getLogger("train")
 # fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
-               "balance_closed")
+               "balance_closed", "train_vision", "vision_lr")
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
              "projector")
 
@@ -130,19 +130,32 @@ def resolve_from_weight(cfg: TrainConfig) -> Path | None:
     return path
 
 
+def tuned_vision(cfg: TrainConfig, tower) -> dict:
+    """Config fields for --train_vision: how many of the tower's last blocks are fine-tuned."""
+    if cfg.train_vision == "none":
+        return {}
+    total = len(tower.layers)
+    n = total if cfg.train_vision == "all" else int(cfg.train_vision.split(":")[1])
+    if n > total:
+        raise TrainingError(f"--train_vision {cfg.train_vision}: the tower '{tower.name}' has only {total} blocks")
+    log.info("vision tower: fine-tuning its last %d of %d blocks at --vision_lr %g; the feature cache keeps the "
+             "output of the first %d", n, total, cfg.vision_lr, total - n)
+    return {"vision_tuned_layers": n, "vision_layer_config": tower.model.config.to_dict()}
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, object]:
     start = resolve_from_weight(cfg)
     ckpt = read_checkpoint(start) if start else None
     tok = tokenizer_from_files(ckpt["tokenizer"], str(start)) if ckpt else load_tokenizer(cfg.tokenizer_path)
     tower = load_vision_tower(cfg.vision_model)
-    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS})
+    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS}, **tuned_vision(cfg, tower))
     if cfg.max_seq_len > model_cfg.max_position_embeddings:
         raise TrainingError(f"--max_seq_len {cfg.max_seq_len} exceeds {model_cfg.max_position_embeddings}")
     model = MedicalVLM(model_cfg, tower)
     if ckpt is not None:
         old = VLMConfig.from_dict(ckpt["config"])
-        diff = {k: (getattr(old, k), getattr(model_cfg, k)) for k in (*ARCH_KEYS, "vocab_size")
-                if getattr(old, k) != getattr(model_cfg, k)}
+        keys = (*ARCH_KEYS, "vocab_size") + (("vision_tuned_layers",) if old.vision_tuned_layers else ())
+        diff = {k: (getattr(old, k), getattr(model_cfg, k)) for k in keys if getattr(old, k) != getattr(model_cfg, k)}
         if diff:
             raise TrainingError(f"--from_weight {start} does not fit this run: {', '.join(f'{k} {a} vs {b}' for k, (a, b) in diff.items())}. "
                                 "Use the same size flags as the run that wrote it, or --from_weight none")
@@ -338,11 +351,11 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
     features = None
     if dist.is_main or cache_dir is None:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
-                                cfg.num_workers, progress=dist.is_main)
+                                cfg.num_workers, progress=dist.is_main, stop_before=model.cache_layers())
     dist.barrier()
     if features is None:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
-                                cfg.num_workers, build=False, progress=False)
+                                cfg.num_workers, build=False, progress=False, stop_before=model.cache_layers())
     if cfg.balance_closed:
         added = balance_closed(data, cfg.seed)
         log.info("--balance_closed: %d repeated closed question(s) balance the answers of every closed question text",
@@ -354,10 +367,13 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
 
 def make_optimizer(model: MedicalVLM, cfg: TrainConfig, device, dtype):
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate,
+    vision = {id(p) for p in model.vision_tuned.parameters()} if model.vision_tuned is not None else set()
+    groups = []
+    for scale, members in ((1.0, [p for p in params if id(p) not in vision]),
+                           (cfg.vision_lr / cfg.learning_rate, [p for p in params if id(p) in vision])):
+        groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                             betas=(0.9, 0.95), fused=True)  # fused: no per-parameter host reads of the step count
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return params, opt, scaler
@@ -407,7 +423,7 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
     else:
         total_targets = n_local
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # the tuned vision blocks follow --vision_lr
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
     for m, batch in enumerate(batches):
         sync = m == len(batches) - 1
