@@ -14,6 +14,7 @@ SUFFIX=$([ "$KIND" = hard ] && echo _hard || true)
 DATA=dataset/demo$SUFFIX
 OUT=out/demo$SUFFIX
 EPOCHS=${DEMO_EPOCHS:-16}
+SFT_LR=$([ "$KIND" = hard ] && echo 1e-3 || echo 2e-3)  # hard: 1e-3 won the sweep (README, scripts/sweep_hard.sh)
 MODEL=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4
        --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$OUT" --cache_dir "$DATA/cache")
 start=$(date +%s)
@@ -25,7 +26,7 @@ $PY train_pretrain_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_pretrain.json
 echo "== 3/4 stage 2: medical question answering"
 $PY train_sft_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_vqa_train.jsonl" \
   --val_path "$DATA/medical_vqa_validation.jsonl" --epochs "$EPOCHS" --batch_size 8 --pack_questions 4 \
-  --learning_rate 2e-3 \
+  --learning_rate "$SFT_LR" \
   --log_interval 10
 echo "== 4/4 evaluation on the demo test split"
 $PY eval_vlm.py --model_path "$OUT/medical_vlm_128.pth" --data_path "$DATA/medical_vqa_test.jsonl" \
