@@ -60,8 +60,7 @@ class MedicalVQA:
             self.trie = None
             return self
         train = read_jsonl(resolve_path(train_path), require_vqa=True)
-        self.trie = build_answer_trie(self.tokenizer, [answer_of(r) for r in train if r["answer_type"] == "CLOSED"],
-                                      [answer_of(r) for r in train if r["answer_type"] == "OPEN"],
+        self.trie = build_answer_trie(self.tokenizer, [(answer_of(r), r["answer_type"]) for r in train],
                                       self.model.config.eos_token_id, mode)
         return self
 

@@ -90,9 +90,8 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         if train is None:
             raise FileNotFoundError(f"--constrain {constrain} takes its answer sets from the training split: "
                                     f"{train_path} not found (pass --train_path)")
-        trie = build_answer_trie(tok, [r["answer"] for r in train if r["answer_type"] == "CLOSED"],
-                                 [r["answer"] for r in train if r["answer_type"] == "OPEN"],
-                                 model.config.eos_token_id, constrain)
+        trie = build_answer_trie(tok, [(r["answer"], r["answer_type"]) for r in train], model.config.eos_token_id,
+                                 constrain)
         types = {i: items[i]["answer_type"] for i, _, _ in pending}
         constrained = _generate_all(model, tok, pending, features, gen_cfg, batch_size, device, trie, types)
         c_items = [dict(it, prediction=constrained.get(n, "")) for n, it in enumerate(items)]

@@ -24,7 +24,7 @@ from model.config import VLMConfig, resolve_path
 from model.tokenization import end_token_id, image_token_id, prepare_tokenizer
 from model.vision import VisionTower, load_vision_tower
 from model.pretrained import CONFIG, WEIGHTS, download, is_pretrained_dir, looks_like_hub_id, read_pretrained
-from model.vlm import MedicalVLM
+from model.vlm import MedicalVLM, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +153,7 @@ def save_checkpoint(path: str | Path, model: MedicalVLM, tok: PreTrainedTokenize
                     step: int, extra: dict | None = None, dtype: str | torch.dtype = "float32") -> Path:
     """Writes the checkpoint atomically; refuses (CheckpointError, nothing written) when any
     weight is NaN/Inf. ``dtype``: precision of the stored floating-point weights."""
-    model = getattr(model, "module", model)  # DDP / compiled wrappers
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)  # DDP / compiled wrappers
     tower = model.vision_tower
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).clone()

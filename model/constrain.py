@@ -62,9 +62,12 @@ class AnswerTrie:
         return torch.where((nxt >= 0) & (state >= 0), nxt, state)
 
 
-def build_answer_trie(tokenizer, closed: list[str], open_: list[str], end_id: int, mode: str) -> AnswerTrie:
-    """``mode``: 'closed' constrains closed questions only (open ones decode freely), 'all'
-    constrains both, open questions to the training split's answer vocabulary."""
+def build_answer_trie(tokenizer, answers: list[tuple[str, str]], end_id: int, mode: str) -> AnswerTrie:
+    """``answers``: (answer, answer_type) of the training split. ``mode``: 'closed' constrains
+    closed questions only (open ones decode freely), 'all' constrains both, open questions to
+    the training split's answer vocabulary."""
+    closed = [a for a, t in answers if t == "CLOSED"]
+    open_ = [a for a, t in answers if t == "OPEN"]
     def seqs(answers):
         out = []
         for a in sorted(set(answers)):

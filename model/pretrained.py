@@ -69,7 +69,8 @@ def save_pretrained(folder: str | Path, model, tokenizer, stage: str, step: int,
     from safetensors.torch import save_file
 
     from model.checkpoint import FORMAT, FORMAT_VERSION, ensure_finite
-    model = getattr(getattr(model, "module", model), "_orig_mod", getattr(model, "module", model))
+    from model.vlm import unwrap
+    model = unwrap(model)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.trainable_state_dict().items() if k != TIED}

@@ -69,6 +69,12 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pos, nxt.reshape(-1)[pos]
 
 
+def unwrap(model: nn.Module) -> "MedicalVLM":
+    """The MedicalVLM inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 class MedicalVLM(nn.Module):
     def __init__(self, config: VLMConfig, vision_tower: VisionTower | None = None):
         super().__init__()

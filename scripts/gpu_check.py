@@ -75,6 +75,7 @@ def sync_check(device: str) -> dict:
     import torch
 
     import trainer.trainer as tr
+    from model.runtime import autocast
     from dataset.features import FeatureStore
     from dataset.vqa_dataset import Sample, collate
     from model.checkpoint import build_config
@@ -100,7 +101,7 @@ def sync_check(device: str) -> dict:
     cfg = TrainConfig(hidden_size=256, num_hidden_layers=2, accumulation_steps=2)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     params, opt, scaler = tr.make_optimizer(model, cfg, dev, dtype)
-    amp = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+    amp = autocast(dev, dtype)
 
     def step():
         batches = [collate(samples[:2], tok.pad_token_id, enc.image_id, 8),

@@ -74,7 +74,8 @@ def test_constrained_decoder_never_leaves_its_answer_set(tokenizer, tiny_tower):
     model = _trie_model(tokenizer, tiny_tower)
     closed = ["Yes", "No"]
     open_ = ["Left Lung", "Liver", "Brain Tissue", "2", "Transverse Plane", "Nodule"]
-    trie = build_answer_trie(tokenizer, closed, open_, model.config.eos_token_id, "all")
+    answers = [(a, "CLOSED") for a in closed] + [(a, "OPEN") for a in open_]
+    trie = build_answer_trie(tokenizer, answers, model.config.eos_token_id, "all")
     enc = ChatEncoder(tokenizer, model.config.image_tokens)
     feats = torch.randn(12, model.config.image_tokens, model.config.vision_hidden_size, generator=torch.Generator().manual_seed(0))
     prompts = [enc.encode([{"role": "user", "content": f"<image>\nquestion {i} " + "why " * i}],
@@ -89,7 +90,7 @@ def test_constrained_decoder_never_leaves_its_answer_set(tokenizer, tiny_tower):
         for ids, s in zip(out, sets):
             assert tokenizer.decode(ids) in (closed if s == "CLOSED" else open_), (tokenizer.decode(ids), s)
     # 'closed' mode: open rows decode freely, closed rows stay in their set
-    trie = build_answer_trie(tokenizer, closed, open_, model.config.eos_token_id, "closed")
+    trie = build_answer_trie(tokenizer, answers, model.config.eos_token_id, "closed")
     out = generate(model, prompts, feats, GenerationConfig(max_new_tokens=12), model.config.eos_token_id,
                    model.config.pad_token_id, trie=trie, answer_sets=sets)
     assert all(tokenizer.decode(ids) in closed for ids, s in zip(out, sets) if s == "CLOSED")

@@ -26,10 +26,10 @@ from dataset.features import FeatureStore
 from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, VQADataset, balance_closed, collate
 from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
-                              locate_checkpoint, non_finite, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
+                              locate_checkpoint, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
 from model.config import VLMConfig, resolve_path
 from model.minimind_weights import load_minimind_llm
-from model.runtime import Progress, compute_dtype, pick_device, seed_everything
+from model.runtime import Progress, autocast, compute_dtype, pick_device, seed_everything
 from model.tokenization import ChatEncoder, load_tokenizer
 from model.vision import load_vision_tower
 from model.vlm import MedicalVLM
@@ -314,14 +314,14 @@ class Checkpointer:
     def save(self, model, tok, opt, scaler, metrics: "MetricsLog", step: int, epoch: int, extra: dict,
              with_resume: bool, plot: bool):
         if self.dist.is_main:
-            bad = non_finite(model.trainable_state_dict())
-            if bad:
+            try:  # save_checkpoint's own guard refuses NaN/Inf weights before anything is written
+                save_checkpoint(self.final_path, model, tok, self.cfg.stage, step, dtype=self.cfg.save_dtype,
+                                extra={"train_config": self.cfg.to_dict(), "epoch": epoch, **extra})
+            except CheckpointError as exc:
                 raise TrainingError(
-                    f"the weights became NaN/Inf at step {step} (e.g. {bad[0]}): training diverged and this "
-                    f"step was not saved; {self.kept_message()}. Lower --learning_rate (now "
-                    f"{self.cfg.learning_rate}), keep --grad_clip on, or use --dtype bfloat16 instead of float16.")
-            save_checkpoint(self.final_path, model, tok, self.cfg.stage, step, dtype=self.cfg.save_dtype,
-                            extra={"train_config": self.cfg.to_dict(), "epoch": epoch, **extra})
+                    f"the weights became NaN/Inf at step {step} ({exc}): training diverged and this step was not "
+                    f"saved; {self.kept_message()}. Lower --learning_rate (now {self.cfg.learning_rate}), keep "
+                    "--grad_clip on, or use --dtype bfloat16 instead of float16.") from None
             if with_resume:
                 atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
                              "scaler": scaler.state_dict(), "step": step, "world": self.dist.world,
@@ -501,7 +501,7 @@ def train(cfg: TrainConfig) -> dict:
         wandb_run = wandb.init(project=cfg.wandb_project, name=name, config=cfg.to_dict())
     metrics = MetricsLog(metrics_path, dist.is_main, resume_step=start_step if cfg.resume else None,
                          wandb_run=wandb_run)
-    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    amp = autocast(device, dtype)
     saver = Checkpointer(cfg, final_path, resume_path, dist)
 
     model.train()
