@@ -112,7 +112,12 @@ class FeatureStore:
                              "features": torch.stack([rows[k] for k in keys])}, self.cache_file)
         else:
             log.info("vision features: all %d image(s) found in %s", len(self.paths), self.cache_file)
-        self.features = torch.stack([rows[h] for h in hashes]).to(self.device) if hashes else None
+        # text-only data (allowed by the contract) has no images: an empty table, not None
+        self.features = torch.stack([rows[h] for h in hashes]).to(self.device) if hashes else self._empty()
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(0, self.tower.num_patches + (self.stop_before is not None), self.tower.hidden_size,
+                           dtype=FEATURE_DTYPE, device=self.device)
 
     def get(self, index: torch.Tensor) -> torch.Tensor:
         """Features [len(index), tokens, width] for image-table rows ``index``."""
@@ -121,7 +126,6 @@ class FeatureStore:
                 index = index.pin_memory()  # asynchronous copy
             return self.features.index_select(0, index.to(self.device, non_blocking=True))
         if index.numel() == 0:
-            return torch.zeros(0, self.tower.num_patches + (self.stop_before is not None), self.tower.hidden_size,
-                               dtype=FEATURE_DTYPE, device=self.device)
+            return self._empty()
         pixels = self.tower.preprocess([load_image(self.paths[i]) for i in index.tolist()])
         return run_tower(self.tower, pixels, self.device, self.stop_before)

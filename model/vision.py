@@ -112,6 +112,28 @@ def preprocess(processor, images: list[Image.Image]) -> torch.Tensor:
     return processor(images=rgb, return_tensors="pt")["pixel_values"]
 
 
+def _grid_position_embedding(grid: int, dim: int, rms: float) -> torch.Tensor:
+    """2-D sine/cosine position embeddings (row in one half of the channels, column in the
+    other; CLS at position 0 gets zeros), scaled to root-mean-square ``rms``. Trained CLIP
+    towers learn smooth embeddings of this kind, where "left half" or "top row" is a linear
+    function of a patch's features; random vectors per patch would hide it from a linear
+    projector, which makes the random stand-in harder to learn from than a real tower."""
+    quarter = dim // 4
+    freqs = 1.0 / (grid ** (torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1)))
+    pos = torch.arange(grid, dtype=torch.float64)[:, None] * freqs[None] * torch.pi / 2
+
+    def axis(p):  # (grid, 2 * quarter)
+        return torch.cat([p.sin(), p.cos()], dim=1)
+
+    rows = axis(pos)[:, None, :].expand(grid, grid, -1)
+    cols = axis(pos)[None, :, :].expand(grid, grid, -1)
+    emb = torch.zeros(grid * grid + 1, dim, dtype=torch.float64)
+    emb[1:, :4 * quarter] = torch.cat([rows, cols], dim=2).reshape(grid * grid, -1)
+    emb[1:] -= emb[1:].mean(0)
+    emb *= rms / emb[1:].pow(2).mean().sqrt()
+    return emb.float()
+
+
 def _random_tower(name: str) -> VisionTower:
     cfg = CLIPVisionConfig(image_size=224, patch_size=16, **RANDOM_TOWERS[name])
     model = CLIPVisionModel(cfg)
@@ -124,6 +146,8 @@ def _random_tower(name: str) -> VisionTower:
                 param.fill_(1.0 if key.endswith("weight") else 0.0)
             elif key.endswith("bias"):
                 param.zero_()
+            elif "position_embedding" in key:
+                param.copy_(_grid_position_embedding(cfg.image_size // cfg.patch_size, cfg.hidden_size, 0.3))
             else:
                 # Position/class embeddings comparable to the patch term: the pre-LayerNorm would
                 # otherwise reduce a flat patch to the sign of its brightness.
