@@ -147,11 +147,12 @@ class MedicalVLM(nn.Module):
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 position_ids=None, attn_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0,
                 image_slots: torch.Tensor | None = None, target_pos: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, with_hits: bool = False):
         """With ``labels`` (or ``target_pos`` + ``targets`` from ``collate``): returns (sum of
         token losses, number of target tokens as an int, aux loss); logits are computed only
-        at target positions, which are a few percent of the sequence in VQA. Without: logits
-        for the last ``logits_to_keep`` positions (0 = all)."""
+        at target positions, which are a few percent of the sequence in VQA. ``with_hits`` adds
+        a fourth item: whether each target token is the arg-max prediction (validation exact
+        match). Without labels: logits for the last ``logits_to_keep`` positions (0 = all)."""
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         h = self.llm(self.embed(input_ids, image_features, image_slots), position_ids, attn_mask, cache)
@@ -161,6 +162,8 @@ class MedicalVLM(nn.Module):
             target_pos, targets = target_positions(labels)
         logits = self.llm.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, target_pos))
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if with_hits:
+            return loss_sum, target_pos.shape[0], self.llm.aux_loss(), logits.argmax(-1) == targets
         return loss_sum, target_pos.shape[0], self.llm.aux_loss()
 
     def save_pretrained(self, folder, tokenizer, stage: str = "sft", step: int = 0, extra: dict | None = None,

@@ -4,7 +4,8 @@
 # convert (--demo) -> pretrain -> SFT -> evaluation with baselines, using a small language
 # model and the random-tiny vision tower. Writes dataset/demo/ and out/demo/ (your real
 # dataset/ and out/ files are left alone). Set DEMO_EPOCHS to train longer.
-#   DEMO=hard bash scripts/demo.sh    # the hard set (priors useless): dataset/demo_hard/, out/demo_hard/
+#   DEMO=hard bash scripts/demo.sh    # the hard set (priors useless, 32 epochs, ~8 min): dataset/demo_hard/, out/demo_hard/
+# Learning rates are the automatic ones for a language model trained from scratch (1e-3 in both stages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -13,8 +14,15 @@ KIND=${DEMO:-easy}
 SUFFIX=$([ "$KIND" = hard ] && echo _hard || true)
 DATA=dataset/demo$SUFFIX
 OUT=out/demo$SUFFIX
-EPOCHS=${DEMO_EPOCHS:-16}
-SFT_LR=1e-3  # measured best of 1e-3 / 2e-3 / 4e-3 on both synthetic sets (README, scripts/sweep_hard.sh)
+# Stage-2 recipe per set, measured with scripts/sweep_hard.sh (README, "What accuracy to expect"). The hard
+# set's kind x side x organ questions are learned late, in a jump after about 12 epochs: it needs 32.
+if [ "$KIND" = hard ]; then
+  EPOCHS=${DEMO_EPOCHS:-32}; SFT=(--batch_size 4 --pack_questions 8)
+  CHECK=(--margin 0.15 --open_margin 0.30)  # issue #13's bar: +15 points on closed, +30 on open questions
+else
+  EPOCHS=${DEMO_EPOCHS:-16}; SFT=(--batch_size 8 --pack_questions 4)
+  CHECK=(--margin 0.05)
+fi
 MODEL=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4
        --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$OUT" --cache_dir "$DATA/cache")
 start=$(date +%s)
@@ -22,16 +30,14 @@ echo "== 1/4 build the synthetic mini-SLAKE"
 $PY convert_slake_dataset.py --demo "$KIND" --out_dir "$DATA"
 echo "== 2/4 stage 1: align image features (captions)"
 $PY train_pretrain_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_pretrain.jsonl" --epochs 2 --batch_size 16 \
-  --learning_rate 1e-3 --log_interval 10
+  --log_interval 10
 echo "== 3/4 stage 2: medical question answering"
 $PY train_sft_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_vqa_train.jsonl" \
-  --val_path "$DATA/medical_vqa_validation.jsonl" --epochs "$EPOCHS" --batch_size 8 --pack_questions 4 \
-  --learning_rate "$SFT_LR" \
-  --log_interval 10
+  --val_path "$DATA/medical_vqa_validation.jsonl" --epochs "$EPOCHS" "${SFT[@]}" --log_interval 10
 echo "== 4/4 evaluation on the demo test split"
 $PY eval_vlm.py --model_path "$OUT/medical_vlm_128.pth" --data_path "$DATA/medical_vqa_test.jsonl" \
   --train_path "$DATA/medical_vqa_train.jsonl" --images_path "$DATA/medical_images" --out_dir "$OUT" \
   --cache_dir "$DATA/cache"
-$PY -m scripts.check_learning "$OUT/eval/medical_vlm_128/metrics.json" --margin 0.05
+$PY -m scripts.check_learning "$OUT/eval/medical_vlm_128/metrics.json" "${CHECK[@]}"
 echo "done in $(( $(date +%s) - start )) s. Loss curves: $OUT/*_loss.png"
 echo "Try it in the browser:  .venv/bin/python web_demo_vlm.py --model_path $OUT/medical_vlm_128.pth"

@@ -1,48 +1,88 @@
 #!/usr/bin/env bash
-# Stage-2 recipe sweep on the hard synthetic set (priors useless), CPU-sized model.
-#   DEMO=hard bash scripts/demo.sh        # once: data, stage 1 and the baseline recipe
-#   bash scripts/sweep_hard.sh [NAME ...] # each variant: SFT from the same stage-1 model, then eval
-# Prints one line per variant and writes out/sweep_hard/<name>/eval/medical_vlm_128/metrics.json.
+# Recipe sweep on the hard synthetic set (priors useless), CPU-sized model (128 wide, random-tiny tower):
+#   bash scripts/sweep_hard.sh                    # the default list below
+#   bash scripts/sweep_hard.sh guide demo32 ...   # chosen variants
+#   JOBS=2 bash scripts/sweep_hard.sh ...         # two variants at a time, one thread each
+# Each variant runs stage 1, stage 2 and the evaluation from scratch (or from the stand-in MiniMind2
+# weights of scripts/make_standin_llm.py for the llm_* variants) and prints one line; results are
+# appended to out/sweep_hard/results.txt, runs are in out/sweep_hard/<name>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 DATA=dataset/demo_hard
-PRE=out/demo_hard/medical_pretrain_vlm_128.pth
-[ -f "$PRE" ] || { echo "run DEMO=hard bash scripts/demo.sh first"; exit 1; }
+SWEEP=out/sweep_hard
+LLM=$SWEEP/standin_llm_128x${LAYERS:-2}.pth
+mkdir -p "$SWEEP"
+[ -f "$DATA/manifest.json" ] || $PY convert_slake_dataset.py --demo hard --out_dir "$DATA" > /dev/null
+DEMO_PRE="--epochs 2 --batch_size 16"
+# name = "start | stage-1 flags | stage-2 flags"; start: scratch, or llm (--from_llm, the stand-in weights)
 declare -A V=(
-  [base]="--learning_rate 2e-3"
-  [lr1e-3]="--learning_rate 1e-3"
-  [lr4e-3]="--learning_rate 4e-3"
-  [vision_last1]="--learning_rate 2e-3 --train_vision last:1 --vision_lr 1e-3"
-  [vision_all]="--learning_rate 2e-3 --train_vision all --vision_lr 1e-3"
-  [vision_all_lr3e-4]="--learning_rate 2e-3 --train_vision all --vision_lr 3e-4"
-  [balance]="--learning_rate 2e-3 --balance_closed"
-  [epochs32]="--learning_rate 2e-3 --epochs 32"
+  [guide]="scratch | | "                                            # the guide's commands, default flags
+  [guide_lr1e-4]="scratch | --learning_rate 4e-4 | --learning_rate 1e-4"   # the defaults before the sweep
+  [demo16]="scratch | $DEMO_PRE | --epochs 16 --batch_size 8 --pack_questions 4"
+  [demo32]="scratch | $DEMO_PRE | --epochs 32 --batch_size 8 --pack_questions 4"
+  [demo32_lr2e-3]="scratch | $DEMO_PRE | --epochs 32 --batch_size 8 --pack_questions 4 --learning_rate 2e-3"
+  [demo16_wd0.1]="scratch | $DEMO_PRE | --epochs 16 --batch_size 8 --pack_questions 4 --weight_decay 0.1"
+  [demo32_pack8]="scratch | $DEMO_PRE | --epochs 32 --batch_size 4 --pack_questions 8"
+  [demo32_pack8_seed1]="scratch | $DEMO_PRE --seed 1 | --epochs 32 --batch_size 4 --pack_questions 8 --seed 1"
+  [guide_epochs16]="scratch | | --epochs 16"
+  [guide_batch8]="scratch | | --batch_size 8"
+  [guide_lr2e-3]="scratch | --learning_rate 2e-3 | --learning_rate 2e-3"
+  [guide_lr3e-3]="scratch | --learning_rate 3e-3 | --learning_rate 3e-3"
+  [guide_pack8]="scratch | | --batch_size 4 --pack_questions 8"
+  [llm_guide]="llm | | "
+  [llm_lr1e-3]="llm | | --learning_rate 1e-3"
+  [llm_demo32]="llm | $DEMO_PRE | --epochs 32 --batch_size 8 --pack_questions 4"
+  [llm_demo32_lr1e-3]="llm | $DEMO_PRE | --epochs 32 --batch_size 8 --pack_questions 4 --learning_rate 1e-3"
 )
 NAMES=("$@")
-[ ${#NAMES[@]} -gt 0 ] || NAMES=(base vision_last1 vision_all lr1e-3 balance)
+[ ${#NAMES[@]} -gt 0 ] || NAMES=(guide guide_lr1e-4 demo16 demo32 llm_guide llm_lr1e-3)
 for name in "${NAMES[@]}"; do
-  out=out/sweep_hard/$name
-  start=$(date +%s)
+  [ -n "${V[$name]+x}" ] || { echo "unknown variant $name (known: ${!V[*]})"; exit 2; }
+done
+if printf '%s\n' "${NAMES[@]}" | grep -q '^llm_' && [ ! -f "$LLM" ]; then
+  echo "== stand-in MiniMind2 weights (text-only LM on SLAKE's training questions) -> $LLM"
+  $PY -m scripts.make_standin_llm --hidden_size 128 --num_hidden_layers "${LAYERS:-2}" --out "$LLM" > "$LLM.log" 2>&1
+fi
+
+run() {
+  local name=$1 start pre sft out from_llm=() t0
+  IFS='|' read -r start pre sft <<< "${V[$name]}"
+  start=$(echo $start)
+  out=$SWEEP/$name
+  rm -rf "$out"; mkdir -p "$out"
+  [ "$start" = llm ] && from_llm=(--from_llm "$LLM")
+  local model=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers "${LAYERS:-2}" --num_attention_heads 4
+               --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$out" --cache_dir "$DATA/cache"
+               --log_interval 1000)
+  t0=$(date +%s)
   # shellcheck disable=SC2086
-  $PY train_sft_vlm.py --vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4 \
-    --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$out" --cache_dir "$DATA/cache" \
-    --data_path "$DATA/medical_vqa_train.jsonl" --val_path "$DATA/medical_vqa_validation.jsonl" --epochs 16 \
-    --batch_size 8 --pack_questions 4 --log_interval 100 --from_weight "$PRE" ${V[$name]} > "$out.log" 2>&1 || true
+  $PY train_pretrain_vlm.py "${model[@]}" "${from_llm[@]}" --data_path "$DATA/medical_pretrain.jsonl" $pre \
+    > "$out/pretrain.log" 2>&1 &&
+  $PY train_sft_vlm.py "${model[@]}" --data_path "$DATA/medical_vqa_train.jsonl" \
+    --val_path "$DATA/medical_vqa_validation.jsonl" $sft > "$out/sft.log" 2>&1 &&
   $PY eval_vlm.py --model_path "$out/medical_vlm_128.pth" --data_path "$DATA/medical_vqa_test.jsonl" \
     --train_path "$DATA/medical_vqa_train.jsonl" --images_path "$DATA/medical_images" --out_dir "$out" \
-    --cache_dir "$DATA/cache" --constrain closed >> "$out.log" 2>&1 || true
-  $PY - "$name" "$out/eval/medical_vlm_128/metrics.json" "$(( $(date +%s) - start ))" <<'PY'
+    --cache_dir "$DATA/cache" > "$out/eval.log" 2>&1 || true
+  $PY - "$name" "$out" "$(( $(date +%s) - t0 ))" "${V[$name]}" <<'PY' | tee -a "$SWEEP/results.txt"
 import json, sys
-name, path, secs = sys.argv[1], sys.argv[2], sys.argv[3]
+name, out, secs, spec = sys.argv[1:5]
 try:
-    m = json.load(open(path))
+    m = json.load(open(f"{out}/eval/medical_vlm_128/metrics.json"))
 except OSError:
-    print(f"{name:20s} FAILED (see {path.split('/eval')[0]}.log)"); sys.exit()
-b = m["baselines"]["majority_per_question"]; u = m["image_use"]; c = m.get("constrained", {})
+    print(f"{name:18s} FAILED (see {out}/*.log)"); sys.exit()
+b = m["baselines"]["majority_per_question"]; u = m["image_use"]
 f = lambda x: "-" if x is None else f"{100 * x:.1f}"
-print(f"{name:20s} closed {f(m['closed_accuracy'])} (prior {f(b['closed_accuracy'])}, constrained "
-      f"{f(c.get('closed_accuracy'))}) open {f(m['open_accuracy'])} (prior {f(b['open_accuracy'])}) | against prior: "
-      f"closed {f(u['closed']['against_prior_accuracy'])} open {f(u['open']['against_prior_accuracy'])} | {secs} s")
+lead = lambda k: f"{100 * (m[k] - b[k]):+.1f}"
+print(f"{name:18s} closed {f(m['closed_accuracy'])} ({lead('closed_accuracy')}) open {f(m['open_accuracy'])} "
+      f"({lead('open_accuracy')}) | against the prior: closed {f(u['closed']['against_prior_accuracy'])} open "
+      f"{f(u['open']['against_prior_accuracy'])} | {secs} s | {' '.join(spec.split())}")
 PY
+}
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$([ "${JOBS:-1}" -gt 1 ] && echo 1 || nproc)}
+for name in "${NAMES[@]}"; do
+  run "$name" &
+  while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-1}" ]; do wait -n || true; done
 done
+wait

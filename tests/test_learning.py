@@ -159,9 +159,58 @@ def test_balance_closed_equalises_answers_per_question_text(tokenizer, tmp_path)
 
 
 def test_more_epochs_advice():
-    from trainer.trainer import more_epochs_advice
-    assert "more epochs would likely help (e.g. --epochs 8)" in more_epochs_advice([1.0, 0.8, 0.7], 4)
-    assert more_epochs_advice([1.0, 0.8, 0.85], 4) is None and more_epochs_advice([0.8, 0.7999], 4) is None
+    from trainer.trainer import Validation, more_epochs_advice
+
+    def hist(*pairs):
+        return [Validation(loss, acc, acc) for loss, acc in pairs]
+    assert "loss still falling" in more_epochs_advice(hist((1.0, .5), (.8, .5), (.7, .5)), 4)
+    assert "more epochs would likely help (e.g. --epochs 8)" in more_epochs_advice(hist((1.0, .5), (.7, .5)), 4)
+    # the loss turns up while the exact match keeps rising (confident mistakes): still say so
+    advice = more_epochs_advice(hist((.30, .60), (.25, .70), (.33, .74)), 16)
+    assert "exact match still rising (70.0% -> 74.0%" in advice and "--epochs 32" in advice
+    assert more_epochs_advice(hist((1.0, .5), (.8, .6), (.85, .6)), 4) is None
+    assert more_epochs_advice(hist((.8, .6), (.7999, .605)), 4) is None  # both flat
+    assert more_epochs_advice(hist((.8, .7), (.9, .65), (.95, .69)), 4) is None  # below its best
+    assert more_epochs_advice([Validation(.8, None, None), Validation(.9, None, None)], 4) is None
+
+
+def test_validation_exact_match_is_what_greedy_decoding_answers(tmp_path, tokenizer):
+    """The per-epoch exact match (teacher-forced, no generation) counts exactly the questions
+    whose greedy answer is the reference, per answer type."""
+    from dataset.features import FeatureStore
+    from dataset.slake import convert, read_release
+    from dataset.vqa_dataset import IGNORE_INDEX, VQADataset
+    from model.checkpoint import load_model
+    from trainer.cli import main as train_main
+    from trainer.config import parse_train_args
+    from trainer.trainer import Dist, evaluate
+    raw = write_hard_release(tmp_path / "raw", seed=4, n_train=4, n_val=1, n_test=1)
+    convert(read_release(raw), tmp_path / "d")
+    d = tmp_path / "d"
+    args = ["--vision_model", "random-tiny", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads",
+            "2", "--num_key_value_heads", "1", "--device", "cpu", "--num_workers", "0", "--cache_dir", "",
+            "--images_path", str(d / "medical_images"), "--data_path", str(d / "medical_vqa_train.jsonl"),
+            "--val_path", "", "--epochs", "25", "--batch_size", "4", "--learning_rate", "3e-3",
+            "--from_weight", "none", "--out_dir", str(tmp_path / "o"), "--log_interval", "1000"]
+    assert train_main("sft", args) == 0  # nearly memorises its 4 images' questions
+    loaded = load_model(tmp_path / "o" / "medical_vlm_32.pth", vision_model="random-tiny")
+    model, enc = loaded.model, ChatEncoder(loaded.tokenizer, 196)
+    data = VQADataset(d / "medical_vqa_train.jsonl", d / "medical_images", enc, 512)
+    feats = FeatureStore(model.vision_tower, data.image_paths, "cpu", None, progress=False)
+    cfg = parse_train_args("sft", ["--batch_size", "5"])
+    got = evaluate(model, data, feats, cfg, Dist(), torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    model.eval()
+    hits = {"CLOSED": [], "OPEN": []}
+    for s in data.samples:
+        prompt = enc.encode(s.record["conversations"][:-1], add_generation_prompt=True).input_ids
+        answer = [t for t in s.labels if t != IGNORE_INDEX][:-1]  # without the end-of-turn token
+        out = generate(model, [prompt], feats.get(torch.tensor(s.images)), GenerationConfig(max_new_tokens=12),
+                       model.config.eos_token_id, model.config.pad_token_id)[0]
+        hits[s.record["answer_type"]].append(out == answer)
+    closed, open_ = sum(hits["CLOSED"]) / len(hits["CLOSED"]), sum(hits["OPEN"]) / len(hits["OPEN"])
+    assert 0 < closed + open_ < 2, "the test needs hits and misses"
+    assert got.closed == pytest.approx(closed) and got.open == pytest.approx(open_)
+    assert got.loss > 0
 
 
 def test_other_clip_towers_work(tmp_path):
@@ -279,3 +328,137 @@ def test_train_vision_tunes_exactly_the_last_blocks(mode, n, tmp_path, tiny_towe
         before = model.finish_image_features(feats.get(torch.tensor([0])))
         model.vision_tuned[-1].mlp.fc2.weight.zero_()
         assert not torch.allclose(before, model.finish_image_features(feats.get(torch.tensor([0]))))
+
+
+@pytest.mark.parametrize("stage,argv,before,expected,lm_pretrained", [
+    ("sft", [], {}, 1e-3, False),                                    # scratch
+    ("pretrain", [], {}, 1e-3, False),
+    ("pretrain", ["--from_llm", "llm_128.pth"], {}, 4e-4, True),     # MiniMind2 start, this run
+    ("sft", [], {"from_llm": "llm_128.pth"}, 1e-4, True),            # ... or the run it continues
+    ("sft", [], {"lm_pretrained": True}, 1e-4, True),                # ... or a run before that
+    ("sft", ["--learning_rate", "3e-3"], {"lm_pretrained": True}, 3e-3, True),  # the flag always wins
+])
+def test_learning_rate_is_chosen_per_stage_and_start(stage, argv, before, expected, lm_pretrained):
+    """Without --learning_rate the rate follows the stage and whether the language model
+    started from MiniMind2 weights: 1e-4 on a scratch model leaves closed questions at the
+    question-text prior (issue #13)."""
+    from trainer.config import parse_train_args
+    cfg = parse_train_args(stage, argv)
+    assert (cfg.learning_rate is None) == ("--learning_rate" not in argv)
+    cfg.resolve_learning_rate(bool(cfg.from_llm or before.get("from_llm") or before.get("lm_pretrained")))
+    assert cfg.learning_rate == pytest.approx(expected) and cfg.lm_pretrained is lm_pretrained
+    with pytest.raises(SystemExit):
+        parse_train_args(stage, ["--lm_pretrained"])
+
+
+def test_chained_runs_keep_the_start_and_record_the_rate(tmp_path, capfd):
+    """A stage-2 run from a stage-1 checkpoint whose language model came from MiniMind2
+    weights gets the MiniMind2 rate; every checkpoint records the rate it used; the log says
+    "saved" and never "nothing to train" after a normal run."""
+    from trainer.cli import main as train_main
+    raw = write_hard_release(tmp_path / "raw", seed=3, n_train=4, n_val=1, n_test=1)
+    from dataset.slake import convert, read_release
+    convert(read_release(raw), tmp_path / "d")
+    d = tmp_path / "d"
+    base = ["--vision_model", "random-tiny", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads",
+            "2", "--num_key_value_heads", "1", "--device", "cpu", "--num_workers", "0", "--cache_dir", str(tmp_path / "c"),
+            "--images_path", str(d / "medical_images"), "--val_path", "", "--epochs", "1", "--batch_size", "4",
+            "--out_dir", str(tmp_path / "o")]
+    assert train_main("pretrain", base + ["--data_path", str(d / "medical_pretrain.jsonl")]) == 0
+    pre = tmp_path / "o" / "medical_pretrain_vlm_32.pth"
+    assert torch.load(pre, weights_only=False)["extra"]["train_config"]["learning_rate"] == pytest.approx(1e-3)
+    # mark the stage-1 run as one that started from MiniMind2 weights (as --from_llm would)
+    state = torch.load(pre, weights_only=False)
+    state["extra"]["train_config"]["from_llm"] = "model/llm_32.pth"
+    torch.save(state, pre)
+    capfd.readouterr()
+    assert train_main("sft", base + ["--data_path", str(d / "medical_vqa_train.jsonl")]) == 0
+    log = "".join(capfd.readouterr())
+    tc = torch.load(tmp_path / "o" / "medical_vlm_32.pth", weights_only=False)["extra"]["train_config"]
+    assert tc["learning_rate"] == pytest.approx(1e-4) and tc["lm_pretrained"] is True
+    assert "learning rate 0.0001 (automatic for sft from MiniMind2 weights)" in log
+    assert "saved " in log and "nothing to train" not in log
+
+
+def test_random_tower_patches_know_where_they_are(tiny_tower):
+    """The random stand-in's position embeddings are smooth 2-D ones, as a trained CLIP's are:
+    a patch's half of the image (left/right, top/bottom) is a linear function of its features.
+    With a random vector per position it was not (73 % for the best linear read-out), and the
+    hard set's "left lung" questions measured the stand-in instead of the recipe."""
+    from model.vision import preprocess
+    from tests.helpers import random_image
+    with torch.no_grad():
+        feats = tiny_tower(preprocess(tiny_tower.processor, [random_image(s) for s in range(8)])).double()
+    x = torch.cat([feats.reshape(-1, feats.shape[-1]), torch.ones(8 * 196, 1, dtype=torch.double)], 1)
+    for half in (torch.arange(196) % 14 >= 7, torch.arange(196) // 14 >= 7):
+        y = half.double().repeat(8) * 2 - 1
+        w = torch.linalg.lstsq(x[:6 * 196], y[:6 * 196, None]).solution
+        accuracy = ((x[6 * 196:] @ w).squeeze(1).sign() == y[6 * 196:]).double().mean().item()
+        assert accuracy > 0.95, accuracy
+
+
+@pytest.mark.parametrize("closed,open_,argv,ok", [
+    (0.71, 0.70, ["--margin", "0.15", "--open_margin", "0.30"], True),
+    (0.69, 0.70, ["--margin", "0.15", "--open_margin", "0.30"], False),  # closed lead 14 points
+    (0.71, 0.68, ["--margin", "0.15", "--open_margin", "0.30"], False),  # open lead 29 points
+    (0.71, 0.68, ["--margin", "0.15"], True),                            # open uses --margin
+    (0.61, 0.45, ["--margin", "0.05"], True),
+    (0.59, 0.45, ["--margin", "0.05"], False),
+])
+def test_check_learning_margins(tmp_path, capsys, closed, open_, argv, ok):
+    from scripts.check_learning import main as check
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"closed_accuracy": closed, "open_accuracy": open_, "baselines": {
+        "majority_per_question": {"closed_accuracy": 0.54, "open_accuracy": 0.39},
+        "majority_per_answer_type": {"closed_accuracy": 0.55, "open_accuracy": 0.15}}}))
+    assert check([str(path), *argv]) == (0 if ok else 1)
+    assert f"CLOSED {100 * (closed - 0.55):+.1f} points" in capsys.readouterr().out
+
+
+def test_standin_llm_loads_through_from_llm(tmp_path, tokenizer, tiny_tower):
+    """The CPU-sized MiniMind2 stand-in (text-only LM) is written in MiniMind's
+    transformers-style naming and loads through --from_llm's code path unchanged."""
+    from model.minimind_weights import load_minimind_llm
+    from scripts.make_standin_llm import main as make_llm, text_conversations
+    raw = write_hard_release(tmp_path / "raw", seed=5, n_train=3, n_val=1, n_test=1)
+    assert all("<image>" not in c["conversations"][0]["content"] for c in text_conversations(raw))
+    out = tmp_path / "llm_32.pth"
+    assert make_llm(["--release", str(raw), "--hidden_size", "32", "--num_hidden_layers", "1",
+                     "--num_attention_heads", "2", "--num_key_value_heads", "1", "--epochs", "1",
+                     "--out", str(out)]) == 0
+    sd = torch.load(out, weights_only=True)
+    assert "model.embed_tokens.weight" in sd and "lm_head.weight" in sd and "model.layers.0.self_attn.q_proj.weight" in sd
+    assert not any(k.startswith(("llm.", "projector", "model.projector")) for k in sd)
+    model = make_tiny_model(tokenizer, tiny_tower, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1)
+    load_minimind_llm(model, str(out))
+    assert torch.equal(model.llm.embed_tokens.weight, sd["model.embed_tokens.weight"])
+    assert torch.equal(model.llm.layers[0].self_attn.q_proj.weight, sd["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_closed_questions_at_the_prior_are_reported(tmp_path, tokenizer):
+    """The trainer computes what the per-question prior scores on the validation split, and
+    warns when the closed exact match ends there (the image is not used for closed questions)."""
+    from dataset.vqa_dataset import VQADataset
+    from trainer.trainer import Validation, prior_advice, validation_prior
+    d = tmp_path / "d"
+    d.mkdir()
+
+    def write(name, rows):
+        (d / name).write_text("".join(json.dumps({"conversations": [
+            {"role": "user", "content": q}, {"role": "assistant", "content": a}], "answer_type": t}) + "\n"
+            for q, a, t in rows))
+    write("train.jsonl", [("Is it a cyst?", "Yes", "CLOSED")] * 3 + [("Is it a cyst?", "No", "CLOSED"),
+                         ("What kind?", "Cyst", "OPEN"), ("What kind?", "Cyst", "OPEN"), ("What kind?", "Nodule", "OPEN")])
+    write("val.jsonl", [("Is it a cyst?", "Yes", "CLOSED"), ("Is it a cyst?", "No", "CLOSED"),
+                        ("Is it a cyst?", "No", "CLOSED"), ("Is it a cyst?", "No", "CLOSED"),
+                        ("What kind?", "Nodule", "OPEN"), ("What kind?", "Cyst", "OPEN")])
+    enc = ChatEncoder(tokenizer, 4)
+    prior = validation_prior(VQADataset(d / "train.jsonl", d, enc, 64), VQADataset(d / "val.jsonl", d, enc, 64))
+    assert prior.closed == pytest.approx(0.25) and prior.open == pytest.approx(0.5)
+    assert "closed questions end at the level of the question-text prior (validation exact match 26.0% vs 25.0%" \
+        in prior_advice(Validation(0.3, 0.26, 0.9), prior, 4)
+    assert "--epochs 32" in prior_advice(Validation(0.3, 0.26, 0.9), prior, 4)
+    assert prior_advice(Validation(0.3, 0.30, 0.9), prior, 4) is None  # 5 points above: uses the image
+    assert prior_advice(None, prior, 4) is None and prior_advice(Validation(0.3, 0.2, 0.9), None, 4) is None
+    assert validation_prior(VQADataset(d / "train.jsonl", d, enc, 64), None) is None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from model import flags
 from model.config import DEFAULT_TOKENIZER, DEFAULT_VISION_MODEL
@@ -45,7 +45,7 @@ class TrainConfig:
     epochs: int = 4
     batch_size: int = 16
     accumulation_steps: int = 1
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: AUTO_LEARNING_RATE for this stage and start
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
@@ -64,6 +64,9 @@ class TrainConfig:
     stop_at_step: int = 0       # stop after this optimizer step (schedule unchanged); 0 = run to the end
     use_wandb: bool = False
     wandb_project: str = "medical-vlm"
+    # set by the trainer, not a flag: the language model started from MiniMind2 weights
+    # (--from_llm here or in the run that wrote --from_weight); picks the automatic learning rate
+    lm_pretrained: bool = field(default=False, metadata={"flag": False})
 
     def __post_init__(self):
         """The same rules as the command line (RULES), plus the ones that tie flags together."""
@@ -73,7 +76,8 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise flags.FlagError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name, rule in RULES.items():
-            setattr(self, name, flags.check_value(name, rule, getattr(self, name)))
+            if getattr(self, name) is not None:  # None: chosen automatically (learning_rate)
+                setattr(self, name, flags.check_value(name, rule, getattr(self, name)))
         if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
             raise flags.FlagError(
                 f"--hidden_size {self.hidden_size} must split into --num_attention_heads "
@@ -93,17 +97,35 @@ class TrainConfig:
             return "all" if self.from_llm else "none"
         return self.freeze_llm
 
+    def resolve_learning_rate(self, lm_pretrained: bool) -> str:
+        """Fills in the automatic learning rate once the start is known; returns where the rate
+        came from, for the log."""
+        self.lm_pretrained = lm_pretrained
+        if self.learning_rate is not None:
+            return "--learning_rate"
+        start = "llm" if lm_pretrained else "scratch"
+        self.learning_rate = AUTO_LEARNING_RATE[(self.stage, start)]
+        return f"automatic for {self.stage} from {'MiniMind2 weights' if lm_pretrained else 'scratch'}"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+# Peak learning rate per stage and start when --learning_rate is not given. A language model
+# trained from scratch needs about 10x the rate of one that starts from MiniMind2 weights: at
+# 1e-4 a scratch model answers closed questions from the question text alone (README, "What
+# accuracy to expect", measured with scripts/sweep_hard.sh). The MiniMind2 rates are
+# MiniMind-V's (stage 1 trains only the projector).
+AUTO_LEARNING_RATE = {("pretrain", "scratch"): 1e-3, ("pretrain", "llm"): 4e-4,
+                      ("sft", "scratch"): 1e-3, ("sft", "llm"): 1e-4}
+
 PRESETS = {
     # stage 1: align image features with captions of the training images
     "pretrain": dict(stage="pretrain", data_path="dataset/medical_pretrain.jsonl", val_path="",
-                     learning_rate=4e-4, freeze_llm="auto", from_weight="none", epochs=4, batch_size=16),
+                     freeze_llm="auto", from_weight="none", epochs=4, batch_size=16),
     # stage 2: medical question answering, from the stage-1 model when it exists
     "sft": dict(stage="sft", data_path="dataset/medical_vqa_train.jsonl",
-                val_path="dataset/medical_vqa_validation.jsonl", learning_rate=1e-4, freeze_llm="none",
+                val_path="dataset/medical_vqa_validation.jsonl", freeze_llm="none",
                 from_weight="pretrain", epochs=4, batch_size=16),
 }
 
@@ -131,6 +153,8 @@ HELP = {
     "vision_lr": "peak learning rate of the fine-tuned vision blocks (same schedule as --learning_rate)",
     "balance_closed": "repeat the rarer answer of every closed question text until its answers are balanced, so "
                       "the question text alone cannot predict them",
+    "learning_rate": "peak learning rate; default: automatic per stage and start (1e-3 from scratch; 4e-4 "
+                     "for stage 1 and 1e-4 for stage 2 from MiniMind2 weights)",
     "save_dtype": "precision of the weights checkpoint (bfloat16/float16 halve its size; resume state stays float32)",
 }
 
@@ -156,10 +180,10 @@ def parse_train_args(stage: str, argv=None, description: str | None = None) -> T
     preset = {**asdict(TrainConfig()), **PRESETS[stage]}
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        if f.name == "stage":
+        if f.name == "stage" or not f.metadata.get("flag", True):
             continue
         default = preset[f.name]
-        help_text = f"{HELP.get(f.name, '')} (default: {default!r})".strip()
+        help_text = (HELP.get(f.name, "") + ("" if default is None else f" (default: {default!r})")).strip()
         if f.type in ("bool", bool):
             ap.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:

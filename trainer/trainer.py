@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
 from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, VQADataset, balance_closed, collate
 from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
@@ -147,6 +148,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
     start = resolve_from_weight(cfg)
     ckpt = read_checkpoint(start) if start else None
     tok = tokenizer_from_files(ckpt["tokenizer"], str(start)) if ckpt else load_tokenizer(cfg.tokenizer_path)
+    before = (ckpt or {}).get("extra", {}).get("train_config", {})
+    source = cfg.resolve_learning_rate(bool(cfg.from_llm or before.get("from_llm") or before.get("lm_pretrained")))
+    log.info("learning rate %g (%s)", cfg.learning_rate, source)
     tower = load_vision_tower(cfg.vision_model)
     model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS}, **tuned_vision(cfg, tower))
     if cfg.max_seq_len > model_cfg.max_position_embeddings:
@@ -270,23 +274,88 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+@dataclass
+class Validation:
+    """One pass over the validation set: mean loss per answer token, and exact match per
+    answer type. Exact match is teacher-forced (every answer token, end of turn included, is
+    the arg-max prediction), which is what greedy decoding would answer, at no generation cost;
+    it can keep rising while the loss rises too (confident mistakes cost more loss)."""
+    loss: float
+    closed: float | None
+    open: float | None
+
+    def line(self) -> str:
+        acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (("closed", self.closed), ("open", self.open))
+                        if v is not None)
+        return f"validation loss {self.loss:.4f}" + (f", exact match {acc}" if acc else "")
+
+    def row(self) -> dict:
+        return {"val_loss": round(self.loss, 6),
+                **{f"val_{k}_acc": round(v, 4) for k, v in (("closed", self.closed), ("open", self.open))
+                   if v is not None}}
+
+    @property
+    def accuracy(self) -> float | None:
+        known = [v for v in (self.closed, self.open) if v is not None]
+        return sum(known) / len(known) if known else None
+
+
+def validation_prior(data: VQADataset, val: VQADataset | None) -> Validation | None:
+    """What answering every validation question with the commonest training answer for the same
+    question text scores (the per-question prior; loss unknown). A model whose closed exact match
+    stays there answers closed questions from the text alone."""
+    from evaluation.metrics import baselines
+    if val is None:
+        return None
+
+    def items(d):
+        return [{"question": question_of(s.record), "answer": answer_of(s.record), "answer_type": s.record["answer_type"]}
+                for s in d.samples if s.record.get("answer_type") in ("OPEN", "CLOSED")]
+    train_items, val_items = items(data), items(val)
+    if not train_items or not val_items:
+        return None
+    b = baselines(train_items, val_items)["majority_per_question"]
+    return Validation(float("nan"), b["closed_accuracy"], b["open_accuracy"])
+
+
+def prior_advice(last: Validation | None, prior: Validation | None, epochs: int) -> str | None:
+    """A warning when closed questions end at the per-question prior: the image is not used for them."""
+    if last is None or prior is None or last.closed is None or prior.closed is None:
+        return None
+    if last.closed > prior.closed + 0.02:
+        return None
+    return (f"closed questions end at the level of the question-text prior (validation exact match "
+            f"{100 * last.closed:.1f}% vs {100 * prior.closed:.1f}% for the commonest training answer of each question): "
+            f"the model does not use the image for them yet. Small models trained from scratch learn closed questions "
+            f"late (after about 12 epochs on the hard demo set): train longer, e.g. --epochs {max(4 * epochs, 32)}")
+
+
 @torch.no_grad()
-def evaluate_loss(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, dist: Dist, device, amp) -> float:
+def evaluate(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, dist: Dist, device, amp) -> Validation:
     model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)
+    # loss sum, tokens, then (exact, count) for closed and open questions; summed on the device
+    total = torch.zeros(6, device=device, dtype=torch.float64)
     idx = list(range(dist.rank, len(data), dist.world))
     for i in range(0, len(idx), cfg.batch_size):
-        batch = collate([data.samples[j] for j in idx[i:i + cfg.batch_size]], model.config.pad_token_id,
-                        model.config.image_token_id, pad_multiple(cfg))
+        samples = [data.samples[j] for j in idx[i:i + cfg.batch_size]]
+        batch = collate(samples, model.config.pad_token_id, model.config.image_token_id, pad_multiple(cfg))
+        closed = torch.tensor([s.record.get("answer_type") == "CLOSED" for s in samples], dtype=torch.float64)
+        rows = batch["target_pos"] // batch["input_ids"].shape[1]  # the sample each answer token belongs to
         feats = features.get(batch["image_index"])
-        batch = to_device(batch, device)
+        batch = to_device({**batch, "closed": closed, "rows": rows}, device)
         with amp:
-            loss_sum, n, _ = model(batch["input_ids"], feats, **{k: batch[k] for k in MODEL_INPUTS if k in batch})
-        total[0] += loss_sum.double()
-        total[1] += n
+            loss_sum, n, _, hits = model(batch["input_ids"], feats, with_hits=True,
+                                         **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        misses = torch.zeros(len(samples), device=device, dtype=torch.float64).index_add_(
+            0, batch["rows"], (~hits).double())
+        exact = (misses == 0).double()
+        closed = batch["closed"]
+        total += torch.stack([loss_sum.double(), torch.tensor(float(n), device=device, dtype=torch.float64),
+                              (exact * closed).sum(), closed.sum(), (exact * (1 - closed)).sum(), (1 - closed).sum()])
     dist.all_sum(total)
     model.train()
-    return float(total[0] / total[1].clamp(min=1))
+    t = total.tolist()
+    return Validation(t[0] / max(t[1], 1), t[2] / t[3] if t[3] else None, t[4] / t[5] if t[5] else None)
 
 
 @dataclass
@@ -366,6 +435,8 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
 
 
 def make_optimizer(model: MedicalVLM, cfg: TrainConfig, device, dtype):
+    if cfg.learning_rate is None:  # build_model resolves it; a config made in code may not have
+        cfg.resolve_learning_rate(cfg.lm_pretrained)
     params = [p for p in model.parameters() if p.requires_grad]
     vision = {id(p) for p in model.vision_tuned.parameters()} if model.vision_tuned is not None else set()
     groups = []
@@ -401,15 +472,24 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
     return state["step"]
 
 
-def more_epochs_advice(val_losses: list[float], epochs: int) -> str | None:
-    """A hint when the validation loss was still clearly falling at the end of training."""
-    if len(val_losses) < 2 or val_losses[-1] > min(val_losses):
+def more_epochs_advice(history: list[Validation], epochs: int) -> str | None:
+    """A hint when validation was still clearly improving at the end of training: the loss
+    falling, or the exact match rising (it often keeps rising after the loss has turned up)."""
+    if len(history) < 2:
         return None
-    drop = (val_losses[-2] - val_losses[-1]) / max(abs(val_losses[-2]), 1e-9)
-    if drop < 0.01:
-        return None
-    return (f"validation loss still falling ({val_losses[-2]:.4f} -> {val_losses[-1]:.4f} in the last epoch, "
-            f"-{100 * drop:.1f}%): more epochs would likely help (e.g. --epochs {2 * epochs})")
+    before, last = history[-2], history[-1]
+    losses = [v.loss for v in history]
+    more = f"more epochs would likely help (e.g. --epochs {2 * epochs})"
+    drop = (before.loss - last.loss) / max(abs(before.loss), 1e-9)
+    if last.loss <= min(losses) and drop >= 0.01:
+        return (f"validation loss still falling ({before.loss:.4f} -> {last.loss:.4f} in the last epoch, "
+                f"-{100 * drop:.1f}%): {more}")
+    accuracies = [v.accuracy for v in history if v.accuracy is not None]
+    if last.accuracy is not None and before.accuracy is not None and last.accuracy >= max(accuracies) \
+            and last.accuracy - before.accuracy >= 0.01:
+        return (f"validation exact match still rising ({100 * before.accuracy:.1f}% -> {100 * last.accuracy:.1f}% "
+                f"in the last epoch): {more}")
+    return None
 
 
 def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
@@ -503,6 +583,10 @@ def train(cfg: TrainConfig) -> dict:
                          wandb_run=wandb_run)
     amp = autocast(device, dtype)
     saver = Checkpointer(cfg, final_path, resume_path, dist)
+    prior = validation_prior(data, val)
+    if prior is not None:
+        log.info("validation baseline, the commonest training answer of each question text: exact match %s",
+                 prior.line().split("exact match ")[-1])
 
     model.train()
     end_step = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
@@ -554,15 +638,16 @@ def train(cfg: TrainConfig) -> dict:
                 metrics.write({"step": step, "epoch": step // steps_per_epoch,
                                "epoch_seconds": round(epoch_seconds[-1], 3)})
             if epoch_end and val is not None:
-                last_val = evaluate_loss(model, val, features, cfg, dist, device, amp)
+                last_val = evaluate(model, val, features, cfg, dist, device, amp)
                 val_history.append(last_val)
-                metrics.write({"step": step, "epoch": step // steps_per_epoch, "val_loss": round(last_val, 6)})
+                metrics.write({"step": step, "epoch": step // steps_per_epoch, **last_val.row()})
             if epoch_end:
                 bar.write(f"epoch {step // steps_per_epoch}/{cfg.epochs} done in {epoch_seconds[-1]:.1f} s"
-                          + (f": validation loss {last_val:.4f}" if last_val is not None else ""))
+                          + (f": {last_val.line()}" if last_val is not None else ""))
             if want_save:
                 with_resume = step == end_step or bool(cfg.save_interval and step % cfg.save_interval == 0)
-                saver.save(model, tok, opt, scaler, metrics, step, step // steps_per_epoch, {"val_loss": last_val},
+                saver.save(model, tok, opt, scaler, metrics, step, step // steps_per_epoch,
+                           last_val.row() if last_val is not None else {"val_loss": None},
                            with_resume=with_resume, plot=epoch_end or step == end_step)
             if epoch_end:
                 t_epoch, paused = time.perf_counter(), 0.0
@@ -578,12 +663,13 @@ def train(cfg: TrainConfig) -> dict:
     if saver.last_saved:
         log.info("saved %s at step %d (metrics %s, curve %s)", final_path, saver.last_saved[1], metrics.path,
                  out_dir / f"{name}_loss.png")
-    advice = more_epochs_advice(val_history, cfg.epochs)
-    if advice:
-        log.warning("%s", advice)
     else:
         log.info("nothing to train (step %d of %d): no checkpoint was written", step, total_steps)
+    for advice in (more_epochs_advice(val_history, cfg.epochs), prior_advice(last_val, prior, cfg.epochs)):
+        if advice:
+            log.warning("%s", advice)
     return {"checkpoint": final_path if saver.last_saved else None, "resume": resume_path, "metrics": metrics.path,
-            "steps": step, "total_steps": total_steps, "val_loss": last_val, "epoch_seconds": epoch_seconds,
+            "steps": step, "total_steps": total_steps, "val_loss": last_val.loss if last_val else None,
+            "validation": last_val, "epoch_seconds": epoch_seconds,
             "samples": n_seq, "tokens": sum(len(s_.input_ids) for s_ in samples) if packed else data.num_tokens(),
             "questions": len(data), "trainable_params": model.parameter_summary()["trainable"]}
