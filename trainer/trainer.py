@@ -284,9 +284,12 @@ class Validation:
     closed: float | None
     open: float | None
 
+    def exact_match_text(self) -> str:
+        return ", ".join(f"{k} {100 * v:.1f}%" for k, v in (("closed", self.closed), ("open", self.open))
+                         if v is not None)
+
     def line(self) -> str:
-        acc = ", ".join(f"{k} {100 * v:.1f}%" for k, v in (("closed", self.closed), ("open", self.open))
-                        if v is not None)
+        acc = self.exact_match_text()
         return f"validation loss {self.loss:.4f}" + (f", exact match {acc}" if acc else "")
 
     def row(self) -> dict:
@@ -586,7 +589,7 @@ def train(cfg: TrainConfig) -> dict:
     prior = validation_prior(data, val)
     if prior is not None:
         log.info("validation baseline, the commonest training answer of each question text: exact match %s",
-                 prior.line().split("exact match ")[-1])
+                 prior.exact_match_text())
 
     model.train()
     end_step = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
