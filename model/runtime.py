@@ -29,7 +29,30 @@ def nvidia_driver_present() -> bool:
     return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
 
 
+def configure_cuda() -> None:
+    """Process-wide CUDA settings, applied wherever a CUDA device is picked (``pick_device``,
+    torchrun's ``init_distributed``), so training, evaluation, the API and the web demo agree:
+
+    - TF32 for the float32 matrix products that remain (the frozen tower's feature cache, fp32 runs);
+    - no cuDNN attention. PyTorch picks it first on Hopper GPUs, and on an H200 (torch 2.11)
+      batched evaluation, where every batch brings a new prompt width and every decode step a
+      new key length, ran 6x slower with it: 5.5 s against 0.9 s for 1,061 questions of the
+      104M model (scripts/gpu_check.py, part ``backends``). A 26M training epoch was 11 % slower
+      (8.5 s against 7.6 s). SDPA then chooses among flash, memory-efficient and math.
+      ``MEDVLM_CUDNN_ATTENTION=1`` leaves cuDNN attention on (to compare on another GPU or torch)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_cudnn_sdp(os.environ.get("MEDVLM_CUDNN_ATTENTION", "0") == "1")
+
+
 def pick_device(requested: str | None = None) -> torch.device:
+    dev = _pick_device(requested)
+    if dev.type == "cuda":
+        configure_cuda()
+    return dev
+
+
+def _pick_device(requested: str | None) -> torch.device:
     if requested and requested != "auto":
         try:
             dev = torch.device(requested)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -37,9 +38,13 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=flags.positive_int, default=128)
     ap.add_argument("--answer_tokens", type=flags.positive_int, default=4)
     ap.add_argument("--questions", type=flags.positive_int, default=1061)
+    ap.add_argument("--cudnn_attention", action="store_true",
+                    help="allow the cuDNN attention kernel, which the toolkit turns off (A/B in scripts/gpu_check.py)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     setup_logging()
+    if args.cudnn_attention:
+        os.environ["MEDVLM_CUDNN_ATTENTION"] = "1"  # read by model.runtime.configure_cuda
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as d:
         root = make_data(Path(d), args.questions, 96)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -63,9 +64,13 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--epochs", type=flags.int_range(2), default=2, help="the last one is reported")
     ap.add_argument("--pack_questions", type=flags.positive_int, default=1, help="shared-prefix packing (see README)")
+    ap.add_argument("--cudnn_attention", action="store_true",
+                    help="allow the cuDNN attention kernel, which the toolkit turns off (A/B in scripts/gpu_check.py)")
     ap.add_argument("--peak_tflops", type=flags.positive_float, default=989.0)
     args = ap.parse_args(argv)
     setup_logging()
+    if args.cudnn_attention:
+        os.environ["MEDVLM_CUDNN_ATTENTION"] = "1"  # read by model.runtime.configure_cuda
     with tempfile.TemporaryDirectory() as d:
         root = make_data(Path(d), args.samples, min(args.images, args.samples))
         cfg = TrainConfig(stage="sft", data_path=str(root / "train.jsonl"), val_path="",

@@ -1,19 +1,27 @@
 """The one prepared GPU check: speed, memory and the real pipeline on CUDA, in one command.
 
 Run from the repository root on a machine with a GPU (no network needed):
-    bash scripts/gpu_check.sh                 # about 6-8 minutes on one H100
+    bash scripts/gpu_check.sh                 # at most --budget_s 420 s (377 s on an H200)
     python -m scripts.gpu_check --smoke       # the same steps, tiny, on the CPU (tested in CI)
 Prints a table and writes out/gpu_check.json (and $OUT/gpu_check.json when $OUT is set).
 
 Parts, each in its own process with its own time limit, so one failure or hang never
 loses the others' numbers:
   sync      one training step under torch.cuda.set_sync_debug_mode("warn"): syncs counted
+  attention which SDPA kernel the 104M layer shape runs, causal (training) and masked (packing, eval)
+  profile   10 eager training steps of the 26M model at batch 16 under torch.profiler: kernels per
+            step, GPU busy time and wall time per step (is the default step launch-bound?)
   train     bench_train for 26M and 104M, batch 16 (the SFT default) and 64, eager
             (epoch seconds after the feature cache, tokens/s, MFU, peak memory)
   eval      bench_eval: 1,061 test questions, 104M
   pipeline  convert --demo -> 2 SFT epochs (26M, full-size random ViT-B/16 tower, bf16,
             feature cache) -> eval_vlm.py: save, load and evaluation on CUDA
-  compile   bench_train --compile, batch 64, both sizes (last: compilation takes minutes)
+  backends  (only with --only backends) bench_eval and the 26M batch-16 epoch, each also with the
+            cuDNN attention kernel allowed
+  compile   bench_train --compile: 26M at batch 16 and 64, 104M at 64 (last: compilation takes minutes)
+--only / --skip pick parts by these names.
+--budget_s (default 420) caps the whole run: each part's limit is cut to the time left and parts
+that no longer fit are skipped and marked so, so a lent GPU's minutes leave room for a rerun.
 """
 from __future__ import annotations
 
@@ -42,14 +50,35 @@ def train_runs(smoke: bool, compiled: bool) -> list[tuple[str, list[str], int]]:
         return [("smoke b16 " + ("compile" if compiled else "eager"),
                  SMOKE_SIZE + ["--batch_size", "16"] + (["--compile"] if compiled else []), 300)] if not compiled else []
     if compiled:
-        return [(f"{size} b64 compile", SIZES[size] + ["--batch_size", "64", "--compile", "--epochs", "3"], 200)
-                for size in ("26M", "104M")]
+        return [(f"{size} b{b} compile", SIZES[size] + ["--batch_size", str(b), "--compile", "--epochs", "3"], 200)
+                for size, b in (("26M", 16), ("26M", 64), ("104M", 64))]
     return [(f"{size} b{b} eager", SIZES[size] + ["--batch_size", str(b)], 150)
             for size in ("26M", "104M") for b in (16, 64)]
 
 
+# Issue #11's targets on one H100 (after the feature cache): SLAKE-sized SFT epoch and eval.
+TARGET_EPOCH_S = {"26M": 1.2, "104M": 3.0}
+TARGET_EVAL_S = 3.0
+
+
+class Budget:
+    """Wall-clock budget for the whole check: a part gets min(its limit, time left - reserve)."""
+
+    def __init__(self, seconds: float, reserve: float = 10.0):
+        self.deadline = time.perf_counter() + seconds
+        self.reserve = reserve
+
+    def limit(self, wanted: float) -> int:
+        return int(max(0.0, min(wanted, self.deadline - time.perf_counter() - self.reserve)))
+
+
+SKIPPED = {"error": "skipped: the time budget (--budget_s) was spent"}
+
+
 def run_json(cmd: list[str], limit: int, log: Path) -> dict:
     """Runs a benchmark module; its last stdout line is JSON."""
+    if limit < 15:
+        return dict(SKIPPED)
     t0 = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=limit,
@@ -75,7 +104,7 @@ def sync_check(device: str) -> dict:
     import torch
 
     import trainer.trainer as tr
-    from model.runtime import autocast
+    from model.runtime import autocast, pick_device
     from dataset.features import FeatureStore
     from dataset.vqa_dataset import Sample, collate
     from model.checkpoint import build_config
@@ -86,7 +115,7 @@ def sync_check(device: str) -> dict:
     from PIL import Image
     import numpy as np
 
-    dev = torch.device(device)
+    dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
     tok = load_tokenizer()
     tower = load_vision_tower("random-tiny")
     model = MedicalVLM(build_config(tok, tower, hidden_size=256, num_hidden_layers=2), tower).to(dev).train()
@@ -120,11 +149,124 @@ def sync_check(device: str) -> dict:
         finally:
             if dev.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message).lower()]
+    # torch also warns once that the sync debug mode is a prototype: that notice is no sync
+    syncs = [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message).lower()
+             and "debug mode is a prototype" not in str(w.message)]
     return {"syncs_in_step": len(syncs), "examples": syncs[:5], "loss_finite": bool(torch.isfinite(loss).item())}
 
 
-def pipeline(smoke: bool, device: str, log: Path) -> dict:
+def attention_check(device: str, smoke: bool) -> dict:
+    """Which scaled-dot-product-attention kernel one decoder layer of the 104M shape runs
+    (forward and backward, bf16 on CUDA), without a mask (training, causal) and with the
+    boolean mask of packed questions and batched evaluation. Read from the aten op names
+    the profiler records: flash, efficient (memory-efficient), cudnn or math."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.checkpoint import build_config
+    from model.language_model import MiniMindLM
+    from model.runtime import autocast, pick_device
+    from model.tokenization import load_tokenizer
+
+    dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
+    size = dict(hidden_size=64, num_hidden_layers=1) if smoke else dict(hidden_size=768, num_hidden_layers=1)
+    cfg = build_config(load_tokenizer(), None, **size)
+    lm = MiniMindLM(cfg).to(dev).train()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    b, t = (2, 32) if smoke else (16, 320)
+    x = torch.randn(b, t, cfg.hidden_size, device=dev, requires_grad=True)
+    causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+    result = {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+              "batch": b, "length": t}
+    for name, mask in (("causal", None), ("masked", causal.expand(b, 1, t, t))):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with autocast(dev, dtype):
+                out = lm(x, attn_mask=mask)
+            out.float().square().mean().backward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        ops = sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key
+                      and e.key != "aten::scaled_dot_product_attention"})
+        kinds = sorted({k for k in ("flash", "efficient", "cudnn", "math") if any(k in op for op in ops)})
+        result[name] = {"kernels": kinds, "ops": ops}
+    return result
+
+
+def step_profile(device: str, smoke: bool, steps: int = 10) -> dict:
+    """Eager training steps of the 26M model at the SFT default batch (16 questions of about
+    220 tokens, 196 image tokens each) under torch.profiler. Kernels per step and GPU busy
+    time per step against wall time per step: when the wall time is much longer than the
+    busy time, the step is bound by kernel launches (Python and dispatcher), not by the GPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import trainer.trainer as tr
+    from dataset.features import FeatureStore
+    from dataset.vqa_dataset import Sample, collate
+    from model.checkpoint import build_config
+    from model.runtime import autocast, pick_device
+    from model.tokenization import ChatEncoder, load_tokenizer
+    from model.vision import load_vision_tower
+    from model.vlm import MedicalVLM
+    from trainer.config import TrainConfig
+    from PIL import Image
+    import numpy as np
+
+    dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
+    size = dict(hidden_size=64, num_hidden_layers=2) if smoke else dict(hidden_size=512, num_hidden_layers=8)
+    tok = load_tokenizer()
+    tower = load_vision_tower("random-tiny" if smoke else "random")
+    model = MedicalVLM(build_config(tok, tower, **size), tower).to(dev).train()
+    enc = ChatEncoder(tok, model.config.image_tokens)
+    with tempfile.TemporaryDirectory() as d:
+        Image.fromarray(np.zeros((224, 224), np.uint8)).save(Path(d) / "a.png")
+        feats = FeatureStore(tower, [Path(d) / "a.png"], dev, None, progress=False)
+    samples = []
+    for n in range(16):
+        e = enc.encode([{"role": "user", "content": "<image>\nWhich organ is abnormal in this scan" + " now" * (n % 5)},
+                        {"role": "assistant", "content": "Left Lung"}])
+        samples.append(Sample(e.input_ids, e.labels, [0], {}))
+    cfg = TrainConfig(**size)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    params, opt, scaler = tr.make_optimizer(model, cfg, dev, dtype)
+    amp = autocast(dev, dtype)
+    batch = collate(samples, tok.pad_token_id, enc.image_id, tr.pad_multiple(cfg))
+
+    def step():
+        return tr.train_step(model, model, [batch], feats, opt, scaler, params, cfg, tr.Dist(), dev, amp, 1e-4)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):  # warm-up: kernels chosen, allocator and optimizer state settled
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    events = prof.key_averages()
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    result = {"batch": 16, "width": int(batch["input_ids"].shape[1]), "wall_ms_per_step": round(wall_ms, 2),
+              "aten_ops_per_step": round(ops / steps)}
+    if dev.type == "cuda":
+        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels)
+        result.update({"kernels_per_step": round(sum(e.count for e in kernels) / steps),
+                       "gpu_busy_ms_per_step": round(busy_us / steps / 1e3, 2),
+                       "top_kernels_ms": {e.key[:80]: round(getattr(e, "self_device_time_total", 0) / steps / 1e3, 3)
+                                          for e in sorted(kernels, key=lambda e: -getattr(e, "self_device_time_total", 0))[:8]}})
+    return result
+
+
+def pipeline(smoke: bool, device: str, log: Path, budget: Budget) -> dict:
     """The guide's stages on the demo set, on this device, in a scratch folder."""
     py = sys.executable
     with tempfile.TemporaryDirectory() as d:
@@ -146,7 +288,10 @@ def pipeline(smoke: bool, device: str, log: Path) -> dict:
         times = []
         for cmd in steps:
             t0 = time.perf_counter()
-            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+            limit = budget.limit(400)
+            if limit < 15:
+                return {**SKIPPED, "seconds": times}
+            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
             times.append(round(time.perf_counter() - t0, 1))
             with log.open("a") as f:
                 f.write(f"$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}\n")
@@ -163,30 +308,55 @@ def pipeline(smoke: bool, device: str, log: Path) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"device: {result['device']} | torch {result['torch']}",
-             f"{'train run':20s} {'epoch s':>8s} {'tok/s':>10s} {'q/s':>8s} {'MFU':>6s} {'peak GB':>8s} {'wall s':>7s}"]
+             f"{'train run':20s} {'epoch s':>8s} {'target':>7s} {'tok/s':>10s} {'q/s':>8s} {'MFU':>6s} "
+             f"{'peak GB':>8s} {'wall s':>7s}"]
     for name, r in result["train"].items():
         if "error" in r:
             lines.append(f"{name:20s} ERROR {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        lines.append(f"{name:20s} {r['epoch_seconds']:8.2f} {r['tokens_per_s']:10,.0f} {r['samples_per_s']:8,.0f} "
-                     f"{mfu:>6s} {str(r.get('peak_memory_gb') or '-'):>8s} {r['wall_s']:7.1f}")
+        target = TARGET_EPOCH_S.get(name.split()[0])
+        target = f"<={target:g}" if target else "-"
+        lines.append(f"{name:20s} {r['epoch_seconds']:8.2f} {target:>7s} {r['tokens_per_s']:10,.0f} "
+                     f"{r['samples_per_s']:8,.0f} {mfu:>6s} {str(r.get('peak_memory_gb') or '-'):>8s} "
+                     f"{r['wall_s']:7.1f}")
     e = result["eval"]
     lines.append("eval: " + (f"{e['questions']} questions in {e['generation_seconds']:.2f} s "
-                             f"({e['questions_per_s']:,.0f}/s)" if "error" not in e else f"ERROR {e['error']}"))
+                             f"({e['questions_per_s']:,.0f}/s; target <= {TARGET_EVAL_S:g} s)"
+                             if e and "error" not in e else f"ERROR {e['error']}" if e else "-"))
+    a = result.get("attention") or {}
+    lines.append("attention: " + (("; ".join(f"{k} -> {'+'.join(a[k]['kernels']) or '?'}"
+                                             for k in ("causal", "masked") if k in a)
+                                   if "error" not in a else f"ERROR {a['error']}") or "-"))
     s = result["sync"]
-    lines.append("sync: " + (f"{s['syncs_in_step']} host-device syncs in one training step" if "error" not in s
-                             else f"ERROR {s['error']}"))
+    lines.append("sync: " + (f"{s['syncs_in_step']} host-device syncs in one training step" if s and "error" not in s
+                             else f"ERROR {s['error']}" if s else "-"))
+    pr = result.get("profile") or {}
+    if pr:
+        lines.append("profile: " + (f"26M batch-16 eager step {pr['wall_ms_per_step']} ms wall, "
+                                    f"{pr.get('gpu_busy_ms_per_step', '-')} ms GPU busy, "
+                                    f"{pr.get('kernels_per_step', '-')} kernels, {pr['aten_ops_per_step']} aten ops"
+                                    if "error" not in pr else f"ERROR {pr['error']}"))
+    for name, r in (result.get("backends") or {}).items():
+        value = r.get("generation_seconds", r.get("epoch_seconds"))
+        lines.append(f"backends: {name:28s} " + (f"{value:.2f} s" if value is not None else f"ERROR {r.get('error')}"))
     p = result["pipeline"]
     lines.append("pipeline: " + (json.dumps(p) if p else "-"))
     return "\n".join(lines)
+
+
+PARTS = ("sync", "attention", "profile", "train", "eval", "backends", "pipeline", "compile")
+OPT_IN = ("backends",)  # runs only when named in --only: it repeats eval and one training run
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the script itself")
     ap.add_argument("--out", default="out/gpu_check.json")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sync", "train", "eval", "pipeline"])
+    ap.add_argument("--only", nargs="*", default=[], choices=PARTS, help="run only these parts")
+    ap.add_argument("--skip", nargs="*", default=[], choices=PARTS)
+    ap.add_argument("--budget_s", type=float, default=420.0,
+                    help="wall-clock cap for the whole check; parts that no longer fit are skipped")
     args = ap.parse_args(argv)
     import torch
     cuda = torch.cuda.is_available() and not args.smoke
@@ -198,8 +368,14 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".log")
     log.write_text("")
+    budget = Budget(args.budget_s)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
-              "train": {}, "eval": {}, "sync": {}, "pipeline": {}}
+              "train": {}, "eval": {}, "sync": {}, "attention": {}, "profile": {}, "backends": {}, "pipeline": {}}
+
+    def want(part: str) -> bool:
+        if part in OPT_IN and part not in args.only:
+            return False
+        return (not args.only or part in args.only) and part not in args.skip
 
     def save():
         from model.atomic import atomic_write_text
@@ -207,33 +383,58 @@ def main(argv=None) -> int:
         atomic_write_text(out, text)
         if os.environ.get("OUT"):
             atomic_write_text(Path(os.environ["OUT"]) / "gpu_check.json", text)
+            atomic_write_text(Path(os.environ["OUT"]) / "gpu_check.log", log.read_text(errors="replace"))
 
-    if "sync" not in args.skip:
-        try:
-            result["sync"] = sync_check(device)
-        except Exception as exc:  # report and go on: the other parts still count
-            result["sync"] = {"error": f"{exc.__class__.__name__}: {exc}"}
+    def in_process(part: str, fn):
+        if not want(part):
+            return
+        if budget.limit(60) < 15:
+            result[part] = dict(SKIPPED)
+        else:
+            try:
+                result[part] = fn()
+            except Exception as exc:  # report and go on: the other parts still count
+                result[part] = {"error": f"{exc.__class__.__name__}: {exc}"}
+        print(part, json.dumps(result[part]), flush=True)
         save()
+
     def train(compiled: bool):
         for name, flags_, limit in train_runs(args.smoke, compiled):
-            result["train"][name] = run_json(["-m", "scripts.bench_train", *flags_, "--device", device], limit, log)
+            result["train"][name] = run_json(["-m", "scripts.bench_train", *flags_, "--device", device],
+                                             budget.limit(limit), log)
             print(name, json.dumps(result["train"][name]), flush=True)
             save()
 
-    if "train" not in args.skip:
+    eval_flags = (["--hidden_size", "64", "--num_hidden_layers", "2", "--vision_model", "random-tiny",
+                   "--questions", "64"] if args.smoke else [])
+    in_process("sync", lambda: sync_check(device))
+    in_process("attention", lambda: attention_check(device, args.smoke))
+    in_process("profile", lambda: step_profile(device, args.smoke))
+    if want("train"):
         train(compiled=False)
-    if "eval" not in args.skip:
-        eval_flags = (["--hidden_size", "64", "--num_hidden_layers", "2", "--vision_model", "random-tiny",
-                       "--questions", "64"] if args.smoke else [])
-        result["eval"] = run_json(["-m", "scripts.bench_eval", *eval_flags, "--device", device], 240, log)
+    if want("eval"):
+        result["eval"] = run_json(["-m", "scripts.bench_eval", *eval_flags, "--device", device],
+                                  budget.limit(240), log)
         save()
-    if "pipeline" not in args.skip:
+    if want("backends"):
+        # the same measurements with cuDNN attention allowed (the toolkit turns it off, see
+        # model.runtime.configure_cuda): does the kernel choice still cost time on this GPU?
+        runs = {"eval": ["-m", "scripts.bench_eval", *eval_flags],
+                "26M b16 eager": ["-m", "scripts.bench_train",
+                                  *(SMOKE_SIZE if args.smoke else SIZES["26M"]), "--batch_size", "16"]}
+        for name, cmd in runs.items():
+            for label, extra in (("default", []), ("cudnn attention", ["--cudnn_attention"])):
+                key = f"{name}, {label}"
+                result["backends"][key] = run_json([*cmd, *extra, "--device", device], budget.limit(150), log)
+                print(key, json.dumps(result["backends"][key]), flush=True)
+                save()
+    if want("pipeline"):
         try:
-            result["pipeline"] = pipeline(args.smoke, device, log)
+            result["pipeline"] = pipeline(args.smoke, device, log, budget)
         except (subprocess.TimeoutExpired, OSError, KeyError, ValueError) as exc:
             result["pipeline"] = {"error": f"{exc.__class__.__name__}: {exc}"}
         save()
-    if "train" not in args.skip:
+    if want("compile"):
         train(compiled=True)
     print(table(result))
     print(f"wrote {out} (log {log})")

@@ -186,6 +186,31 @@ def test_one_precision_policy(monkeypatch):
     assert generation_autocast("cpu").fast_dtype == torch.float32 or not generation_autocast("cpu")._enabled
 
 
+@pytest.mark.parametrize("env, cudnn", [(None, False), ("0", False), ("1", True)])
+def test_picking_a_cuda_device_turns_cudnn_attention_off(monkeypatch, env, cudnn):
+    """On an H200, cuDNN attention made batched evaluation 6x slower (a new plan per shape):
+    every path that picks a CUDA device turns it off; MEDVLM_CUDNN_ATTENTION=1 keeps it."""
+    from model import runtime
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    if env is None:
+        monkeypatch.delenv("MEDVLM_CUDNN_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("MEDVLM_CUDNN_ATTENTION", env)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(not cudnn)
+        assert runtime.pick_device("auto").type == "cuda"
+        assert torch.backends.cuda.cudnn_sdp_enabled() is cudnn
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert runtime.pick_device("cpu").type == "cpu"
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # a CPU run changes nothing
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1], before[2]
+
+
 def test_kv_cache_is_allocated_in_the_compute_dtype(tokenizer, tiny_tower, monkeypatch):
     model = make_tiny_model(tokenizer, tiny_tower)
     seen = []
@@ -286,9 +311,9 @@ def test_masked_attention_uses_all_heads_not_gqa(tokenizer, tiny_tower, monkeypa
 def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
     """scripts/gpu_check.py does on the CPU, tiny, what it does on a GPU: so the one GPU
     call a session gets is not spent on a typo."""
-    from scripts.gpu_check import main
+    from scripts.gpu_check import PARTS, main
     out = tmp_path / "gpu_check.json"
-    assert main(["--smoke", "--out", str(out)]) == 0
+    assert main(["--smoke", "--out", str(out), "--only", *PARTS]) == 0  # backends runs only when named
     r = json.loads(out.read_text())
     assert r["sync"]["syncs_in_step"] == 0 and r["sync"]["loss_finite"]
     (run,) = r["train"].values()
@@ -296,3 +321,19 @@ def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
     assert r["eval"]["questions"] == 64 and r["eval"]["generation_seconds"] > 0
     p = r["pipeline"]
     assert "error" not in p and len(p["epoch_seconds"]) == 2 and p["questions"] > 0
+    assert r["attention"]["causal"]["kernels"] and r["attention"]["masked"]["kernels"]
+    assert r["profile"]["aten_ops_per_step"] > 100 and r["profile"]["wall_ms_per_step"] > 0
+    assert sorted(r["backends"]) == ["26M b16 eager, cudnn attention", "26M b16 eager, default",
+                                     "eval, cudnn attention", "eval, default"]
+    assert all("error" not in v for v in r["backends"].values())
+
+
+def test_gpu_check_budget_skips_what_no_longer_fits(tmp_path):
+    """A lent GPU's minutes are few: --budget_s cuts each part to the time left, and parts that
+    no longer fit are marked skipped instead of running past the call's limit."""
+    from scripts.gpu_check import main
+    out = tmp_path / "gpu_check.json"
+    assert main(["--smoke", "--out", str(out), "--budget_s", "5", "--only", "sync", "eval", "pipeline"]) == 0
+    r = json.loads(out.read_text())
+    assert r["sync"]["error"].startswith("skipped") and r["eval"]["error"].startswith("skipped")
+    assert r["pipeline"]["error"].startswith("skipped") and r["train"] == {} and r["profile"] == {}

@@ -30,7 +30,7 @@ from model.checkpoint import (CheckpointError, atomic_save, build_config, checkp
                               locate_checkpoint, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
 from model.config import VLMConfig, resolve_path
 from model.minimind_weights import load_minimind_llm
-from model.runtime import Progress, autocast, compute_dtype, pick_device, seed_everything
+from model.runtime import Progress, autocast, compute_dtype, configure_cuda, pick_device, seed_everything
 from model.tokenization import ChatEncoder, load_tokenizer
 from model.vision import load_vision_tower
 from model.vlm import MedicalVLM
@@ -95,6 +95,7 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        configure_cuda()
     if not tdist.is_initialized():
         # device_id binds NCCL to this GPU at once (no guessing, no hang on a wrong device)
         tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=DDP_TIMEOUT,
@@ -533,9 +534,6 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
 def train(cfg: TrainConfig) -> dict:
     dist, device = init_distributed(cfg.device)
     seed_everything(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     dtype = compute_dtype(cfg.dtype, device)
     name = run_name(cfg)
     out_dir = resolve_path(cfg.out_dir)
