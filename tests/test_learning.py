@@ -462,3 +462,35 @@ def test_closed_questions_at_the_prior_are_reported(tmp_path, tokenizer):
     assert prior_advice(Validation(0.3, 0.30, 0.9), prior, 4) is None  # 5 points above: uses the image
     assert prior_advice(None, prior, 4) is None and prior_advice(Validation(0.3, 0.2, 0.9), None, 4) is None
     assert validation_prior(VQADataset(d / "train.jsonl", d, enc, 64), None) is None
+
+
+@pytest.mark.parametrize("total", [40, 100, 1000])
+def test_wsd_schedule_holds_the_peak_then_decays_only_at_the_end(total):
+    """--lr_schedule wsd: linear warm-up, the peak held, then a linear decay to --min_lr_ratio
+    over the last --decay_ratio of the steps; a longer run changes only where the decay starts."""
+    from trainer.config import TrainConfig
+    from trainer.trainer import lr_at
+    cfg = TrainConfig(stage="sft", learning_rate=1e-3, lr_schedule="wsd", decay_ratio=0.2, warmup_ratio=0.05,
+                      min_lr_ratio=0.1)
+    lrs = [lr_at(s, total, cfg) for s in range(total)]
+    warm, decay_start = int(0.05 * total), total - round(0.2 * total)
+    assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm]))  # warm-up rises
+    assert lrs[warm:decay_start] == [1e-3] * (decay_start - warm)  # stable at the peak
+    assert all(a > b for a, b in zip(lrs[decay_start - 1:], lrs[decay_start:]))  # decays, strictly
+    assert lrs[-1] == pytest.approx(1e-4)
+    longer = [lr_at(s, 2 * total, cfg) for s in range(decay_start)]
+    assert longer[warm * 2:decay_start] == lrs[warm * 2:decay_start]  # same stable phase
+    cosine = TrainConfig(stage="sft", learning_rate=1e-3, warmup_ratio=0.05, min_lr_ratio=0.1)
+    assert lr_at(total // 2, total, cosine) < 1e-3 * 0.6  # cosine is already halfway down
+    constant = TrainConfig(stage="sft", learning_rate=1e-3, lr_schedule="wsd", decay_ratio=0.0)
+    assert lr_at(total - 1, total, constant) == 1e-3
+
+
+@pytest.mark.parametrize("argv, message", [(["--lr_schedule", "linear"], "--lr_schedule"),
+                                           (["--decay_ratio", "1.5"], "--decay_ratio"),
+                                           (["--decay_ratio", "-0.1"], "--decay_ratio")])
+def test_schedule_flags_are_validated(argv, message, capsys):
+    from trainer.config import parse_train_args
+    with pytest.raises(SystemExit) as exc:
+        parse_train_args("sft", argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

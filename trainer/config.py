@@ -47,6 +47,8 @@ class TrainConfig:
     accumulation_steps: int = 1
     learning_rate: float | None = None  # None: AUTO_LEARNING_RATE for this stage and start
     min_lr_ratio: float = 0.1
+    lr_schedule: str = "cosine"  # after the warm-up: "cosine" decay, or "wsd" (stable, then decay at the end)
+    decay_ratio: float = 0.2    # wsd: the last fraction of the steps, where the rate decays linearly
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
@@ -155,12 +157,16 @@ HELP = {
                       "the question text alone cannot predict them",
     "learning_rate": "peak learning rate; default: automatic per stage and start (1e-3 from scratch; 4e-4 "
                      "for stage 1 and 1e-4 for stage 2 from MiniMind2 weights)",
+    "lr_schedule": "after the linear warm-up: cosine (decay to --min_lr_ratio over the whole run) or wsd "
+                   "(warm-up, stable at the peak, linear decay to --min_lr_ratio over the last --decay_ratio of "
+                   "the steps; --min_lr_ratio 1.0 with either keeps the peak rate to the end)",
+    "decay_ratio": "wsd: the fraction of the steps, at the end, over which the rate decays",
     "save_dtype": "precision of the weights checkpoint (bfloat16/float16 halve its size; resume state stays float32)",
 }
 
 
 CHOICES = {"freeze_llm": ["all", "except_last", "none", "auto"], "projector": ["mlp", "linear"],
-           "dtype": ["auto", "bfloat16", "float16", "float32"], "save_dtype": ["float32", "bfloat16", "float16"]}
+           "dtype": ["auto", "bfloat16", "float16", "float32"], "lr_schedule": ["cosine", "wsd"], "save_dtype": ["float32", "bfloat16", "float16"]}
 
 # Allowed range of every numeric flag (argparse ``type=`` and TrainConfig.__post_init__).
 RULES = {
@@ -169,7 +175,7 @@ RULES = {
     "num_hidden_layers": flags.positive_int, "num_attention_heads": flags.positive_int,
     "num_key_value_heads": flags.positive_int, "epochs": flags.positive_int, "batch_size": flags.positive_int,
     "accumulation_steps": flags.positive_int, "learning_rate": flags.positive_float,
-    "min_lr_ratio": flags.fraction, "weight_decay": flags.non_negative_float,
+    "min_lr_ratio": flags.fraction, "decay_ratio": flags.fraction, "weight_decay": flags.non_negative_float,
     "warmup_ratio": flags.fraction_below_one, "vision_lr": flags.positive_float, "grad_clip": flags.non_negative_float,
     "num_workers": flags.non_negative_int, "seed": flags.non_negative_int, "log_interval": flags.positive_int,
     "save_interval": flags.non_negative_int, "stop_at_step": flags.non_negative_int,

@@ -104,12 +104,21 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    """Linear warm-up, then down to ``min_lr_ratio`` of the peak: by a cosine over the rest of the
+    run, or (``wsd``: warm-up, stable, decay) held at the peak and decayed linearly over the
+    last ``decay_ratio`` of the steps only, so the run's length changes only where it ends."""
     warm = int(cfg.warmup_ratio * total)
     if step < warm:
         return cfg.learning_rate * (step + 1) / warm
+    lo = cfg.min_lr_ratio
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(warm, total - round(cfg.decay_ratio * total))
+        if step < decay_start:
+            return cfg.learning_rate
+        progress = (step - decay_start + 1) / max(1, total - decay_start)
+        return cfg.learning_rate * (lo + (1 - lo) * (1 - progress))
     progress = (step - warm) / max(1, total - warm)
-    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.learning_rate * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def run_name(cfg: TrainConfig) -> str:
