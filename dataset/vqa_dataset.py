@@ -82,19 +82,37 @@ class VQADataset:
         return sum(len(s.input_ids) for s in self.samples)
 
 
+def _closed_groups(samples: list[Sample]) -> dict[str, dict[str, list[Sample]]]:
+    """Closed samples grouped by normalised question text, then by normalised answer."""
+    from evaluation.metrics import normalize
+    groups: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
+    for s in samples:
+        rec = s.record
+        if rec.get("answer_type") == "CLOSED":
+            question = " ".join(m["content"] for m in rec["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, "")
+            groups[normalize(question)][normalize(rec["conversations"][-1]["content"])].append(s)
+    return groups
+
+
+def closed_text_prior(samples: list[Sample]) -> tuple[int, float | None]:
+    """(closed samples, the share of them whose answer is the commonest answer of their
+    question text). 0.5 for yes/no texts answered both ways equally often: the image must
+    decide; near 1.0 the text alone predicts the answer, and a model can score well on closed
+    questions without looking at the image."""
+    groups = _closed_groups(samples)
+    n = sum(len(v) for by_answer in groups.values() for v in by_answer.values())
+    if not n:
+        return 0, None
+    return n, sum(max(len(v) for v in by_answer.values()) for by_answer in groups.values()) / n
+
+
 def balance_closed(data: VQADataset, seed: int) -> int:
     """Repeats samples of the rarer answers of each closed question text (drawn with a fixed
     seed) until every answer of that text is as frequent as the commonest: the question
     text alone then predicts nothing, and the loss rewards looking at the image. Texts with
     a single answer are left alone. Returns how many samples were added."""
-    from evaluation.metrics import normalize
     rng = random.Random(seed)
-    groups: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
-    for s in data.samples:
-        rec = s.record
-        if rec.get("answer_type") == "CLOSED":
-            question = " ".join(m["content"] for m in rec["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, "")
-            groups[normalize(question)][normalize(rec["conversations"][-1]["content"])].append(s)
+    groups = _closed_groups(data.samples)
     added = []
     for text in sorted(groups):
         by_answer = groups[text]

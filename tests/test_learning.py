@@ -158,6 +158,24 @@ def test_balance_closed_equalises_answers_per_question_text(tokenizer, tmp_path)
     assert counts[("<image>\nIs this a CT?", "Yes")] == 3 and counts[("<image>\nHow many cysts?", "2")] == 4
 
 
+@pytest.mark.parametrize("rows, expected", [
+    ([("Is there a cyst?", "Yes")] * 5 + [("Is there a cyst?", "No")] * 2 + [("Is this a CT?", "yes")] * 3,
+     (10, 0.8)),  # (5 + 3) / 10; answers compare normalised
+    ([("Is there a cyst?", "Yes"), ("Is there a cyst?", "No")] * 4, (8, 0.5)),  # balanced: the image decides
+    ([("Is there a cyst?", "Yes"), ("is there a CYST ?", "No"), ("Is there a cyst?", "No")], (3, 2 / 3)),
+    ([], (0, None)),
+])
+def test_closed_text_prior_is_the_share_the_text_alone_answers(rows, expected):
+    from dataset.vqa_dataset import Sample, closed_text_prior
+    samples = [Sample([], [], [], {"conversations": [{"role": "user", "content": f"<image>\n{q}"},
+                                                     {"role": "assistant", "content": a}], "answer_type": "CLOSED"})
+               for q, a in rows]
+    samples.append(Sample([], [], [], {"conversations": [{"role": "user", "content": "What?"},
+                                                         {"role": "assistant", "content": "x"}], "answer_type": "OPEN"}))
+    n, prior = closed_text_prior(samples)
+    assert n == expected[0] and (prior == pytest.approx(expected[1]) if expected[1] is not None else prior is None)
+
+
 def test_more_epochs_advice():
     from trainer.trainer import Validation, more_epochs_advice
 
@@ -378,6 +396,11 @@ def test_chained_runs_keep_the_start_and_record_the_rate(tmp_path, capfd):
     assert tc["learning_rate"] == pytest.approx(1e-4) and tc["lm_pretrained"] is True
     assert "learning rate 0.0001 (automatic for sft from MiniMind2 weights)" in log
     assert "saved " in log and "nothing to train" not in log
+    import re
+    (n, share), = re.findall(r"closed training questions: (\d+); the commonest answer of each question text is "
+                             r"right for (\d+\.\d)%", log)
+    assert int(n) > 0 and 50.0 <= float(share) <= 100.0
+    assert ("the text alone predicts most closed answers" in log) == (float(share) >= 70.0)
 
 
 def test_random_tower_patches_know_where_they_are(tiny_tower):

@@ -24,7 +24,8 @@ import torch.distributed as tdist
 
 from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
-from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, VQADataset, balance_closed, collate
+from dataset.vqa_dataset import (MODEL_INPUTS, PackedQuestions, VQADataset, balance_closed, closed_text_prior,
+                                 collate)
 from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
                               locate_checkpoint, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
@@ -39,6 +40,7 @@ from trainer.config import TrainConfig
 log = logging.getLogger("train")
 
 # fields that must agree between a resume state and the run continuing it
+CLOSED_PRIOR_HINT = 0.7  # above this share the training log points at --balance_closed and image-use metrics
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
                "balance_closed", "train_vision", "vision_lr")
@@ -438,10 +440,18 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
     if features is None:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
                                 cfg.num_workers, build=False, progress=False, stop_before=model.cache_layers())
+    n_closed, prior = closed_text_prior(data.samples)
+    if prior is not None:  # how much the question text alone tells about closed answers
+        log.info("closed training questions: %d; the commonest answer of each question text is right for %.1f%% "
+                 "of them (50%% when every text is answered both ways equally often)%s", n_closed, 100 * prior,
+                 "" if cfg.balance_closed or prior < CLOSED_PRIOR_HINT else
+                 ": the text alone predicts most closed answers, so a good closed score need not mean the model "
+                 "looks at the image (eval_vlm.py reports accuracy against the prior; --balance_closed evens the "
+                 "answers per text)")
     if cfg.balance_closed:
         added = balance_closed(data, cfg.seed)
-        log.info("--balance_closed: %d repeated closed question(s) balance the answers of every closed question text",
-                 added)
+        log.info("--balance_closed: %d repeated closed question(s) balance the answers of every closed question text "
+                 "(now %.1f%%)", added, 100 * (closed_text_prior(data.samples)[1] or 0))
     packed = PackedQuestions(data, encoder.image_id, cfg.pack_questions, cfg.seed) \
         if cfg.pack_questions > 1 else None
     return data, val, features, packed
