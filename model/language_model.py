@@ -21,10 +21,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32: bf16 sums of squares lose too much precision.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        # Normalise in float32: bf16 sums of squares lose too much precision. F.rms_norm is one
+        # fused kernel forward and one backward on CUDA (PyTorch >= 2.9; ten ops written out).
+        # Return in the dtype the next matmuls run in: under autocast every projection would
+        # otherwise cast the same float32 activation again (q, k, v: three casts each way).
+        y = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+        return y.to(matmul_dtype(x))
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's when it is on (bf16/fp16), else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,8 +213,11 @@ class MiniMindLM(nn.Module):
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + t, device=inputs_embeds.device).expand(b, t)
-        cos = self.rope_cos[position_ids].unsqueeze(1).to(inputs_embeds.dtype)
-        sin = self.rope_sin[position_ids].unsqueeze(1).to(inputs_embeds.dtype)
+        # in the dtype q and k come out of their projections: the rotation then needs no
+        # float32 intermediate and no cast back (forward and backward), as in HF's Llama
+        dtype = matmul_dtype(inputs_embeds)
+        cos = self.rope_cos[position_ids].unsqueeze(1).to(dtype)
+        sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
         h = inputs_embeds
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache)
