@@ -394,6 +394,8 @@ def test_chained_runs_keep_the_start_and_record_the_rate(tmp_path, capfd):
     log = "".join(capfd.readouterr())
     tc = torch.load(tmp_path / "o" / "medical_vlm_32.pth", weights_only=False)["extra"]["train_config"]
     assert tc["learning_rate"] == pytest.approx(1e-4) and tc["lm_pretrained"] is True
+    assert tc["lr_schedule"] == "cosine"  # MiniMind-V's, from MiniMind2 weights
+    assert "then cosine decay to 0.1 of the peak (automatic for sft from MiniMind2 weights)" in log
     assert "learning rate 0.0001 (automatic for sft from MiniMind2 weights)" in log
     assert "saved " in log and "nothing to train" not in log
     import re
@@ -503,10 +505,32 @@ def test_wsd_schedule_holds_the_peak_then_decays_only_at_the_end(total):
     assert lrs[-1] == pytest.approx(1e-4)
     longer = [lr_at(s, 2 * total, cfg) for s in range(decay_start)]
     assert longer[warm * 2:decay_start] == lrs[warm * 2:decay_start]  # same stable phase
-    cosine = TrainConfig(stage="sft", learning_rate=1e-3, warmup_ratio=0.05, min_lr_ratio=0.1)
+    cosine = TrainConfig(stage="sft", learning_rate=1e-3, warmup_ratio=0.05, min_lr_ratio=0.1, lr_schedule="cosine")
     assert lr_at(total // 2, total, cosine) < 1e-3 * 0.6  # cosine is already halfway down
     constant = TrainConfig(stage="sft", learning_rate=1e-3, lr_schedule="wsd", decay_ratio=0.0)
     assert lr_at(total - 1, total, constant) == 1e-3
+
+
+@pytest.mark.parametrize("stage, argv, lm_pretrained, expected, source", [
+    ("sft", [], False, "constant", "automatic for sft from scratch"),
+    ("sft", [], True, "cosine", "automatic for sft from MiniMind2 weights"),
+    ("pretrain", [], False, "cosine", "automatic for pretrain from scratch"),
+    ("pretrain", [], True, "cosine", "automatic for pretrain from MiniMind2 weights"),
+    ("sft", ["--lr_schedule", "wsd"], False, "wsd", "--lr_schedule"),
+    ("sft", ["--lr_schedule", "cosine"], False, "cosine", "--lr_schedule"),
+    ("pretrain", ["--lr_schedule", "constant"], True, "constant", "--lr_schedule"),
+])
+def test_schedule_is_chosen_per_stage_and_start(stage, argv, lm_pretrained, expected, source):
+    """--lr_schedule auto: constant after the warm-up for stage 2 from scratch (closed questions
+    are learned late, while the rate is still high), MiniMind-V's cosine otherwise."""
+    from trainer.config import parse_train_args
+    from trainer.trainer import lr_at
+    cfg = parse_train_args(stage, argv)
+    assert cfg.lr_schedule == (argv[1] if argv else "auto")
+    cfg.resolve_learning_rate(lm_pretrained)
+    assert cfg.lr_schedule == expected and cfg.schedule_source == source  # stored resolved in the checkpoint
+    last = lr_at(999, 1000, cfg) / cfg.learning_rate
+    assert last == (pytest.approx(1.0) if expected == "constant" else pytest.approx(cfg.min_lr_ratio, rel=1e-3))
 
 
 @pytest.mark.parametrize("argv, message", [(["--lr_schedule", "linear"], "--lr_schedule"),

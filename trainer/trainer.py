@@ -106,14 +106,17 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then down to ``min_lr_ratio`` of the peak: by a cosine over the rest of the
-    run, or (``wsd``: warm-up, stable, decay) held at the peak and decayed linearly over the
-    last ``decay_ratio`` of the steps only, so the run's length changes only where it ends."""
+    """Linear warm-up, then the peak held to the end (``constant``), or down to ``min_lr_ratio``
+    of the peak: by a cosine over the rest of the run, or (``wsd``: warm-up, stable, decay) held
+    at the peak and decayed linearly over the last ``decay_ratio`` of the steps only, so the
+    run's length changes only where it ends."""
     warm = int(cfg.warmup_ratio * total)
     if step < warm:
         return cfg.learning_rate * (step + 1) / warm
     lo = cfg.min_lr_ratio
-    if cfg.lr_schedule == "wsd":
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    if cfg.schedule == "wsd":
         decay_start = max(warm, total - round(cfg.decay_ratio * total))
         if step < decay_start:
             return cfg.learning_rate
@@ -163,6 +166,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
     before = (ckpt or {}).get("extra", {}).get("train_config", {})
     source = cfg.resolve_learning_rate(bool(cfg.from_llm or before.get("from_llm") or before.get("lm_pretrained")))
     log.info("learning rate %g (%s)", cfg.learning_rate, source)
+    log.info("learning-rate schedule: %d%% linear warm-up, then %s (%s)", round(100 * cfg.warmup_ratio), {
+        "constant": "constant", "cosine": f"cosine decay to {cfg.min_lr_ratio:g} of the peak",
+        "wsd": f"stable, then linear decay to {cfg.min_lr_ratio:g} of the peak over the last "
+               f"{round(100 * cfg.decay_ratio)}% of the steps"}[cfg.lr_schedule], cfg.schedule_source)
     tower = load_vision_tower(cfg.vision_model)
     model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS}, **tuned_vision(cfg, tower))
     if cfg.max_seq_len > model_cfg.max_position_embeddings:
