@@ -18,6 +18,7 @@ DEMO_PRE="--epochs 2 --batch_size 16"
 # name = "start | stage-1 flags | stage-2 flags"; start: scratch, or llm (--from_llm, the stand-in weights)
 declare -A V=(
   [guide]="scratch | | "                                            # the guide's commands, default flags
+  [guide_cosine]="scratch | | --lr_schedule cosine"                 # ... with the stage-2 schedule before auto
   [guide_lr1e-4]="scratch | --learning_rate 4e-4 | --learning_rate 1e-4"   # the defaults before the sweep
   [demo16]="scratch | $DEMO_PRE | --epochs 16 --batch_size 8 --pack_questions 4"
   [demo32]="scratch | $DEMO_PRE | --epochs 32 --batch_size 8 --pack_questions 4"
