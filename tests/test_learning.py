@@ -512,7 +512,7 @@ def test_wsd_schedule_holds_the_peak_then_decays_only_at_the_end(total):
 
 
 @pytest.mark.parametrize("stage, argv, lm_pretrained, expected, source", [
-    ("sft", [], False, "constant", "automatic for sft from scratch"),
+    ("sft", [], False, "wsd", "automatic for sft from scratch"),
     ("sft", [], True, "cosine", "automatic for sft from MiniMind2 weights"),
     ("pretrain", [], False, "cosine", "automatic for pretrain from scratch"),
     ("pretrain", [], True, "cosine", "automatic for pretrain from MiniMind2 weights"),
@@ -521,8 +521,8 @@ def test_wsd_schedule_holds_the_peak_then_decays_only_at_the_end(total):
     ("pretrain", ["--lr_schedule", "constant"], True, "constant", "--lr_schedule"),
 ])
 def test_schedule_is_chosen_per_stage_and_start(stage, argv, lm_pretrained, expected, source):
-    """--lr_schedule auto: constant after the warm-up for stage 2 from scratch (closed questions
-    are learned late, while the rate is still high), MiniMind-V's cosine otherwise."""
+    """--lr_schedule auto: warm-up-stable-decay for stage 2 from scratch (closed questions are
+    learned late, while the rate is still high), MiniMind-V's cosine otherwise."""
     from trainer.config import parse_train_args
     from trainer.trainer import lr_at
     cfg = parse_train_args(stage, argv)
