@@ -73,11 +73,12 @@ class Budget:
 
 
 SKIPPED = {"error": "skipped: the time budget (--budget_s) was spent"}
+MIN_PART_S = 15  # a part with less time than this left is skipped rather than started
 
 
 def run_json(cmd: list[str], limit: int, log: Path) -> dict:
     """Runs a benchmark module; its last stdout line is JSON."""
-    if limit < 15:
+    if limit < MIN_PART_S:
         return dict(SKIPPED)
     t0 = time.perf_counter()
     try:
@@ -98,45 +99,55 @@ def run_json(cmd: list[str], limit: int, log: Path) -> dict:
     return out
 
 
+def training_step(device: str, size: dict, tower: str, questions: list[str], micro_batches: int = 1):
+    """One image's questions as a real training step, built the way the trainer builds it: the
+    product's device settings and compute dtype, its optimizer, collate and ``train_step``.
+    Returns (device, a function that runs one optimizer step, the host batches)."""
+    import numpy as np
+    from PIL import Image
+
+    import trainer.trainer as tr
+    from dataset.features import FeatureStore
+    from dataset.vqa_dataset import Sample, collate
+    from model.checkpoint import build_config
+    from model.runtime import autocast, compute_dtype, pick_device
+    from model.tokenization import ChatEncoder, load_tokenizer
+    from model.vision import load_vision_tower
+    from model.vlm import MedicalVLM
+    from trainer.config import TrainConfig
+
+    dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
+    tok = load_tokenizer()
+    vision = load_vision_tower(tower)
+    model = MedicalVLM(build_config(tok, vision, **size), vision).to(dev).train()
+    enc = ChatEncoder(tok, model.config.image_tokens)
+    with tempfile.TemporaryDirectory() as d:
+        Image.fromarray(np.zeros((224, 224), np.uint8)).save(Path(d) / "a.png")
+        feats = FeatureStore(vision, [Path(d) / "a.png"], dev, None, progress=False)
+    samples = []
+    for q in questions:
+        e = enc.encode([{"role": "user", "content": "<image>\n" + q}, {"role": "assistant", "content": "Left Lung"}])
+        samples.append(Sample(e.input_ids, e.labels, [0], {}))
+    cfg = TrainConfig(**size, accumulation_steps=micro_batches)
+    dtype = compute_dtype("auto", dev)
+    params, opt, scaler = tr.make_optimizer(model, cfg, dev, dtype)
+    amp = autocast(dev, dtype)
+    per = len(samples) // micro_batches
+    batches = [collate(samples[i * per:(i + 1) * per], tok.pad_token_id, enc.image_id, tr.pad_multiple(cfg))
+               for i in range(micro_batches)]
+
+    def step():
+        return tr.train_step(model, model, batches, feats, opt, scaler, params, cfg, tr.Dist(), dev, amp, 1e-4)
+    return dev, step, batches
+
+
 def sync_check(device: str) -> dict:
     """One real training step with CUDA's sync debugging on: every host-device sync inside
     it is reported as a warning (none expected; see tests/test_gpu_path.py)."""
     import torch
 
-    import trainer.trainer as tr
-    from model.runtime import autocast, pick_device
-    from dataset.features import FeatureStore
-    from dataset.vqa_dataset import Sample, collate
-    from model.checkpoint import build_config
-    from model.tokenization import ChatEncoder, load_tokenizer
-    from model.vision import load_vision_tower
-    from model.vlm import MedicalVLM
-    from trainer.config import TrainConfig
-    from PIL import Image
-    import numpy as np
-
-    dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
-    tok = load_tokenizer()
-    tower = load_vision_tower("random-tiny")
-    model = MedicalVLM(build_config(tok, tower, hidden_size=256, num_hidden_layers=2), tower).to(dev).train()
-    enc = ChatEncoder(tok, model.config.image_tokens)
-    with tempfile.TemporaryDirectory() as d:
-        Image.fromarray(np.zeros((64, 64), np.uint8)).save(Path(d) / "a.png")
-        feats = FeatureStore(tower, [Path(d) / "a.png"], dev, None, progress=False)
-    samples = []
-    for n in (2, 9, 4, 6):
-        e = enc.encode([{"role": "user", "content": "<image>\n" + "why " * n}, {"role": "assistant", "content": "Liver"}])
-        samples.append(Sample(e.input_ids, e.labels, [0], {}))
-    cfg = TrainConfig(hidden_size=256, num_hidden_layers=2, accumulation_steps=2)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    params, opt, scaler = tr.make_optimizer(model, cfg, dev, dtype)
-    amp = autocast(dev, dtype)
-
-    def step():
-        batches = [collate(samples[:2], tok.pad_token_id, enc.image_id, 8),
-                   collate(samples[2:], tok.pad_token_id, enc.image_id, 8)]
-        return tr.train_step(model, model, batches, feats, opt, scaler, params, cfg, tr.Dist(), dev, amp, 1e-3)
-
+    dev, step, _ = training_step(device, dict(hidden_size=256, num_hidden_layers=2), "random-tiny",
+                                 ["why " * n for n in (2, 9, 4, 6)], micro_batches=2)
     step()  # warm-up: lazy initialisation (optimizer state, cuBLAS handles) may sync once
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -165,14 +176,14 @@ def attention_check(device: str, smoke: bool) -> dict:
 
     from model.checkpoint import build_config
     from model.language_model import MiniMindLM
-    from model.runtime import autocast, pick_device
+    from model.runtime import autocast, compute_dtype, pick_device
     from model.tokenization import load_tokenizer
 
     dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
     size = dict(hidden_size=64, num_hidden_layers=1) if smoke else dict(hidden_size=768, num_hidden_layers=1)
     cfg = build_config(load_tokenizer(), None, **size)
     lm = MiniMindLM(cfg).to(dev).train()
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = compute_dtype("auto", dev)
     b, t = (2, 32) if smoke else (16, 320)
     x = torch.randn(b, t, cfg.hidden_size, device=dev, requires_grad=True)
     causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
@@ -200,40 +211,9 @@ def step_profile(device: str, smoke: bool, steps: int = 10) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import trainer.trainer as tr
-    from dataset.features import FeatureStore
-    from dataset.vqa_dataset import Sample, collate
-    from model.checkpoint import build_config
-    from model.runtime import autocast, pick_device
-    from model.tokenization import ChatEncoder, load_tokenizer
-    from model.vision import load_vision_tower
-    from model.vlm import MedicalVLM
-    from trainer.config import TrainConfig
-    from PIL import Image
-    import numpy as np
-
-    dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
     size = dict(hidden_size=64, num_hidden_layers=2) if smoke else dict(hidden_size=512, num_hidden_layers=8)
-    tok = load_tokenizer()
-    tower = load_vision_tower("random-tiny" if smoke else "random")
-    model = MedicalVLM(build_config(tok, tower, **size), tower).to(dev).train()
-    enc = ChatEncoder(tok, model.config.image_tokens)
-    with tempfile.TemporaryDirectory() as d:
-        Image.fromarray(np.zeros((224, 224), np.uint8)).save(Path(d) / "a.png")
-        feats = FeatureStore(tower, [Path(d) / "a.png"], dev, None, progress=False)
-    samples = []
-    for n in range(16):
-        e = enc.encode([{"role": "user", "content": "<image>\nWhich organ is abnormal in this scan" + " now" * (n % 5)},
-                        {"role": "assistant", "content": "Left Lung"}])
-        samples.append(Sample(e.input_ids, e.labels, [0], {}))
-    cfg = TrainConfig(**size)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    params, opt, scaler = tr.make_optimizer(model, cfg, dev, dtype)
-    amp = autocast(dev, dtype)
-    batch = collate(samples, tok.pad_token_id, enc.image_id, tr.pad_multiple(cfg))
-
-    def step():
-        return tr.train_step(model, model, [batch], feats, opt, scaler, params, cfg, tr.Dist(), dev, amp, 1e-4)
+    dev, step, (batch,) = training_step(device, size, "random-tiny" if smoke else "random",
+                                        ["Which organ is abnormal in this scan" + " now" * (n % 5) for n in range(16)])
 
     def sync():
         if dev.type == "cuda":
@@ -289,7 +269,7 @@ def pipeline(smoke: bool, device: str, log: Path, budget: Budget) -> dict:
         for cmd in steps:
             t0 = time.perf_counter()
             limit = budget.limit(400)
-            if limit < 15:
+            if limit < MIN_PART_S:
                 return {**SKIPPED, "seconds": times}
             p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
             times.append(round(time.perf_counter() - t0, 1))
@@ -388,7 +368,7 @@ def main(argv=None) -> int:
     def in_process(part: str, fn):
         if not want(part):
             return
-        if budget.limit(60) < 15:
+        if budget.limit(60) < MIN_PART_S:
             result[part] = dict(SKIPPED)
         else:
             try:

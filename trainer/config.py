@@ -187,7 +187,8 @@ HELP = {
 
 
 CHOICES = {"freeze_llm": ["all", "except_last", "none", "auto"], "projector": ["mlp", "linear"],
-           "dtype": ["auto", "bfloat16", "float16", "float32"], "lr_schedule": ["auto", "cosine", "wsd", "constant"], "save_dtype": ["float32", "bfloat16", "float16"]}
+           "dtype": ["auto", "bfloat16", "float16", "float32"], "save_dtype": ["float32", "bfloat16", "float16"],
+           "lr_schedule": ["auto", "cosine", "wsd", "constant"]}
 
 # Allowed range of every numeric flag (argparse ``type=`` and TrainConfig.__post_init__).
 RULES = {

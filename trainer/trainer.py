@@ -39,8 +39,8 @@ from trainer.config import TrainConfig
 
 log = logging.getLogger("train")
 
-# fields that must agree between a resume state and the run continuing it
 CLOSED_PRIOR_HINT = 0.7  # above this share the training log points at --balance_closed and image-use metrics
+# fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
                "balance_closed", "train_vision", "vision_lr")
