@@ -34,9 +34,10 @@ def parse_args(argv=None):
     src.add_argument("--slake_dir", help="local copy of the SLAKE release or hub snapshot")
     src.add_argument("--hub_id", help="hub dataset with image/question/answer columns (or a local folder of it); "
                                       f"without any source flag: {DEFAULT_HUB_ID}")
-    src.add_argument("--demo", nargs="?", const="easy", choices=["easy", "hard"],
+    src.add_argument("--demo", nargs="?", const="easy", choices=["easy", "hard", "hard-prior"],
                      help="built-in synthetic set, no download: 'easy' (the quick start) or 'hard' (compositional "
-                          "questions, yes/no balanced per question text: the answer priors are useless)")
+                          "questions, yes/no balanced per question text: the answer priors are useless) or 'hard-prior' (the "
+                          "hard set whose yes/no texts mostly have one usual answer, as in real VQA sets)")
     ap.add_argument("--also", action="append", default=[], metavar="SOURCE",
                     help="add the training split of another medical VQA dataset (repeatable): a release-layout "
                          "folder, a hub id or a local folder of image/question/answer parquet files (VQA-RAD, "
@@ -55,13 +56,19 @@ def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
     out_dir = resolve_path(args.out_dir)
+    had = (out_dir / MANIFEST).is_file()
+    kept = (f"Nothing in {out_dir} was changed (the previous dataset there is intact)." if had else
+            f"No dataset was written to {out_dir}.")
     try:
         if args.demo:
-            write = write_hard_release if args.demo == "hard" else write_demo_release
-            raw = write(out_dir / f"slake_demo{'_hard' if args.demo == 'hard' else ''}_raw", args.seed,
-                        *args.demo_images)
+            kind = {"easy": "", "hard": "_hard", "hard-prior": "_hard_prior"}[args.demo]
+            if args.demo == "easy":
+                raw = write_demo_release(out_dir / "slake_demo_raw", args.seed, *args.demo_images)
+            else:
+                raw = write_hard_release(out_dir / f"slake_demo{kind}_raw", args.seed, *args.demo_images,
+                                         prior=args.demo == "hard-prior")
             conv = read_release(raw)
-            conv.source = f"demo{'-hard' if args.demo == 'hard' else ''}:seed={args.seed}"
+            conv.source = f"demo{kind.replace('_', '-')}:seed={args.seed}"
         elif args.slake_dir:
             conv = read_release(resolve_path(args.slake_dir))
         elif args.hub_id:
@@ -72,12 +79,10 @@ def main(argv=None) -> int:
             conv = merge_training_sources(conv, [(spec, read_source(spec)) for spec in args.also])
         manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap)
     except (ConversionError, DataError, ImageReadError, OSError) as exc:
-        print(f"error: {exc}\nNothing in {out_dir} was changed (a previous dataset there is intact).",
-              file=sys.stderr)
+        print(f"error: {exc}\n{kept}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted; nothing in {out_dir} was changed (a previous dataset there is intact).",
-              file=sys.stderr)
+        print(f"\ninterrupted. {kept}", file=sys.stderr)
         return 130
     c, t = manifest["counts"], manifest["answer_types"]
     log.info("source %s (lang %s)", manifest["source"], manifest["lang"])

@@ -116,11 +116,13 @@ def questions(params: dict, rng: random.Random) -> list[dict]:
 
 
 def write_release(root: str | Path, seed: int, counts: tuple[int, int, int], sample, draw_image, ask,
-                  image_name: str, row_fields) -> Path:
+                  image_name: str, row_fields, boxes=None) -> Path:
     """The release layout (imgs/, train.json, validate.json, test.json) of a synthetic set, and
     ``demo_params.json`` (the drawing parameters of every image, so tests can re-derive each
     answer). ``sample(rng)``, ``draw_image(params)`` and ``ask(params, rng)`` define the set;
-    ``image_name`` is formatted with the image number; ``row_fields(params)`` adds metadata."""
+    ``image_name`` is formatted with the image number; ``row_fields(params)`` adds metadata;
+    ``boxes(params)``, if given, writes each image folder's ``detection.json`` as SLAKE does
+    (a list of one-key objects, ``[{"Cyst": [x, y, w, h]}, ...]`` in the image's pixels)."""
     root = Path(root)
     rng = random.Random(seed)
     qid, img_id = 0, 0
@@ -135,6 +137,8 @@ def write_release(root: str | Path, seed: int, counts: tuple[int, int, int], sam
             path.parent.mkdir(parents=True, exist_ok=True)
             draw_image(params).save(path, **({"quality": 95} if name.endswith(".jpg") else {}))
             params_by_image[name] = params
+            if boxes is not None:
+                atomic_write_text(path.parent / "detection.json", json.dumps(boxes(params)))
             for q in ask(params, rng):
                 rows.append({"img_id": img_id, "img_name": name, "q_lang": "en", **row_fields(params), "qid": qid, **q})
                 qid += 1

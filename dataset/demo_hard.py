@@ -70,12 +70,32 @@ def draw(params: dict) -> Image.Image:
         img[_ellipse(yy, xx, rng.integers(40, 190), rng.integers(40, 190), 4, 4)] = 200
     for side in SIDES:
         cy, cx, ry, rx = ORGAN[(region, side)]
-        slots = [(cy - ry // 2, cx), (cy + ry // 2, cx)]
-        for (sy, sx), kind in zip(slots, params["findings"][side]):
+        for (sy, sx), kind in zip(_slots(cy, cx, ry), params["findings"][side]):
             spot = _ellipse(yy, xx, sy + rng.integers(-3, 4), sx + rng.integers(-3, 4), 11, 11)
             img[spot] = _texture(kind, yy, xx)[spot]
     img += rng.normal(0, 6, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
+
+
+FINDING_BOX = 28  # a finding's spot: radius 11 around its slot, drawn up to 3 px off it
+
+
+def boxes(params: dict) -> list[dict]:
+    """The organ and finding boxes of an image, SLAKE's ``detection.json`` form: each organ
+    ("Left Lung", "Right Kidney", ...; sides as seen in the image) and each finding ("Cyst", ...)."""
+    out = []
+    organ = REGIONS[params["region"]][2]
+    for side in SIDES:
+        cy, cx, ry, rx = ORGAN[(params["region"], side)]
+        out.append({f"{side.capitalize()} {organ.capitalize()}": [cx - rx, cy - ry, 2 * rx, 2 * ry]})
+        for (sy, sx), kind in zip(_slots(cy, cx, ry), params["findings"][side]):
+            half = FINDING_BOX // 2
+            out.append({kind.capitalize(): [sx - half, sy - half, FINDING_BOX, FINDING_BOX]})
+    return out
+
+
+def _slots(cy: int, cx: int, ry: int) -> list[tuple[int, int]]:
+    return [(cy - ry // 2, cx), (cy + ry // 2, cx)]
 
 
 def questions(params: dict, rng: random.Random) -> list[dict]:
@@ -108,8 +128,40 @@ def questions(params: dict, rng: random.Random) -> list[dict]:
     return [{"question": q, "answer": a, "answer_type": t, "content_type": c} for q, a, t, c in qs]
 
 
+PRIOR_SHARE = 0.8  # the "prior" variant: how often a closed text gets its usual answer
+
+
+def usual_answer(kind: str, side: str, organ: str) -> str:
+    """The answer a closed text of the "prior" variant usually has: fixed per text, Yes for
+    half of the texts, so the text predicts the answer while the set stays balanced overall."""
+    return "Yes" if (KINDS.index(kind) + SIDES.index(side) + (organ == "kidney")) % 2 == 0 else "No"
+
+
+def questions_with_prior(params: dict, rng: random.Random) -> list[dict]:
+    """The hard set's questions, except that each "Is there a <kind> in the <side> <organ>?"
+    text gets its usual answer about PRIOR_SHARE of the time (as in real VQA sets, where
+    the text alone answers most yes/no questions: 74 % in SLAKE English): the image still
+    decides every answer, and the shortcut is there to be taken."""
+    qs = [q for q in questions(params, rng) if not q["question"].startswith("Is there a ")]
+    organ, f = REGIONS[params["region"]][2], params["findings"]
+    asked = 0
+    for _ in range(24):  # draw a text, then keep it only when its answer follows the prior's odds
+        if asked == 3:
+            break
+        k, s = rng.choice(KINDS), rng.choice(SIDES)
+        answer = "Yes" if k in f[s] else "No"
+        usual = answer == usual_answer(k, s, organ)
+        if rng.random() < (PRIOR_SHARE if usual else 1 - PRIOR_SHARE):
+            qs.append({"question": f"Is there a {k} in the {s} {organ}?", "answer": answer,
+                       "answer_type": "CLOSED", "content_type": "Abnormality"})
+            asked += 1
+    return qs
+
+
 def write_hard_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
-                       n_test: int = 60) -> Path:
-    """The hard set in the release layout (PNG: JPEG would blur the 3-pixel textures)."""
-    return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw, questions, "hard{}/source.png",
-                         lambda p: {"location": REGIONS[p["region"]][0], "modality": p["modality"]})
+                       n_test: int = 60, prior: bool = False) -> Path:
+    """The hard set in the release layout (PNG: JPEG would blur the 3-pixel textures);
+    ``prior``: the variant whose closed texts mostly have their usual answer."""
+    return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw,
+                         questions_with_prior if prior else questions, "hard{}/source.png",
+                         lambda p: {"location": REGIONS[p["region"]][0], "modality": p["modality"]}, boxes)

@@ -30,6 +30,10 @@ class Sample:
     # shared-prefix packing (PackedQuestions): 0 = the shared image prefix, j >= 1 = question j
     segments: list[int] | None = None
     positions: list[int] | None = None
+    # closed training questions (annotate_closed): the first token of the answer and of the
+    # alternative answer, and the share of this answer among the text's training answers
+    closed_pair: tuple[int, int] | None = None
+    closed_prior: float | None = None
 
 
 class VQADataset:
@@ -82,16 +86,103 @@ class VQADataset:
         return sum(len(s.input_ids) for s in self.samples)
 
 
+def _closed_key(s: Sample) -> tuple[str, str] | None:
+    """(normalised question text, normalised answer) of a closed sample, else None."""
+    from evaluation.metrics import normalize
+    rec = s.record
+    if rec.get("answer_type") != "CLOSED":
+        return None
+    question = " ".join(m["content"] for m in rec["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, "")
+    return normalize(question), normalize(rec["conversations"][-1]["content"])
+
+
 def _closed_groups(samples: list[Sample]) -> dict[str, dict[str, list[Sample]]]:
     """Closed samples grouped by normalised question text, then by normalised answer."""
-    from evaluation.metrics import normalize
     groups: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
     for s in samples:
-        rec = s.record
-        if rec.get("answer_type") == "CLOSED":
-            question = " ".join(m["content"] for m in rec["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, "")
-            groups[normalize(question)][normalize(rec["conversations"][-1]["content"])].append(s)
+        key = _closed_key(s)
+        if key is not None:
+            groups[key[0]][key[1]].append(s)
     return groups
+
+
+def _first_answer_token(input_ids: list[int], labels: list[int]) -> tuple[int, int] | None:
+    for i, t in enumerate(labels):
+        if t != IGNORE_INDEX:
+            return i, input_ids[i]
+    return None
+
+
+def annotate_closed(data: VQADataset, encoder: ChatEncoder, max_seq_len: int) -> int:
+    """Marks every closed training question with its answer's first token, the first token of
+    the alternative answer (the commonest other answer of the same question text, else the
+    commonest other closed answer of the set: "No" for "Yes") and the question-text prior of its
+    answer, two-way and add-one smoothed: (n_answer + 1) / (n_answer + n_alternative + 2). The
+    closed-answer losses (trainer/losses.py) read these. Returns how many were marked."""
+    from dataset.contract import answer_of
+    groups = _closed_groups(data.samples)
+    totals: dict[str, int] = defaultdict(int)
+    shown: dict[str, str] = {}
+    for by_answer in groups.values():
+        for answer, members in by_answer.items():
+            totals[answer] += len(members)
+            shown.setdefault(answer, answer_of(members[0].record))
+    pool = sorted(totals, key=lambda a: (-totals[a], a))
+    marked = 0
+    for text in sorted(groups):
+        by_answer = groups[text]
+        for answer, members in by_answer.items():
+            others = sorted((b for b in by_answer if b != answer), key=lambda b: (-len(by_answer[b]), b)) \
+                or [b for b in pool if b != answer][:1]
+            if not others:
+                continue
+            alt = others[0]
+            n_alt = len(by_answer.get(alt, ()))
+            prior = (len(members) + 1) / (len(members) + n_alt + 2)
+            for s in members:
+                conv = s.record["conversations"]
+                mine = _first_answer_token(s.input_ids, s.labels)
+                try:
+                    enc = encoder.encode([*conv[:-1], {**conv[-1], "content": shown[alt]}], max_seq_len)
+                except ValueError:
+                    continue
+                theirs = _first_answer_token(enc.input_ids, enc.labels)
+                if mine is None or theirs is None or mine[0] != theirs[0] or mine[1] == theirs[1]:
+                    continue  # the two answers do not differ in their first token at the same place
+                s.closed_pair, s.closed_prior = (mine[1], theirs[1]), prior
+                marked += 1
+    return marked
+
+
+def paired_permutation(samples: list[Sample], seed: int, epoch: int) -> torch.Tensor:
+    """An epoch order in which every closed question text with two answers comes in pairs, one
+    sample of each answer (two images, same text) side by side, so with an even batch size both
+    land in one batch: the text alone cannot lower the loss of the pair, only the images can.
+    Everything else is paired at random; units are shuffled; only a last odd sample is single.
+    Depends only on (seed, epoch), like the plain permutation."""
+    rng = random.Random(seed * 1000 + epoch)
+    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, s in enumerate(samples):
+        key = _closed_key(s)
+        if key is not None:
+            groups[key[0]][key[1]].append(i)
+    units: list[tuple[int, ...]] = []
+    for text, by_answer in sorted(groups.items()):
+        pools = {a: list(members) for a, members in sorted(by_answer.items())}
+        for members in pools.values():
+            rng.shuffle(members)
+        while True:
+            live = sorted((a for a in pools if pools[a]), key=lambda a: (-len(pools[a]), a))
+            if len(live) < 2:
+                break
+            units.append((pools[live[0]].pop(), pools[live[1]].pop()))
+    paired = {i for u in units for i in u}
+    rest = [i for i in range(len(samples)) if i not in paired]
+    rng.shuffle(rest)
+    units += [tuple(rest[j:j + 2]) for j in range(0, len(rest) - 1, 2)]
+    rng.shuffle(units)
+    order = [i for u in units for i in u] + (rest[-1:] if len(rest) % 2 else [])
+    return torch.tensor(order, dtype=torch.long)
 
 
 def closed_text_prior(samples: list[Sample]) -> tuple[int, float | None]:
@@ -214,6 +305,17 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
              "targets": nxt.view(-1)[target_pos]}
     if image_id is not None:
         batch["image_slots"] = (ids.view(-1) == image_id).nonzero().squeeze(1)
+        # the prompt tokens before the first answer token (model.vlm.question_mask): what a film
+        # projector reads the question from
+        batch["question"] = (ids != image_id) & (ids != pad_id) & ((labels != IGNORE_INDEX).cumsum(1) == 0)
+    closed = [i for i, s in enumerate(samples) if s.closed_pair is not None]
+    if closed:
+        # where each closed sample's first answer token sits in the target list (rows in order)
+        per_row = (nxt != IGNORE_INDEX).sum(1)
+        first = per_row.cumsum(0) - per_row
+        batch["closed_rows"] = first[closed]
+        batch["closed_tokens"] = torch.tensor([samples[i].closed_pair for i in closed], dtype=torch.long)
+        batch["closed_prior"] = torch.tensor([samples[i].closed_prior for i in closed], dtype=torch.float32)
     if any(s.segments is not None for s in samples):
         # Shared-prefix packed rows: a question sees the image prefix and itself, never the
         # other questions. Unpacked rows are one segment (plain causal); padding is its own.
@@ -231,4 +333,4 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
 
 
 # batch entries the model takes as keyword arguments (all but the image table index)
-MODEL_INPUTS = ("position_ids", "attn_mask", "image_slots", "target_pos", "targets")
+MODEL_INPUTS = ("position_ids", "attn_mask", "image_slots", "target_pos", "targets", "question")

@@ -9,11 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-DATA=dataset/demo_hard
-SWEEP=out/sweep_hard
+DATA=${DATA:-dataset/demo_hard}      # another converted set (its images under $IMAGES)
+IMAGES=${IMAGES:-$DATA/medical_images}
+SWEEP=out/sweep_hard${TAG:+_$TAG}
 LLM=$SWEEP/standin_llm_128x${LAYERS:-2}.pth
 mkdir -p "$SWEEP"
-[ -f "$DATA/manifest.json" ] || $PY convert_slake_dataset.py --demo hard --out_dir "$DATA" > /dev/null
+[ -f "$DATA/manifest.json" ] || [ "$DATA" != dataset/demo_hard ] || $PY convert_slake_dataset.py --demo hard --out_dir "$DATA" > /dev/null
 DEMO_PRE="--epochs 2 --batch_size 16"
 # name = "start | stage-1 flags | stage-2 flags"; start: scratch, or llm (--from_llm, the stand-in weights).
 # Rows measured before --lr_schedule auto (wsd for stage 2 from scratch) name the schedule they ran with.
@@ -43,6 +44,18 @@ declare -A V=(
   [guide_lr2e-3]="scratch | --learning_rate 2e-3 | --learning_rate 2e-3 --lr_schedule cosine"
   [guide_lr3e-3]="scratch | --learning_rate 3e-3 | --learning_rate 3e-3 --lr_schedule cosine"
   [guide_pack8]="scratch | | --batch_size 4 --pack_questions 8 --lr_schedule cosine"
+  [guide_film]="scratch | --projector film | --projector film"     # Learning II, lever g
+  [guide_film_seed1]="scratch | --projector film --seed 1 | --projector film --seed 1"
+  [guide_film_seed2]="scratch | --projector film --seed 2 | --projector film --seed 2"
+  [guide_seed1]="scratch | --seed 1 | --seed 1"
+  [guide_seed2]="scratch | --seed 2 | --seed 2"
+  [guide_patch]="scratch | --patch_loss 1 | --patch_loss 1"         # lever h (boxes from the generator)
+  [guide_rank]="scratch | | --rank_weight 1"                        # lever c
+  [guide_pair]="scratch | | --pair_closed"                          # lever b
+  [guide_pair_rank]="scratch | | --pair_closed --rank_weight 1"
+  [guide_projlr10]="scratch | --projector_lr_scale 10 | --projector_lr_scale 10"   # lever d
+  [guide_film_pair]="scratch | --projector film | --projector film --pair_closed"
+  [guide_film_patch]="scratch | --projector film --patch_loss 1 | --projector film --patch_loss 1"
   [llm_guide]="llm | | "
   [llm_lr1e-3]="llm | | --learning_rate 1e-3"
   [llm_demo32]="llm | $DEMO_PRE | --epochs 32 --batch_size 8 --pack_questions 4"
@@ -66,7 +79,7 @@ run() {
   rm -rf "$out"; mkdir -p "$out"
   [ "$start" = llm ] && from_llm=(--from_llm "$LLM")
   local model=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers "${LAYERS:-2}" --num_attention_heads 4
-               --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$out" --cache_dir "$DATA/cache"
+               --num_key_value_heads 2 --images_path "$IMAGES" --out_dir "$out" --cache_dir "$DATA/cache"
                --log_interval 1000)
   t0=$(date +%s)
   # shellcheck disable=SC2086
@@ -75,7 +88,7 @@ run() {
   $PY train_sft_vlm.py "${model[@]}" --data_path "$DATA/medical_vqa_train.jsonl" \
     --val_path "$DATA/medical_vqa_validation.jsonl" $sft > "$out/sft.log" 2>&1 &&
   $PY eval_vlm.py --model_path "$out/medical_vlm_128.pth" --data_path "$DATA/medical_vqa_test.jsonl" \
-    --train_path "$DATA/medical_vqa_train.jsonl" --images_path "$DATA/medical_images" --out_dir "$out" \
+    --train_path "$DATA/medical_vqa_train.jsonl" --images_path "$IMAGES" --out_dir "$out" \
     --cache_dir "$DATA/cache" > "$out/eval.log" 2>&1 || true
   $PY - "$name" "$out" "$(( $(date +%s) - t0 ))" "${V[$name]}" <<'PY' | tee -a "$SWEEP/results.txt"
 import json, sys

@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from model import flags
-from model.config import DEFAULT_TOKENIZER, DEFAULT_VISION_MODEL
+from model.config import DEFAULT_TOKENIZER, DEFAULT_VISION_MODEL, PROJECTORS
 
 STAGES = ("pretrain", "sft")
 
@@ -27,6 +27,8 @@ class TrainConfig:
     max_seq_len: int = 512
     pack_questions: int = 1     # >1: up to this many questions share one image prefix per sequence
     balance_closed: bool = False  # resample so each closed question text is answered yes and no equally often
+    pair_closed: bool = False   # batches hold each closed question text with images of both answers
+    boxes_path: str = "auto"    # organ/finding boxes (dataset/boxes.py); auto: medical_boxes.json beside --data_path
     # model
     hidden_size: int = 768
     num_hidden_layers: int = 16
@@ -52,6 +54,12 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
+    projector_lr_scale: float = 1.0  # the projector's learning rate, as a multiple of --learning_rate
+    # Learning II levers (trainer/losses.py); 0 = off
+    debias: float = 0.0         # product of experts with the question-text prior on closed answers
+    rank_weight: float = 0.0    # hinge on the right-vs-wrong closed answer margin
+    rank_margin: float = 1.0
+    patch_loss: float = 0.0     # weight of the per-patch organ/finding loss (needs boxes)
     dtype: str = "auto"         # auto: bfloat16 on CUDA (float16 if unsupported), float32 on CPU
     compile: bool = False
     save_dtype: str = "float32"  # weights checkpoint precision; the resume state is always float32
@@ -87,6 +95,16 @@ class TrainConfig:
                 "e.g. 512/8 or 768/8")
         if self.train_vision not in ("none", "all") and not re.fullmatch(r"last:[1-9]\d*", self.train_vision):
             raise flags.FlagError(f"--train_vision must be none, all or last:N (N >= 1), got {self.train_vision!r}")
+        for name in ("pair_closed", "debias", "rank_weight"):
+            if getattr(self, name) and self.pack_questions > 1:
+                raise flags.FlagError(f"--{name} works on single questions: use --pack_questions 1 "
+                                      f"(got {self.pack_questions})")
+        if self.pair_closed and self.batch_size % 2:
+            raise flags.FlagError(f"--pair_closed puts two questions side by side in a batch: use an even "
+                                  f"--batch_size (got {self.batch_size})")
+        if self.projector == "film" and self.pack_questions > 1:
+            raise flags.FlagError(f"--projector film reads each image for its own question, so questions cannot share "
+                                  f"image tokens: use --pack_questions 1 (got {self.pack_questions}) or --projector mlp")
         if self.num_attention_heads % self.num_key_value_heads:
             raise flags.FlagError(f"--num_attention_heads {self.num_attention_heads} must be a multiple of "
                                   f"--num_key_value_heads {self.num_key_value_heads}")
@@ -160,7 +178,8 @@ HELP = {
     "pack_questions": "up to K questions about one image share its image tokens in one training sequence "
                       "(same loss as separate samples, far fewer tokens)",
     "hidden_size": "512 (26M) or 768 (104M) for the MiniMind2 sizes",
-    "projector": "mlp (LLaVA-1.5) or linear (MiniMind2-V)",
+    "projector": "mlp (LLaVA-1.5), linear (MiniMind2-V) or film (the mlp modulated by the question, so each "
+                 "image patch is read for what is asked; not with --pack_questions > 1)",
     "vision_model": "CLIP folder or hub id; 'random' / 'random-tiny' for offline tests",
     "from_weight": "'none', 'pretrain' (this size's stage-1 checkpoint if present) or a checkpoint path",
     "from_llm": "MiniMind2 language-model weights to start from (use with --tokenizer_path)",
@@ -182,11 +201,21 @@ HELP = {
                    "steps) or constant (the peak to the end; best for 16+ epochs from scratch on the hard demo set); "
                    "auto: wsd for stage 2 from scratch, cosine otherwise",
     "decay_ratio": "wsd: the fraction of the steps, at the end, over which the rate decays",
+    "pair_closed": "order each epoch so every closed question text comes with an image of each of its answers in "
+                   "one batch (needs an even --batch_size)",
+    "boxes_path": "organ/finding boxes per image for --patch_loss; auto: medical_boxes.json beside --data_path",
+    "projector_lr_scale": "the projector's learning rate as a multiple of --learning_rate",
+    "debias": "weight of the question-text prior added to the closed answers' logits in training (product of "
+              "experts): the loss rewards only what the text cannot predict; inference unchanged",
+    "rank_weight": "weight of a hinge loss on the margin between the right and the wrong closed answer",
+    "rank_margin": "the logit margin at which --rank_weight's hinge is zero",
+    "patch_loss": "weight of a per-patch loss: a small head on the last layer predicts which organ/finding boxes "
+                  "cover each image patch (needs medical_boxes.json; 0 = off)",
     "save_dtype": "precision of the weights checkpoint (bfloat16/float16 halve its size; resume state stays float32)",
 }
 
 
-CHOICES = {"freeze_llm": ["all", "except_last", "none", "auto"], "projector": ["mlp", "linear"],
+CHOICES = {"freeze_llm": ["all", "except_last", "none", "auto"], "projector": list(PROJECTORS),
            "dtype": ["auto", "bfloat16", "float16", "float32"], "save_dtype": ["float32", "bfloat16", "float16"],
            "lr_schedule": ["auto", "cosine", "wsd", "constant"]}
 
@@ -201,6 +230,9 @@ RULES = {
     "warmup_ratio": flags.fraction_below_one, "vision_lr": flags.positive_float, "grad_clip": flags.non_negative_float,
     "num_workers": flags.non_negative_int, "seed": flags.non_negative_int, "log_interval": flags.positive_int,
     "save_interval": flags.non_negative_int, "stop_at_step": flags.non_negative_int,
+    "projector_lr_scale": flags.positive_float, "debias": flags.non_negative_float,
+    "rank_weight": flags.non_negative_float, "rank_margin": flags.non_negative_float,
+    "patch_loss": flags.non_negative_float,
 }
 
 

@@ -1,0 +1,116 @@
+"""Organ and finding boxes per image (SLAKE's ``detection.json``) and the per-patch labels
+training derives from them.
+
+The converter keeps each image's boxes in ``medical_boxes.json`` beside the VQA files::
+
+    {"xmlab1/source.jpg": {"size": [w, h], "boxes": {"Liver": [[x, y, w, h]], "Cyst": [[...], ...]}}}
+
+(x, y the top-left corner, in the image's own pixels). SLAKE stores a list of one-key objects,
+``[{"Liver": [x, y, w, h]}, ...]``; a plain ``{"Liver": [x, y, w, h]}`` mapping (a box or a
+list of boxes per name) is accepted too. Training turns the boxes into the labels of the
+vision tower's patch grid (``patch_targets``): a patch carries a name when its centre lies in
+one of that name's boxes, after the tower's resize and centre crop.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+BOXES_FILE = "medical_boxes.json"
+MAX_BOXES = 256  # per image; more is not a detection file
+
+
+class BoxError(ValueError):
+    pass
+
+
+def _box(value, name: str) -> list[float]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise BoxError(f"box of {name!r} must be [x, y, w, h] numbers, got {str(value)[:60]}")
+    if value[2] <= 0 or value[3] <= 0:
+        raise BoxError(f"box of {name!r} has no area: {list(value)}")
+    return [float(v) for v in value]
+
+
+def parse_detection(data: bytes | str) -> dict[str, list[list[float]]]:
+    """``detection.json`` content -> {name: [[x, y, w, h], ...]}; BoxError says what is wrong."""
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BoxError(f"not valid JSON ({exc})") from None
+    pairs = []
+    if isinstance(obj, list):
+        for item in obj:
+            if not isinstance(item, dict):
+                raise BoxError(f"expected objects like {{\"Liver\": [x, y, w, h]}}, got {str(item)[:60]}")
+            pairs += item.items()
+    elif isinstance(obj, dict):
+        pairs = list(obj.items())
+    else:
+        raise BoxError("expected a list of {name: [x, y, w, h]} objects or one such mapping")
+    out: dict[str, list[list[float]]] = {}
+    for name, value in pairs:
+        if not isinstance(name, str) or not name.strip():
+            raise BoxError(f"box name must be a non-empty string, got {name!r}")
+        many = isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple))
+        for b in (value if many else [value]):
+            out.setdefault(name.strip(), []).append(_box(b, name))
+    if sum(len(v) for v in out.values()) > MAX_BOXES:
+        raise BoxError(f"more than {MAX_BOXES} boxes")
+    return out
+
+
+def read_boxes_file(path: str | Path) -> dict[str, dict]:
+    """``medical_boxes.json`` -> {image path: {"size": [w, h], "boxes": {...}}}; {} if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BoxError(f"{path}: not a readable boxes file ({exc}); convert the dataset again") from None
+    if not isinstance(table, dict):
+        raise BoxError(f"{path}: expected an object keyed by image path; convert the dataset again")
+    return table
+
+
+def _patch_centres(size: tuple[float, float], grid: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch centres in the original image's pixels, undoing the tower's preprocessing:
+    shortest edge resized to ``crop``, then a centre crop of ``crop`` x ``crop``."""
+    w, h = size
+    scale = crop / min(w, h)
+    off_x, off_y = (w * scale - crop) / 2, (h * scale - crop) / 2
+    c = (torch.arange(grid, dtype=torch.float64) + 0.5) * crop / grid
+    return (c + off_x) / scale, (c + off_y) / scale
+
+
+def patch_targets(table: dict[str, dict], keys: list[str], grid: int, classes: list[str] | None = None,
+                  crop: int = 224) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(class names, targets [n_images, grid*grid, classes] float, known [n_images] bool): which
+    names cover each patch of each image (``keys``: image paths as in the boxes file). Images
+    without boxes are marked unknown and carry no patch loss. ``classes``: a fixed list (a
+    checkpoint's); by default every name in the boxes of ``keys``, sorted."""
+    entries = [table.get(k) for k in keys]
+    if classes is None:
+        classes = sorted({n for e in entries if e for n in e.get("boxes", {})})
+    index = {n: i for i, n in enumerate(classes)}
+    targets = torch.zeros(len(keys), grid * grid, len(classes))
+    known = torch.zeros(len(keys), dtype=torch.bool)
+    for i, e in enumerate(entries):
+        if not e or not e.get("boxes"):
+            continue
+        xs, ys = _patch_centres(e["size"], grid, crop)
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        xx, yy = xx.reshape(-1), yy.reshape(-1)
+        for name, bs in e["boxes"].items():
+            if name not in index:
+                continue
+            for x, y, w, h in bs:
+                inside = (xx >= x) & (xx < x + w) & (yy >= y) & (yy < y + h)
+                targets[i, inside, index[name]] = 1.0
+        known[i] = True
+    return classes, targets, known

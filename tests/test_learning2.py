@@ -1,0 +1,289 @@
+"""Learning II (issue #22): the levers that make closed questions use the image, each tested
+on its mechanism: debiased and ranking losses, paired batches, the film projector, boxes and
+the patch loss."""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections import Counter
+
+import pytest
+import torch
+
+from dataset.boxes import BoxError, parse_detection, patch_targets
+from dataset.vqa_dataset import VQADataset, annotate_closed, collate, paired_permutation, _closed_key
+from model.flags import FlagError
+from model.tokenization import IGNORE_INDEX, ChatEncoder
+from model.vlm import question_mask
+from tests.helpers import make_tiny_model, random_image
+from trainer.config import TrainConfig, parse_train_args
+from trainer.losses import closed_answer_loss, patch_loss
+
+
+def _write(tmp_path, rows, name="d.jsonl"):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    for i in range(4):
+        random_image(i).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / name).write_text("".join(json.dumps({
+        "conversations": [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}],
+        "image": f"{i % 4}.png", "answer_type": t}) + "\n" for i, (q, a, t) in enumerate(rows)))
+    return tmp_path / name
+
+
+ROWS = [("Is there a cyst?", "Yes", "CLOSED")] * 6 + [("Is there a cyst?", "No", "CLOSED")] * 2 + \
+       [("Is this a CT?", "Yes", "CLOSED")] * 3 + [("How many cysts?", "2", "OPEN")] * 5
+
+
+# ------------------------------------------------------------------ closed-answer losses
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_debiased_loss_equals_plain_loss_when_the_prior_is_even(seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(7, 50, generator=g)
+    rows = torch.tensor([0, 3, 5])
+    tokens = torch.tensor([[4, 9], [9, 4], [11, 2]])
+    even = closed_answer_loss(logits, rows, tokens, torch.full((3,), 0.5), debias=1.0, rank_weight=0, rank_margin=1)
+    assert abs(float(even)) < 1e-5
+    # a prior that already favours the right answer lowers the loss (less to learn); one against it raises it
+    favoured = closed_answer_loss(logits, rows, tokens, torch.full((3,), 0.9), 1.0, 0, 1)
+    against = closed_answer_loss(logits, rows, tokens, torch.full((3,), 0.1), 1.0, 0, 1)
+    assert float(favoured) < 0 < float(against)
+    # exactly the product of experts: softmax(logits + log 2p) on the two answers
+    p = torch.tensor([0.9, 0.9, 0.9])
+    sel = logits[rows].clone()
+    sel[torch.arange(3), tokens[:, 0]] += torch.log(2 * p)
+    sel[torch.arange(3), tokens[:, 1]] += torch.log(2 * (1 - p))
+    want = torch.nn.functional.cross_entropy(sel, tokens[:, 0], reduction="sum") - \
+        torch.nn.functional.cross_entropy(logits[rows], tokens[:, 0], reduction="sum")
+    assert torch.allclose(favoured, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("gap, margin, expected", [(3.0, 1.0, 0.0), (1.0, 1.0, 0.0), (0.25, 1.0, 0.75),
+                                                    (-2.0, 1.0, 3.0), (0.5, 0.0, 0.0)])
+def test_ranking_loss_is_zero_once_the_margin_is_met(gap, margin, expected):
+    logits = torch.zeros(2, 10)
+    logits[1, 3], logits[1, 7] = gap, 0.0
+    loss = closed_answer_loss(logits, torch.tensor([1]), torch.tensor([[3, 7]]), torch.tensor([0.5]),
+                              debias=0.0, rank_weight=2.0, rank_margin=margin)
+    assert float(loss) == pytest.approx(2.0 * expected)
+
+
+def test_annotate_closed_marks_answer_alternative_and_prior(tokenizer, tmp_path):
+    enc = ChatEncoder(tokenizer, 196)
+    data = VQADataset(_write(tmp_path, ROWS), tmp_path / "img", enc, 512)
+    assert annotate_closed(data, enc, 512) == 11
+    yes = tokenizer.encode("Yes", add_special_tokens=False)[0]
+    no = tokenizer.encode("No", add_special_tokens=False)[0]
+    by = Counter()
+    for s in data.samples:
+        q, a = s.record["conversations"][0]["content"], s.record["conversations"][1]["content"]
+        if s.record["answer_type"] == "OPEN":
+            assert s.closed_pair is None
+            continue
+        by[(q, a, s.closed_pair, round(s.closed_prior, 4))] += 1
+    assert by == {("<image>\nIs there a cyst?", "Yes", (yes, no), round(7 / 10, 4)): 6,
+                  ("<image>\nIs there a cyst?", "No", (no, yes), round(3 / 10, 4)): 2,
+                  # a text with one answer only: the set's other closed answer, prior (3+1)/(3+0+2)
+                  ("<image>\nIs this a CT?", "Yes", (yes, no), round(4 / 5, 4)): 3}
+    batch = collate(data.samples[5:9], 0, None)  # rows 5..8: two closed Yes, two closed No... in file order
+    first = [int((batch["labels"][i] != IGNORE_INDEX).nonzero()[0]) - 1 for i in range(4)]
+    flat = [i * batch["input_ids"].shape[1] + p for i, p in enumerate(first)]
+    assert batch["target_pos"][batch["closed_rows"]].tolist() == flat
+    assert batch["targets"][batch["closed_rows"]].tolist() == batch["closed_tokens"][:, 0].tolist()
+
+
+# ------------------------------------------------------------------ paired batches
+
+@pytest.mark.parametrize("seed, epoch", [(0, 0), (1, 3), (42, 7)])
+def test_paired_batches_hold_both_answers_of_each_closed_text(tokenizer, tmp_path, seed, epoch):
+    rows = ([("Is there a cyst?", "Yes", "CLOSED")] * 7 + [("Is there a cyst?", "No", "CLOSED")] * 4 +
+            [("Is there a nodule?", "No", "CLOSED")] * 3 + [("Is there a nodule?", "Yes", "CLOSED")] * 3 +
+            [("Is this a CT?", "Yes", "CLOSED")] * 2 + [("How many cysts?", "2", "OPEN")] * 6)
+    data = VQADataset(_write(tmp_path, rows), tmp_path / "img", ChatEncoder(tokenizer, 196), 512)
+    order = paired_permutation(data.samples, seed, epoch).tolist()
+    assert sorted(order) == list(range(len(rows)))  # a permutation
+    assert order == paired_permutation(data.samples, seed, epoch).tolist()  # reproducible
+    pairs = [(order[i], order[i + 1]) for i in range(0, len(order) - 1, 2)]
+    both = Counter()
+    for a, b in pairs:
+        ka, kb = _closed_key(data.samples[a]), _closed_key(data.samples[b])
+        if ka and kb and ka[0] == kb[0] and ka[1] != kb[1]:
+            both[ka[0]] += 1
+    # every sample of the rarer answer is paired with one of the other answer
+    assert both == {"is there cyst": 4, "is there nodule": 3}
+    for bs in (2, 4, 6):  # an even batch size never splits a pair
+        assert all(i // bs == (i + 1) // bs for i in range(0, len(order) - 1, 2))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pair_closed", "--batch_size", "5"], "even --batch_size"),
+    (["--pair_closed", "--pack_questions", "4"], "--pack_questions 1"),
+    (["--debias", "1", "--pack_questions", "2"], "--pack_questions 1"),
+    (["--rank_weight", "1", "--pack_questions", "2"], "--pack_questions 1"),
+    (["--projector", "film", "--pack_questions", "8"], "--pack_questions 1"),
+    (["--debias", "-1"], "--debias"),
+    (["--patch_loss", "nan"], "--patch_loss"),
+    (["--projector_lr_scale", "0"], "--projector_lr_scale"),
+])
+def test_lever_flags_are_validated(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_train_args("sft", argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ film projector
+
+def _film_model(tokenizer, tiny_tower, projector):
+    model = make_tiny_model(tokenizer, tiny_tower, projector=projector)
+    if projector == "film":
+        with torch.no_grad():
+            model.projector.film.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("projector, changes", [("film", True), ("mlp", False), ("linear", False)])
+def test_film_reads_the_image_for_the_question(tokenizer, tiny_tower, projector, changes):
+    model = _film_model(tokenizer, tiny_tower, projector)
+    enc = ChatEncoder(tokenizer, model.config.image_tokens)
+    feats = torch.randn(1, model.config.image_tokens, model.config.vision_hidden_size,
+                        generator=torch.Generator().manual_seed(0))
+    out = []
+    for q in ("Is there a cyst in the left lung?", "How many nodules are in the image?"):
+        ids = torch.tensor([enc.encode([{"role": "user", "content": f"<image>\n{q}"}],
+                                       add_generation_prompt=True).input_ids])
+        slots = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
+        out.append(model.embed(ids, feats)[0, slots])
+    assert (not torch.allclose(out[0], out[1])) == changes
+
+
+def test_film_never_sees_the_answer_and_trains_as_it_answers(tokenizer, tiny_tower):
+    """The training mask stops before the answer, and the prompt part of a training row gives
+    the same image tokens as the generation prompt of the same question."""
+    model = _film_model(tokenizer, tiny_tower, "film")
+    enc = ChatEncoder(tokenizer, model.config.image_tokens)
+    conv = [{"role": "user", "content": "<image>\nIs there a cyst?"}, {"role": "assistant", "content": "Yes"}]
+    full = enc.encode(conv)
+    from dataset.vqa_dataset import Sample
+    batch = collate([Sample(full.input_ids, full.labels, [0], {})], model.config.pad_token_id,
+                    model.config.image_token_id)
+    mask = batch["question"][0]
+    first_answer = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
+    assert not mask[first_answer:].any() and mask[:first_answer].sum() > 3
+    assert torch.equal(mask, question_mask(batch["input_ids"], model.config.image_token_id,
+                                           model.config.pad_token_id, batch["labels"])[0])
+    feats = torch.randn(1, model.config.image_tokens, model.config.vision_hidden_size)
+    slots = batch["image_slots"]
+    train_view = model.embed(batch["input_ids"], feats, slots, batch["question"]).reshape(-1, 64)[slots]
+    prompt = torch.tensor([enc.encode(conv[:1], add_generation_prompt=True).input_ids])
+    gen_view = model.embed(prompt, feats)[0, (prompt[0] == model.config.image_token_id)]
+    assert torch.allclose(train_view, gen_view, atol=1e-6)
+    # other answers: identical image tokens (the answer cannot leak into them)
+    other = enc.encode([conv[0], {"role": "assistant", "content": "No, there is none"}])
+    b2 = collate([Sample(other.input_ids, other.labels, [0], {})], model.config.pad_token_id,
+                 model.config.image_token_id)
+    assert torch.allclose(model.embed(b2["input_ids"], feats, b2["image_slots"], b2["question"])
+                          .reshape(-1, 64)[b2["image_slots"]], train_view, atol=1e-6)
+
+
+def test_film_starts_as_the_mlp(tokenizer, tiny_tower):
+    film = make_tiny_model(tokenizer, tiny_tower, projector="film")
+    mlp = make_tiny_model(tokenizer, tiny_tower, projector="mlp")
+    feats = torch.randn(2, film.config.image_tokens, film.config.vision_hidden_size)
+    cond = torch.randn(2, film.config.hidden_size)
+    assert torch.allclose(film.projector(feats, cond), mlp.projector(feats))
+
+
+# ------------------------------------------------------------------ boxes and the patch loss
+
+@pytest.mark.parametrize("text, expected", [
+    ('[{"Liver": [1, 2, 3, 4]}, {"Cyst": [5, 6, 7, 8]}, {"Cyst": [0, 0, 2, 2]}]',
+     {"Liver": [[1, 2, 3, 4]], "Cyst": [[5, 6, 7, 8], [0, 0, 2, 2]]}),
+    ('{"Liver": [1, 2, 3, 4], "Lung": [[0, 0, 5, 5], [9, 9, 1, 1]]}',
+     {"Liver": [[1, 2, 3, 4]], "Lung": [[0, 0, 5, 5], [9, 9, 1, 1]]}),
+    ('[]', {}),
+])
+def test_detection_files_in_both_layouts(text, expected):
+    assert parse_detection(text) == expected
+
+
+@pytest.mark.parametrize("text", ['{"Liver": [1, 2, 3]}', '[{"Liver": "x"}]', '[5]', '"box"', '{not json',
+                                  '{"Liver": [1, 2, 0, 4]}', '{"": [1, 2, 3, 4]}', '{"Liver": [1, 2, NaN, 4]}',
+                                  '{"Liver": [true, 2, 3, 4]}'])
+def test_malformed_detection_files_are_refused(text):
+    with pytest.raises(BoxError):
+        parse_detection(text)
+
+
+def test_patch_targets_follow_resize_and_centre_crop():
+    # a 448 x 224 image: resized to 448 x 224 -> 224 after a centre crop of x in [112, 336)
+    table = {"a.png": {"size": [448, 224], "boxes": {"Left": [[112, 0, 112, 224]], "Out": [[0, 0, 100, 224]]}},
+             "b.png": {"size": [224, 224], "boxes": {"Top": [[0, 0, 224, 16]]}}}
+    classes, t, known = patch_targets(table, ["a.png", "b.png", "none.png"], grid=14)
+    assert classes == ["Left", "Out", "Top"] and known.tolist() == [True, True, False]
+    a = t[0].view(14, 14, 3)
+    assert a[:, :7, 0].all() and not a[:, 7:, 0].any()  # the left half of the crop
+    assert not a[..., 1].any()  # cropped away
+    b = t[1].view(14, 14, 3)
+    assert b[0, :, 2].all() and not b[1:, :, 2].any()
+    assert not t[2].any()
+
+
+def test_patch_loss_counts_only_images_with_boxes():
+    head = torch.nn.Linear(4, 2)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    hidden = torch.randn(2, 5, 4)
+    slots = torch.tensor([1, 2, 6, 7])  # two images of two patches
+    targets = torch.tensor([[[1., 0.], [0., 1.]], [[1., 1.], [1., 1.]]])
+    loss = patch_loss(head, hidden, slots, targets, torch.tensor([True, False]))
+    assert float(loss) == pytest.approx(2 * torch.log(torch.tensor(2.0)).item())  # zero logits: log 2 per name
+
+
+def test_converter_keeps_boxes_from_folder_and_zip_and_warns_on_bad_ones(tmp_path, caplog):
+    from dataset.demo_hard import write_hard_release
+    from dataset.slake import convert, read_release
+    raw = write_hard_release(tmp_path / "raw", seed=0, n_train=6, n_val=2, n_test=2)
+    (raw / "imgs" / "hard2" / "detection.json").write_text('[{"Cyst": [1, 2]}]')  # malformed
+    (raw / "imgs" / "hard3" / "detection.json").unlink()  # missing
+    m = convert(read_release(raw), tmp_path / "a")
+    boxes = json.loads((tmp_path / "a" / "medical_boxes.json").read_text())
+    assert m["images_with_boxes"] == 8 and len(boxes) == 8
+    assert "hard2/source.png" not in boxes and "hard3/source.png" not in boxes
+    assert any("hard2/source.png" in w for w in m["box_warnings"])
+    params = json.loads((raw / "demo_params.json").read_text())["hard1/source.png"]
+    b = boxes["hard1/source.png"]
+    assert b["size"] == [224, 224]
+    organ = "Lung" if params["region"] == "chest" else "Kidney"
+    assert f"Left {organ}" in b["boxes"] and f"Right {organ}" in b["boxes"]
+    kinds = Counter(k.capitalize() for side in ("left", "right") for k in params["findings"][side])
+    assert {k: len(v) for k, v in b["boxes"].items() if "Left" not in k and "Right" not in k} == dict(kinds)
+    # the same release as imgs.zip (the hub snapshot's layout)
+    zipped = tmp_path / "zipped"
+    zipped.mkdir()
+    for f in ("train.json", "validate.json", "test.json"):
+        (zipped / f).write_bytes((raw / f).read_bytes())
+    with zipfile.ZipFile(zipped / "imgs.zip", "w") as z:
+        for p in sorted((raw / "imgs").rglob("*")):
+            if p.is_file():
+                z.write(p, f"imgs/{p.relative_to(raw / 'imgs').as_posix()}")
+    convert(read_release(zipped), tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "medical_boxes.json").read_text()) == boxes
+
+
+def test_patch_loss_trains_a_head_saved_with_the_model(tmp_path, tokenizer):
+    """End to end: boxes -> patch head in the config and the checkpoint; the loss falls."""
+    from model.checkpoint import read_checkpoint
+    from trainer.cli import main as train_main
+    import convert_slake_dataset
+    d = tmp_path / "d"
+    assert convert_slake_dataset.main(["--demo", "hard", "--out_dir", str(d), "--demo_images", "24", "4", "4"]) == 0
+    args = ["--vision_model", "random-tiny", "--hidden_size", "48", "--num_hidden_layers", "2",
+            "--num_attention_heads", "4", "--num_key_value_heads", "2", "--device", "cpu", "--num_workers", "0",
+            "--images_path", str(d / "medical_images"), "--out_dir", str(tmp_path / "out"), "--cache_dir", "",
+            "--epochs", "2", "--batch_size", "8", "--log_interval", "1", "--patch_loss", "1",
+            "--data_path", str(d / "medical_vqa_train.jsonl"), "--val_path", ""]
+    assert train_main("sft", args) == 0
+    ck = read_checkpoint(tmp_path / "out" / "medical_vlm_48.pth")
+    assert ck["config"]["patch_labels"] == sorted(ck["config"]["patch_labels"])
+    assert {"Left Lung", "Right Lung", "Left Kidney", "Right Kidney"} <= set(ck["config"]["patch_labels"])
+    assert ck["model"]["patch_head.weight"].shape == (len(ck["config"]["patch_labels"]), 48)
