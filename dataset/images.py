@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from model.safe_files import MAX_IMAGE_BYTES, SourceError, checked
+
 MAX_PIXELS = 50_000_000  # refuse absurd images (decompression bombs) with a clear message
+MAX_DICOM_VALUES = 150_000_000  # all frames x samples of a DICOM (a 512 x 512 x 500-slice series fits)
 
 
 class ImageReadError(ValueError):
@@ -46,8 +49,22 @@ def read_dicom(path: str | Path, data: bytes | None = None) -> Image.Image:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     path = Path(path)
+    source = (lambda: io.BytesIO(data)) if data is not None else (lambda: path)  # noqa: E731
     try:
-        ds = pydicom.dcmread(io.BytesIO(data) if data is not None else path)
+        # the header alone first: the pixel count is checked before any pixel is decoded, so a
+        # few-MB deflated file that inflates to gigabytes is refused without inflating it
+        header = pydicom.dcmread(source(), stop_before_pixels=True)
+        rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as exc:
+        raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
+    if rows * cols > MAX_PIXELS or rows * cols * max(frames, 1) * max(samples, 1) > MAX_DICOM_VALUES:
+        raise ImageReadError(f"{path}: DICOM image of {rows}x{cols} pixels x {frames} frame(s) x {samples} sample(s) "
+                             f"is too large (more than {MAX_PIXELS // 1_000_000} megapixels per frame or "
+                             f"{MAX_DICOM_VALUES // 1_000_000}M values); downscale it first")
+    try:
+        ds = pydicom.dcmread(source())
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
         raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
     if "PixelData" not in ds:
@@ -56,9 +73,8 @@ def read_dicom(path: str | Path, data: bytes | None = None) -> Image.Image:
         arr = ds.pixel_array
     except Exception as exc:  # codecs raise their own types for truncated or unsupported data
         raise ImageReadError(f"{path}: cannot decode the DICOM pixel data ({exc})") from exc
-    if arr.size > MAX_PIXELS * 3 * max(1, int(ds.get("NumberOfFrames", 1) or 1)):
+    if arr.size > MAX_DICOM_VALUES:  # a header that understated the data
         raise ImageReadError(f"{path}: DICOM image of {arr.shape} values is too large")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     rgb = ds.get("SamplesPerPixel", 1) == 3
     if frames > 1:
         arr = arr[frames // 2]
@@ -107,8 +123,12 @@ def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
     ``path`` only names it in messages). Errors say what is wrong with which file."""
     path = Path(path)
     if data is None:
-        if not path.is_file():
-            raise ImageReadError(f"{path}: file not found")
+        try:
+            checked(path, MAX_IMAGE_BYTES, what="image")  # a regular file below the byte limit
+        except FileNotFoundError:
+            raise ImageReadError(f"{path}: file not found") from None
+        except SourceError as exc:
+            raise ImageReadError(str(exc)) from None
         if is_dicom(path):
             return read_dicom(path)
     elif _looks_dicom(data) or path.suffix.lower() in (".dcm", ".dicom"):
@@ -125,3 +145,30 @@ def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
             raise
         raise ImageReadError(f"{path}: not a readable image (PNG, JPEG or DICOM expected; "
                              f"{exc.__class__.__name__}: {exc})") from exc
+
+
+def as_image(obj, name: str = "image") -> Image.Image:
+    """The one normalisation for images given in code (the Python API, the web demo): a path
+    (PNG/JPEG/DICOM, through ``load_image``), a PIL image or a numpy array ([H, W] grey of any
+    numeric type, [H, W, 3|4] uint8) become the same 8-bit "L"/"RGB" image a file would: 16-bit
+    and float grey is windowed, palette and alpha converted, sizes checked."""
+    if isinstance(obj, (str, Path)):
+        return load_image(obj)
+    if type(obj).__module__ == "numpy" and hasattr(obj, "ndim"):
+        arr = np.asarray(obj)
+        if arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8:
+            obj = Image.fromarray(arr[..., :3], mode="RGB")
+        elif arr.ndim == 2 and (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            if arr.size and arr.size <= MAX_PIXELS:
+                obj = Image.fromarray(arr.astype(np.uint8)) if arr.dtype == np.uint8 else \
+                    Image.fromarray(arr.astype(np.float32), mode="F")
+            else:
+                raise ImageReadError(f"{name}: an array of {arr.shape} pixels is empty or too large")
+        else:
+            raise ImageReadError(f"{name}: a numpy image must be [H, W] grey or [H, W, 3] uint8 RGB, got "
+                                 f"{arr.shape} {arr.dtype}")
+    if not isinstance(obj, Image.Image):
+        raise TypeError(f"{name} must be a file path, a PIL image or a numpy array, got {type(obj).__name__}")
+    if obj.width < 1 or obj.height < 1 or obj.width * obj.height > MAX_PIXELS:
+        raise ImageReadError(f"{name}: an image of {obj.width}x{obj.height} pixels is empty or too large")
+    return _to_8bit(obj)

@@ -24,10 +24,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from dataset.boxes import BOXES_FILE, BoxError, parse_detection
 from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines
 from model.atomic import atomic_write_text
+from model.safe_files import MAX_IMAGE_BYTES, SourceError, read_bytes
 from model.runtime import progress
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class SourceRecord:
     where: str = ""
     problem: str | None = None  # set when the record is malformed
     source: str | None = None   # set for records merged from another dataset (--also)
+    load_boxes: object = None   # () -> bytes of the image folder's detection.json, if the source has one
 
 
 @dataclass
@@ -94,15 +97,28 @@ class _ImageFolder:
             raise ConversionError(f"{root}: no images found (expected an imgs/ folder or imgs.zip beside "
                                   "the split files)")
 
+    def boxes_loader(self, rel: str):
+        """The ``detection.json`` beside image ``rel`` (SLAKE keeps one per image folder), or None."""
+        parent = str(Path(rel).parent)
+        name = "detection.json" if parent == "." else f"{parent}/detection.json"
+        if self._zip is not None:
+            return self.loader(name) if name in self._members else None
+        path = self.dir / name
+        return self.loader(name) if path.is_file() or path.is_symlink() else None
+
     def loader(self, rel: str):
         if self._zip is not None:
             def load():
                 if rel not in self._members:
                     raise FileNotFoundError(f"{rel} not in {self.zip_path}")
+                info = self._zip.getinfo(self._members[rel])
+                if info.file_size > MAX_IMAGE_BYTES:
+                    raise SourceError(f"{rel} in {self.zip_path} unpacks to {info.file_size / 2**20:.0f} MB, more "
+                                      f"than {MAX_IMAGE_BYTES / 2**20:.0f} MB: refused")
                 return self._zip.read(self._members[rel])
         else:
             def load():
-                return (self.dir / rel).read_bytes()
+                return read_bytes(self.dir / rel, MAX_IMAGE_BYTES, root=self.dir, what="release file")
         return load
 
 
@@ -145,6 +161,7 @@ def read_release(root: str | Path) -> Conversion:
                 rec.problem = f"image path {row.get('img_name')!r} escapes the image folder"
             else:
                 rec.image_key, rec.load_image = rel, images.loader(rel)
+                rec.load_boxes = images.boxes_loader(rel)
             records.append(rec)
     return Conversion(f"release:{root}", records)
 
@@ -318,14 +335,14 @@ def make_caption(meta: dict, qas: list[tuple[str, str, str | None]]) -> str:
     return " ".join(parts)
 
 
-def _image_problem(data: bytes, name: str) -> str | None:
+def _image_problem(data: bytes, name: str) -> tuple[str | None, tuple[int, int] | None]:
     """Decodes the image with the loader and limits that training and evaluation use, so a
-    file that would stop them later is skipped (and listed) here instead."""
+    file that would stop them later is skipped (and listed) here instead. Returns (problem,
+    (width, height))."""
     try:
-        load_image(name, data)
-        return None
+        return None, load_image(name, data).size
     except ImageReadError as exc:
-        return f"unreadable image ({str(exc).removeprefix(name + ': ')})"
+        return f"unreadable image ({str(exc).removeprefix(name + ': ')})", None
 
 
 def _copy_image(data: bytes, dest: Path, previous: Path) -> bool:
@@ -374,7 +391,7 @@ def _swap_in(staging: Path, out_dir: Path):
         old_images = staging / "previous_images"
         os.replace(out_dir / IMAGES_DIR, old_images)
     os.replace(staging / IMAGES_DIR, out_dir / IMAGES_DIR)
-    for name in [*VQA_FILES.values(), PRETRAIN_FILE, MANIFEST]:
+    for name in [*VQA_FILES.values(), PRETRAIN_FILE, BOXES_FILE, MANIFEST]:
         os.replace(staging / name, out_dir / name)
     if old_images is not None:
         shutil.rmtree(old_images, ignore_errors=True)
@@ -432,17 +449,27 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
     images_dir = out_dir / IMAGES_DIR
     images_dir.mkdir()
     copied = 0
+    boxes: dict[str, dict] = {}  # image -> its size and detection.json boxes (dataset/boxes.py)
+    box_warnings: list[str] = []
     for rec in progress(kept, desc="images", unit="q"):
         if rec.image_key in image_status:
             continue
+        size = None
         try:
             data = rec.load_image()
-            problem = _image_problem(data, rec.image_key)
+            problem, size = _image_problem(data, rec.image_key)
+        except SourceError as exc:
+            problem = f"refused image ({exc})"
         except (OSError, KeyError) as exc:
             problem = f"missing image ({exc.__class__.__name__}: {exc})"
         image_status[rec.image_key] = problem
         if problem is None:
             copied += _copy_image(data, images_dir / rec.image_key, previous_images / rec.image_key)
+            if rec.load_boxes is not None:
+                try:
+                    boxes[rec.image_key] = {"size": list(size), "boxes": parse_detection(rec.load_boxes())}
+                except (OSError, KeyError, BoxError) as exc:  # boxes are extra: the image is still used
+                    box_warnings.append(f"{rec.image_key}: detection.json skipped ({exc})")
     final = []
     for rec in kept:
         problem = image_status[rec.image_key]
@@ -465,6 +492,18 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
     by_split = defaultdict(list)
     for rec in final:
         by_split[rec.split].append(rec)
+    # A conversion replaces a good dataset only with a complete one: every split the source has
+    # must keep questions, and there must be training questions at all.
+    offered = Counter(r.split for r in conv.records if lang == "all" or r.lang == lang)
+    empty = [s for s in VQA_FILES if (offered.get(s) or s in ("train", "test")) and not by_split.get(s)]
+    if empty:
+        reasons = Counter(e["reason"].split(":")[0] for e in skipped).most_common(3)
+        raise ConversionError(
+            f"{conv.source}: the conversion yields no usable questions for the "
+            f"{', '.join(empty)} split ({sum(offered.values())} question(s) in the source for lang "
+            f"{lang!r}, {len(final)} usable"
+            + (f"; most common reasons: {', '.join(f'{r} ({n})' for r, n in reasons)}" if reasons else "")
+            + "): refusing to replace a dataset with an incomplete one")
     for split, fname in VQA_FILES.items():
         lines = [json.dumps({
             "conversations": [{"role": "user", "content": f"<image>\n{rec.question.strip()}"},
@@ -488,6 +527,14 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
                               {"role": "assistant", "content": caption}],
             "image": key}, ensure_ascii=False))
     atomic_write_text(out_dir / PRETRAIN_FILE, "".join(line + "\n" for line in caption_lines))
+    used = {rec.image_key for rec in final}
+    atomic_write_text(out_dir / BOXES_FILE, json.dumps({k: v for k, v in sorted(boxes.items()) if k in used},
+                                                       ensure_ascii=False) + "\n")
+    for w in box_warnings[:5]:
+        log.warning("%s", w)
+    if len(box_warnings) > 5:
+        log.warning("... and %d more image(s) whose detection.json was skipped (listed in the manifest)",
+                    len(box_warnings) - 5)
 
     manifest = {
         "source": conv.source, "lang": lang,
@@ -503,6 +550,8 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type, "content_type": None,
               "modality": None} for r in by_split["test"]]) if by_split.get("train") and by_split.get("test") else {},
         "images_written": copied,
+        "images_with_boxes": sum(k in used for k in boxes),
+        "box_warnings": box_warnings,
         "skipped": skipped,
         "notes": conv.notes + ([f"split rule: {moved} non-English question(s) moved to the split their image has "
                                 "among the English questions (one split per image in every language)"]

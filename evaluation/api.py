@@ -17,7 +17,7 @@ from PIL import Image
 
 from dataset.contract import answer_of, read_jsonl
 from dataset.features import run_tower
-from dataset.images import load_image
+from dataset.images import as_image
 from evaluation.runner import generation_autocast
 from model.checkpoint import LoadedCheckpoint, load_model
 from model.config import IMAGE_PLACEHOLDER, resolve_path
@@ -56,6 +56,8 @@ class MedicalVQA:
         """Answer-constrained decoding, as ``eval_vlm.py --constrain``: closed questions choose
         among the training split's closed answers ('closed'); open ones also among its answers
         ('all'); 'none' switches it off. Returns self."""
+        if mode not in ("closed", "all", "none"):
+            raise ValueError(f"constrain(mode=...) must be 'closed', 'all' or 'none', got {mode!r}")
         if mode == "none":
             self.trie = None
             return self
@@ -65,7 +67,8 @@ class MedicalVQA:
         return self
 
     def answer(self, image: str | Path | Image.Image, question: str, answer_type: str | None = None) -> str:
-        """The answer to one question about one image (a path to PNG/JPEG/DICOM, or a PIL image)."""
+        """The answer to one question about one image (a path to PNG/JPEG/DICOM, a PIL image or a
+        numpy array; all normalised as files are: dataset.images.as_image)."""
         return self.answer_many([(image, question)], answer_types=[answer_type])[0]
 
     @torch.no_grad()
@@ -73,13 +76,16 @@ class MedicalVQA:
                     answer_types: list[str | None] | None = None) -> list[str]:
         """Answers for (image, question) pairs, generated in batches. ``answer_types`` (CLOSED /
         OPEN, or None to guess from the question's first word) matter only when constrained."""
+        for i, (_, q) in enumerate(items):
+            if not isinstance(q, str):
+                raise TypeError(f"question {i} must be a string, got {type(q).__name__}")
         answer_types = answer_types or [None] * len(items)
         types = [t or guess_answer_type(q) for t, (_, q) in zip(answer_types, items)]
         answers: list[str] = []
         tower = self.model.vision_tower
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            images = [im if isinstance(im, Image.Image) else load_image(im) for im, _ in chunk]
+            images = [as_image(im, f"image {start + i}") for i, (im, _) in enumerate(chunk)]
             prompts = [self.encoder.encode([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{clean_question(q)}"}],
                                            add_generation_prompt=True).input_ids for _, q in chunk]
             feats = run_tower(tower, tower.preprocess(images), self.device, self.model.cache_layers())

@@ -11,6 +11,7 @@ the model was trained with.
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -172,13 +173,34 @@ def save_checkpoint(path: str | Path, model: MedicalVLM, tok: PreTrainedTokenize
     return atomic_save(obj, path)
 
 
-def locate_checkpoint(spec: str | Path) -> Path:
+def locate_checkpoint(spec: str | Path, stage_hint: str | None = None) -> Path:
     """Where a checkpoint given as a ``.pth`` file, a model folder (``save_pretrained``) or a
     hub id of such a folder is on disk (hub ids are downloaded once)."""
     local = resolve_path(spec)
-    if local.exists() or Path(spec).is_absolute() or not looks_like_hub_id(str(spec)):
+    if local.exists() or local.is_symlink():
         return local
+    if Path(spec).is_absolute() or not looks_like_hub_id(str(spec)):
+        hint = produced_by(local)
+        if stage_hint in STAGE_SCRIPT and "writes it" not in hint:
+            hint = f"; run `{STAGE_SCRIPT[stage_hint]}` first to produce it, or pass --model_path" + hint
+        raise FileNotFoundError(f"{spec}: not found (looked for {local}){hint}")
     return download(str(spec))
+
+
+def produced_by(path: Path) -> str:
+    """'; run X first to produce it' for the toolkit's own checkpoint names, and the other
+    checkpoints beside it (another size or stage) with the flags that would use them."""
+    name = path.name
+    hint = ""
+    for stage, prefix in STAGE_PREFIX.items():
+        if re.fullmatch(rf"{prefix}_\d+(_moe)?\.pth", name):
+            size = name.removeprefix(prefix + "_").split(".")[0].split("_")[0]
+            hint = f"; `{STAGE_SCRIPT[stage]} --hidden_size {size}` writes it"
+    others = sorted(p.name for p in path.parent.glob("medical_*vlm_*.pth")) if path.parent.is_dir() else []
+    others = [o for o in others if o != name and not o.endswith("_resume.pth")]
+    if others:
+        hint += f" (found beside it: {', '.join(others[:4])}: pass one of them instead, with its size flags)"
+    return hint
 
 
 def read_checkpoint(path: str | Path, stage_hint: str | None = None) -> dict:
@@ -186,7 +208,7 @@ def read_checkpoint(path: str | Path, stage_hint: str | None = None) -> dict:
     hint = ""
     if stage_hint in STAGE_SCRIPT:
         hint = f"run `{STAGE_SCRIPT[stage_hint]}` first to produce it, or pass --model_path"
-    path = locate_checkpoint(path)
+    path = locate_checkpoint(path, stage_hint)
     if path.is_dir():
         if not is_pretrained_dir(path):
             raise CheckpointError(f"{path} is a folder without {CONFIG} and {WEIGHTS}: pass a .pth checkpoint or a "
@@ -214,16 +236,44 @@ def read_checkpoint(path: str | Path, stage_hint: str | None = None) -> dict:
     return obj
 
 
+def load_weights(model: MedicalVLM, state: dict, source: str, skip_prefixes: tuple[str, ...] = ()):
+    """The one strict weight loader (evaluation, the demo, the API, --from_weight, --resume):
+    every tensor the model has must be there, with its shape and a floating-point dtype where
+    the model's is; anything extra is refused. The frozen vision tower is not part of a
+    checkpoint. ``skip_prefixes``: parts deliberately left as built (e.g. a new patch head)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: the weights are not a name -> tensor mapping")
+    want = {k: v for k, v in model.state_dict().items()
+            if not k.startswith(("vision_tower.", *skip_prefixes))}
+    have = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    wrong = [f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}" for k in sorted(set(want) & set(have))
+             if not torch.is_tensor(have[k]) or have[k].shape != want[k].shape]
+    kinds = [f"{k} is {have[k].dtype}" for k in sorted(set(want) & set(have))
+             if torch.is_tensor(have[k]) and have[k].is_floating_point() != want[k].is_floating_point()]
+    problems = [f"{name} ({len(items)}): {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                for name, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                                    ("wrong dtype", kinds)) if items]
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not fit the model ({'; '.join(problems)}); the file is "
+                              "incomplete, damaged or from another model")
+    model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.startswith(skip_prefixes)}, **have},
+                          strict=False)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", vision_model: str | None = None,
                stage_hint: str | None = None, with_vision: bool = True) -> LoadedCheckpoint:
     """Rebuilds model + tokenizer from a checkpoint. ``vision_model`` overrides where the
     tower is loaded from (e.g. another local copy); its weights must still match."""
-    path = locate_checkpoint(path)
+    path = locate_checkpoint(path, stage_hint)
     obj = read_checkpoint(path, stage_hint)
     try:
         config = VLMConfig.from_dict(obj["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the stored config is not valid ({exc})") from None
+    if not isinstance(obj["vision"], dict) or not isinstance(obj["vision"].get("id"), str):
+        raise CheckpointError(f"{path}: the stored vision entry must be an object with an 'id' (the tower's name)")
     tok = tokenizer_from_files(obj["tokenizer"], str(path))
     if len(tok) != config.vocab_size or image_token_id(tok) != config.image_token_id:
         raise CheckpointError(f"{path}: stored tokenizer ({len(tok)} tokens) does not match the model "
@@ -237,15 +287,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", vision_mode
                 f"vision tower '{tower.name}' has weights {tower.fingerprint()} but {path} was trained with "
                 f"'{obj['vision']['id']}' weights {expected}: its features would not match what the "
                 "projector learned. Use the same tower (--vision_model) as in training.")
-    model = MedicalVLM(config, tower)
     try:
-        missing, unexpected = model.load_state_dict(obj["model"], strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"{path}: weights do not fit the stored config ({str(exc).splitlines()[1].strip()})") from exc
-    missing = [k for k in missing if not k.startswith("vision_tower.")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit the stored config (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
+        model = MedicalVLM(config, tower)
+    except ValueError as exc:  # e.g. a config whose image tokens do not match the tower
+        raise CheckpointError(f"{path}: {exc}") from None
+    load_weights(model, obj["model"], str(path))
     model.to(device).eval()
     return LoadedCheckpoint(model, tok, config, obj["stage"], obj["step"], path, obj.get("extra", {}), obj["vision"])
 

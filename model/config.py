@@ -13,6 +13,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"
 DEFAULT_TOKENIZER = "model/tokenizer"
 IMAGE_PLACEHOLDER = "<image>"
+PROJECTORS = ("mlp", "linear", "film")
+# Bounds of a config's sizes (checked before any allocation; far above MiniMind2's 768 x 16).
+LIMITS = {"hidden_size": (1, 8192), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 256),
+          "num_key_value_heads": (1, 256), "vocab_size": (1, 1_000_000), "intermediate_size": (0, 65536),
+          "max_position_embeddings": (1, 262_144), "vision_hidden_size": (1, 8192), "image_tokens": (1, 16_384),
+          "n_routed_experts": (1, 256), "n_shared_experts": (0, 64), "num_experts_per_tok": (1, 256),
+          "vision_tuned_layers": (0, 256), "dropout": (0.0, 1.0), "rope_theta": (1.0, 1e12),
+          "rms_norm_eps": (0.0, 1.0), "aux_loss_alpha": (0.0, 100.0),
+          "image_token_id": (-1, 1_000_000), "pad_token_id": (-1, 1_000_000), "eos_token_id": (-1, 1_000_000)}
+MAX_PARAMETERS = 4_000_000_000
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -50,20 +60,39 @@ class VLMConfig:
     vision_model: str = DEFAULT_VISION_MODEL
     vision_hidden_size: int = 768  # filled from the tower when the model is built
     image_tokens: int = 196  # patch tokens per image (224 px / 16 px patches, CLS dropped)
-    projector: str = "mlp"  # "mlp" (LLaVA-1.5) or "linear" (MiniMind2-V)
+    projector: str = "mlp"  # "mlp" (LLaVA-1.5), "linear" (MiniMind2-V) or "film" (mlp read for the question)
     # --train_vision: the last N tower blocks are copied into the model and trained; the feature
     # cache keeps the frozen prefix's output. The block config lets a checkpoint be rebuilt alone.
     vision_tuned_layers: int = 0
     vision_layer_config: dict = field(default_factory=dict)
+    # --patch_loss: names of the organ/finding boxes (dataset/boxes.py) a small head predicts at
+    # every image position of the language model's last layer; [] = no head
+    patch_labels: list = field(default_factory=list)
     # special token ids, always taken from the tokenizer
     image_token_id: int = -1
     pad_token_id: int = 0
     eos_token_id: int = -1
 
     def __post_init__(self):
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        """Every field's type and range is checked here, before anything is allocated: a config
+        read from a file (a shared model folder) must not be able to ask for 90 GB."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                  "bool": isinstance(value, bool), "str": isinstance(value, str),
+                  "dict": isinstance(value, dict), "list": isinstance(value, list)}.get(kind, True)
+            if not ok:
+                raise ValueError(f"{f.name} must be a {kind}, got {value!r:.60}")
+            if f.name in LIMITS and not LIMITS[f.name][0] <= value <= LIMITS[f.name][1]:
+                raise ValueError(f"{f.name} must be between {LIMITS[f.name][0]} and {LIMITS[f.name][1]}, "
+                                 f"got {value}")
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"):
+            v = self.vision_layer_config.get(key, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65536:
+                raise ValueError(f"vision_layer_config.{key} must be an integer between 1 and 65536, got {v!r:.40}")
+        if not all(isinstance(n, str) for n in self.patch_labels):
+            raise ValueError("patch_labels must be a list of names")
         if self.intermediate_size <= 0:
             self.intermediate_size = minimind_intermediate_size(self.hidden_size)
         if self.hidden_size % self.num_attention_heads:
@@ -72,8 +101,19 @@ class VLMConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")
-        if self.projector not in ("mlp", "linear"):
-            raise ValueError(f"projector must be 'mlp' or 'linear', got {self.projector!r}")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"projector must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
+        if self.intermediate_size > LIMITS["hidden_size"][1] * 8:
+            raise ValueError(f"intermediate_size {self.intermediate_size} is out of range")
+        if self.parameter_estimate() > MAX_PARAMETERS:
+            raise ValueError(f"this config describes about {self.parameter_estimate() / 1e9:.1f}B parameters, more "
+                             f"than the {MAX_PARAMETERS / 1e9:.0f}B this toolkit builds")
+
+    def parameter_estimate(self) -> int:
+        """Language-model parameters, roughly (embedding + attention + feed-forward per layer)."""
+        experts = (self.n_routed_experts + self.n_shared_experts) if self.use_moe else 1
+        layer = 4 * self.hidden_size ** 2 + 3 * self.hidden_size * max(self.intermediate_size, 1) * experts
+        return self.vocab_size * self.hidden_size + self.num_hidden_layers * layer
 
     @property
     def head_dim(self) -> int:

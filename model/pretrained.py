@@ -39,8 +39,21 @@ def is_pretrained_dir(path: str | Path) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+# what a local path looks like even when it does not exist (yet): a file extension, or a first
+# part that is one of the toolkit's own folders
+LOCAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".json", ".ckpt")
+LOCAL_ROOTS = ("out", "hf", "dataset", "model", "models", "checkpoints", "tmp")
+
+
 def looks_like_hub_id(spec: str) -> bool:
-    return bool(HUB_ID.match(str(spec))) and not str(spec).startswith((".", "~"))
+    """The one local-or-hub rule: ``owner/name`` (exactly one '/'), no file extension, not
+    starting with '.', '~' or '/', and not under one of the toolkit's folders (``out/x`` is a
+    missing local file, never a hub repository). Existing paths are checked before this."""
+    spec = str(spec)
+    if not HUB_ID.match(spec) or spec.startswith((".", "~", "/")):
+        return False
+    owner, name = spec.split("/")
+    return owner.lower() not in LOCAL_ROOTS and not name.lower().endswith(LOCAL_SUFFIXES)
 
 
 def download(repo_id: str) -> Path:
@@ -82,6 +95,7 @@ def save_pretrained(folder: str | Path, model, tokenizer, stage: str, step: int,
                                  "fingerprint": tower.fingerprint() if tower is not None else None},
             "stage": stage, "step": int(step), "extra": extra or {}}
     folder = Path(folder)
+    claim_model_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".staging", dir=folder.parent))
     try:
@@ -102,28 +116,58 @@ def save_pretrained(folder: str | Path, model, tokenizer, stage: str, step: int,
     return folder
 
 
+def claim_model_folder(folder: Path):
+    """The save guard of model folders: ``folder`` may be written only when it does not exist,
+    is an empty folder, or is a model folder this toolkit wrote (its config.json has our format
+    header and it holds nothing but the files save_pretrained writes). Anything else (a file,
+    the repository, ``out/`` with its checkpoints, a folder with other files) is refused before
+    a byte is written, and nothing is ever deleted that the toolkit did not create."""
+    from model.checkpoint import FORMAT, TOKENIZER_FILES, CheckpointError
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise CheckpointError(f"{folder} exists and is not a folder: choose a new folder name for the model")
+    if not folder.exists():
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    ours = {CONFIG, WEIGHTS, CARD, *TOKENIZER_FILES}
+    foreign = [n for n in entries if n not in ours or (folder / n).is_symlink() or not (folder / n).is_file()]
+    try:
+        header = json.loads((folder / CONFIG).read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        header = None
+    if foreign or header != FORMAT:
+        shown = ", ".join(foreign[:4] or entries[:4]) + (" ..." if len(foreign or entries) > 4 else "")
+        raise CheckpointError(f"{folder} is not empty and not a model folder written by this toolkit (it holds "
+                              f"{shown}): nothing was written or deleted; choose a new folder (e.g. hf/<name>)")
+
+
 def read_pretrained(folder: str | Path) -> dict:
     """The folder as the dictionary a ``.pth`` checkpoint holds; nothing is unpickled."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from model.checkpoint import TOKENIZER_FILES, CheckpointError
+    from model.safe_files import MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, SourceError, checked, read_bytes
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    try:  # every file through the source rule: inside the folder, regular, below a size limit
+        meta = json.loads(read_bytes(folder / CONFIG, MAX_TEXT_BYTES, folder, "model file").decode("utf-8"))
+        weights = checked(folder / WEIGHTS, MAX_WEIGHTS_BYTES, folder, "model file")
+        tokenizer = {name: read_bytes(folder / name, MAX_TEXT_BYTES, folder, "model file").decode("utf-8")
+                     for name in TOKENIZER_FILES if (folder / name).exists() or (folder / name).is_symlink()}
+    except SourceError as exc:
+        raise CheckpointError(str(exc)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{folder / CONFIG} is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{folder}: {CONFIG} or a tokenizer file is not valid UTF-8 JSON/text ({exc})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{folder / CONFIG} does not describe a model")
     try:
-        state = load_file(str(folder / WEIGHTS))
+        state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{folder / WEIGHTS} is not a readable safetensors file (truncated or "
                               f"corrupted?): {exc}") from None
     if "llm.embed_tokens.weight" in state:
         state[TIED] = state["llm.embed_tokens.weight"]
-    tokenizer = {name: (folder / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
-                 if (folder / name).is_file()}
     return {**meta, "model": state, "tokenizer": tokenizer}
 
 

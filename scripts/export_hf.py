@@ -27,6 +27,17 @@ def default_metrics(checkpoint: Path) -> Path:
     return checkpoint.parent / "eval" / checkpoint.name.removesuffix(".pth") / "metrics.json"
 
 
+def is_metrics(m) -> bool:
+    """What the model card reads from eval_vlm.py's metrics.json, with the right types."""
+    number = (lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)))  # noqa: E731
+    return (isinstance(m, dict) and isinstance(m.get("count"), dict) and isinstance(m["count"].get("all"), int)
+            and all(k in m and number(m[k]) for k in ("closed_accuracy", "open_accuracy", "overall_accuracy"))
+            and isinstance(m.get("baselines") or {}, dict)
+            and all(isinstance(b, dict) and all(number(b.get(k)) for k in ("closed_accuracy", "open_accuracy",
+                                                                           "overall_accuracy"))
+                    for b in (m.get("baselines") or {}).values()))
+
+
 def push(folder: Path, repo_id: str, private: bool) -> str:
     from huggingface_hub import HfApi
     api = HfApi()
@@ -49,11 +60,14 @@ def main(argv=None) -> int:
         ckpt = load_model(args.checkpoint, with_vision=False)
         metrics_path = resolve_path(args.metrics) if args.metrics else default_metrics(ckpt.path)
         metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else None
+        if metrics is not None and not is_metrics(metrics):
+            raise CheckpointError(f"{metrics_path} is not a metrics.json written by eval_vlm.py (it needs count.all, "
+                                  "closed_accuracy, open_accuracy and overall_accuracy); pass the right --metrics")
         if metrics is None:
             log.info("no metrics at %s: the model card will have no evaluation table", metrics_path)
         folder = ckpt.model.save_pretrained(resolve_path(args.out_dir), ckpt.tokenizer, ckpt.stage, ckpt.step,
                                             extra=ckpt.meta, metrics=metrics, dtype=args.dtype, vision=ckpt.vision)
-    except (FileNotFoundError, CheckpointError, json.JSONDecodeError) as exc:
+    except (OSError, CheckpointError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         log.error("error: %s", exc)
         return 1
     log.info("wrote %s (%s)", folder, ", ".join(sorted(p.name for p in folder.iterdir())))

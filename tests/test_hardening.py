@@ -207,7 +207,7 @@ def test_converter_keeps_the_previous_dataset(failure, tmp_path, monkeypatch, ca
             calls.append(name)
             if len(calls) == 3:
                 raise KeyboardInterrupt
-            return None
+            return None, (16, 16)
         monkeypatch.setattr(slake, "_image_problem", interrupt)
     if failure == "error":
         import dataset.slake as slake

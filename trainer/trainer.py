@@ -24,11 +24,14 @@ import torch.distributed as tdist
 
 from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
-from dataset.vqa_dataset import (MODEL_INPUTS, PackedQuestions, VQADataset, balance_closed, closed_text_prior,
-                                 collate)
+from dataset.boxes import BOXES_FILE, BoxError, patch_targets, read_boxes_file
+from dataset.contract import image_file, images_of, read_jsonl
+from dataset.vqa_dataset import (MODEL_INPUTS, PackedQuestions, VQADataset, annotate_closed, balance_closed,
+                                 closed_text_prior, collate, paired_permutation)
 from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
-                              locate_checkpoint, read_checkpoint, safe_load, save_checkpoint, tokenizer_from_files)
+                              load_weights, locate_checkpoint, read_checkpoint, safe_load, save_checkpoint,
+                              tokenizer_from_files)
 from model.config import VLMConfig, resolve_path
 from model.minimind_weights import load_minimind_llm
 from model.runtime import Progress, autocast, compute_dtype, configure_cuda, pick_device, seed_everything
@@ -36,6 +39,7 @@ from model.tokenization import ChatEncoder, load_tokenizer
 from model.vision import load_vision_tower
 from model.vlm import MedicalVLM
 from trainer.config import TrainConfig
+from trainer.losses import closed_answer_loss, patch_loss
 
 log = logging.getLogger("train")
 
@@ -43,7 +47,8 @@ CLOSED_PRIOR_HINT = 0.7  # above this share the training log points at --balance
 # fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
-               "balance_closed", "train_vision", "vision_lr")
+               "balance_closed", "train_vision", "vision_lr", "pair_closed", "projector_lr_scale", "debias",
+               "rank_weight", "rank_margin", "patch_loss")
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
              "projector")
 
@@ -159,6 +164,43 @@ def tuned_vision(cfg: TrainConfig, tower) -> dict:
     return {"vision_tuned_layers": n, "vision_layer_config": tower.model.config.to_dict()}
 
 
+def boxes_file(cfg: TrainConfig) -> Path:
+    if cfg.boxes_path != "auto":
+        return resolve_path(cfg.boxes_path)
+    return resolve_path(cfg.data_path).parent / BOXES_FILE
+
+
+def _image_keys(paths: list[Path], root: Path) -> list[str]:
+    root = root.resolve()
+    return [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix() for p in paths]
+
+
+def patch_classes(cfg: TrainConfig) -> list[str]:
+    """The box names of the training images, for --patch_loss's head ([] when off)."""
+    if not cfg.patch_loss:
+        return []
+    path = boxes_file(cfg)
+    try:
+        table = read_boxes_file(path)
+    except BoxError as exc:
+        raise TrainingError(str(exc)) from None
+    root = resolve_path(cfg.images_path)
+    data_path = resolve_path(cfg.data_path)
+    keys = set()
+    if data_path.is_file():
+        for n, rec in enumerate(read_jsonl(data_path), 1):
+            keys.update(_image_keys([image_file(root, rel, f"{data_path}:{n}") for rel in images_of(rec)], root))
+    names = sorted({name for k in keys if k in table for name in table[k].get("boxes", {})})
+    if not names:
+        log.warning("--patch_loss %g: no organ/finding boxes for the training images in %s, so the patch loss is "
+                    "off (the converter writes them from each image folder's detection.json; run "
+                    "convert_slake_dataset.py again, or pass --boxes_path)", cfg.patch_loss, path)
+    else:
+        log.info("--patch_loss %g: a head predicts %d box names per image patch (%s)", cfg.patch_loss, len(names),
+                 ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""))
+    return names
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, object]:
     start = resolve_from_weight(cfg)
     ckpt = read_checkpoint(start) if start else None
@@ -171,12 +213,16 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
         "wsd": f"stable, then linear decay to {cfg.min_lr_ratio:g} of the peak over the last "
                f"{round(100 * cfg.decay_ratio)}% of the steps"}[cfg.lr_schedule], cfg.schedule_source)
     tower = load_vision_tower(cfg.vision_model)
-    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS}, **tuned_vision(cfg, tower))
+    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS}, **tuned_vision(cfg, tower),
+                             patch_labels=patch_classes(cfg))
     if cfg.max_seq_len > model_cfg.max_position_embeddings:
         raise TrainingError(f"--max_seq_len {cfg.max_seq_len} exceeds {model_cfg.max_position_embeddings}")
     model = MedicalVLM(model_cfg, tower)
     if ckpt is not None:
-        old = VLMConfig.from_dict(ckpt["config"])
+        try:
+            old = VLMConfig.from_dict(ckpt["config"])
+        except (TypeError, ValueError) as exc:
+            raise TrainingError(f"--from_weight {start}: the stored config is not valid ({exc})") from None
         keys = (*ARCH_KEYS, "vocab_size") + (("vision_tuned_layers",) if old.vision_tuned_layers else ())
         diff = {k: (getattr(old, k), getattr(model_cfg, k)) for k in keys if getattr(old, k) != getattr(model_cfg, k)}
         if diff:
@@ -187,7 +233,12 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
             raise TrainingError(f"--from_weight {start} was trained with vision tower '{ckpt['vision']['id']}' "
                                 f"({fp}) but this run uses '{tower.name}' ({tower.fingerprint()}): the projector "
                                 "would see different features. Pass the same --vision_model.")
-        model.load_state_dict(ckpt["model"], strict=False)
+        # a patch head for other box names (or none before) starts afresh
+        try:
+            load_weights(model, ckpt["model"], f"--from_weight {start}",
+                         skip_prefixes=("patch_head.",) if old.patch_labels != model_cfg.patch_labels else ())
+        except CheckpointError as exc:
+            raise TrainingError(str(exc)) from None
         log.info("starting from %s (stage %s, step %d)", start, ckpt["stage"], ckpt["step"])
     if cfg.from_llm:
         load_minimind_llm(model, str(resolve_path(cfg.from_llm)))
@@ -459,9 +510,28 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
         added = balance_closed(data, cfg.seed)
         log.info("--balance_closed: %d repeated closed question(s) balance the answers of every closed question text "
                  "(now %.1f%%)", added, 100 * (closed_text_prior(data.samples)[1] or 0))
+    if cfg.debias or cfg.rank_weight:
+        marked = annotate_closed(data, encoder, cfg.max_seq_len)
+        log.info("closed-answer losses (--debias %g, --rank_weight %g) on %d closed training question(s)",
+                 cfg.debias, cfg.rank_weight, marked)
     packed = PackedQuestions(data, encoder.image_id, cfg.pack_questions, cfg.seed) \
         if cfg.pack_questions > 1 else None
     return data, val, features, packed
+
+
+def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) -> tuple | None:
+    """(targets [n_images, patches, names], known [n_images]) on the device for --patch_loss."""
+    if model.patch_head is None:
+        return None
+    grid = math.isqrt(model.config.image_tokens)
+    if grid * grid != model.config.image_tokens:
+        raise TrainingError(f"--patch_loss needs a square patch grid; this tower gives {model.config.image_tokens} "
+                            "image tokens")
+    _, targets, known = patch_targets(read_boxes_file(boxes_file(cfg)),
+                                      _image_keys(data.image_paths, resolve_path(cfg.images_path)), grid,
+                                      classes=model.config.patch_labels)
+    log.info("--patch_loss: boxes for %d of %d images", int(known.sum()), len(known))
+    return targets.to(device), known.to(device)
 
 
 def make_optimizer(model: MedicalVLM, cfg: TrainConfig, device, dtype):
@@ -469,8 +539,10 @@ def make_optimizer(model: MedicalVLM, cfg: TrainConfig, device, dtype):
         cfg.resolve_learning_rate(cfg.lm_pretrained)
     params = [p for p in model.parameters() if p.requires_grad]
     vision = {id(p) for p in model.vision_tuned.parameters()} if model.vision_tuned is not None else set()
+    projector = {id(p) for p in model.projector.parameters()}
     groups = []
-    for scale, members in ((1.0, [p for p in params if id(p) not in vision]),
+    for scale, members in ((1.0, [p for p in params if id(p) not in vision and id(p) not in projector]),
+                           (cfg.projector_lr_scale, [p for p in params if id(p) in projector]),
                            (cfg.vision_lr / cfg.learning_rate, [p for p in params if id(p) in vision])):
         groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
                    {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
@@ -481,7 +553,15 @@ def make_optimizer(model: MedicalVLM, cfg: TrainConfig, device, dtype):
 
 
 def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: Dist, total_steps: int) -> int:
-    state = safe_load(resume_path, "resume state", "run without --resume to start fresh")
+    try:
+        state = safe_load(resume_path, "resume state", "run without --resume to start fresh")
+    except CheckpointError as exc:
+        raise TrainingError(f"--resume: {exc}") from None
+    lacking = [k for k in ("model", "optimizer", "scaler", "step", "train_config") if k not in state]
+    if lacking or not isinstance(state.get("train_config"), dict):
+        raise TrainingError(f"--resume: {resume_path} is not a resume state (it lacks {lacking or ['train_config']}; "
+                            "a weights checkpoint is continued with --from_weight instead); run without --resume "
+                            "to start fresh")
     mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
                 if state["train_config"].get(k) != getattr(cfg, k)}
     if state.get("world") != dist.world:
@@ -493,7 +573,10 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
         ensure_finite(state["model"], str(resume_path))
     except CheckpointError as exc:
         raise TrainingError(f"--resume: {exc}; the file is damaged, start fresh") from None
-    model.load_state_dict(state["model"], strict=False)
+    try:
+        load_weights(model, state["model"], f"--resume {resume_path}")
+    except CheckpointError as exc:
+        raise TrainingError(str(exc)) from None
     opt.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     log.info("resumed from %s at step %d/%d", resume_path, state["step"], total_steps)
@@ -523,7 +606,7 @@ def more_epochs_advice(history: list[Validation], epochs: int) -> str | None:
 
 
 def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
-               dist: Dist, device, amp, lr: float) -> torch.Tensor:
+               dist: Dist, device, amp, lr: float, patches: tuple | None = None) -> torch.Tensor:
     """One optimizer step over the micro-batches; returns this process's share of the
     step's mean loss as a device tensor. Nothing here waits for the device: counts come from
     the host batches, and the global answer-token count is summed on the device."""
@@ -540,9 +623,20 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
         ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
         feats = features.get(batch["image_index"])
         b = to_device(batch, device)
+        extra = "closed_rows" in b or (patches is not None and b["image_index"].numel())
         with ctx:
             with amp:
-                loss_sum, _, aux = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b})
+                out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=bool(extra))
+                loss_sum, _, aux = out[:3]
+                if "closed_rows" in b:
+                    loss_sum = loss_sum + closed_answer_loss(out[3], b["closed_rows"], b["closed_tokens"],
+                                                             b["closed_prior"], cfg.debias, cfg.rank_weight,
+                                                             cfg.rank_margin)
+                if patches is not None and b["image_index"].numel():
+                    index = b["image_index"]
+                    aux = aux + cfg.patch_loss * patch_loss(model.patch_head, out[4], b["image_slots"],
+                                                            patches[0].index_select(0, index),
+                                                            patches[1].index_select(0, index))
             # DDP averages gradients over processes: scale so the result is the mean over
             # every answer token of the global batch.
             loss = loss_sum * dist.world / total_targets + aux / len(batches)
@@ -576,6 +670,7 @@ def train(cfg: TrainConfig) -> dict:
     log.info(model.parameter_line())
     encoder = ChatEncoder(tok, model.config.image_tokens)
     data, val, features, packed = setup_data(cfg, model, encoder, dist, device)
+    patches = patch_tables(cfg, model, data, device)
     n_seq = len(packed) if packed else len(data)
     global_batch = cfg.batch_size * dist.world * cfg.accumulation_steps
     steps_per_epoch = n_seq // global_batch
@@ -625,17 +720,22 @@ def train(cfg: TrainConfig) -> dict:
     t_epoch, paused = time.perf_counter(), 0.0
     step = start_step
     samples_epoch, samples = -1, data.samples
+    perm_epoch, perm = -1, None
     pad_to = pad_multiple(cfg)
     try:
         while step < end_step:
             epoch = step // steps_per_epoch
             if packed is not None and epoch != samples_epoch:
                 samples, samples_epoch = packed.epoch_samples(epoch), epoch
-            perm = _epoch_perm(len(samples), cfg.seed, epoch)
+            if epoch != perm_epoch:  # one order per epoch, from (seed, epoch) alone
+                perm = paired_permutation(samples, cfg.seed, epoch) if cfg.pair_closed else \
+                    _epoch_perm(len(samples), cfg.seed, epoch)
+                perm_epoch = epoch
             micro = [[samples[i] for i in m.tolist()] for m in _micro_batches(perm, step % steps_per_epoch, cfg, dist)]
             batches = [collate(m, model.config.pad_token_id, model.config.image_token_id, pad_to) for m in micro]
             lr = lr_at(step, total_steps, cfg)
-            window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp, lr)
+            window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp, lr,
+                                      patches)
             window_tokens += sum(len(s.input_ids) for m in micro for s in m)
             window_steps += 1
             step += 1
