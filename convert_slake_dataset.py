@@ -15,55 +15,66 @@ import argparse
 import logging
 import sys
 
-from dataset.contract import MANIFEST, DataError
-from dataset.demo import write_demo_release
-from dataset.demo_hard import write_hard_release
-from dataset.slake import (DEFAULT_HUB_ID, ConversionError, convert, download_release, merge_training_sources,
-                           read_hub_vqa, read_release, read_source)
-from dataset.images import ImageReadError
 from model import flags
-from model.config import resolve_path
-from model.runtime import setup_logging
+from model.config import resolve_path, user_path
 
 log = logging.getLogger("convert")
+DEFAULT_HUB_ID = "BoKelvin/SLAKE"  # dataset.slake.DEFAULT_HUB_ID (not imported before parsing: --help stays fast)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--slake_dir", help="local copy of the SLAKE release or hub snapshot")
     src.add_argument("--hub_id", help="hub dataset with image/question/answer columns (or a local folder of it); "
                                       f"without any source flag: {DEFAULT_HUB_ID}")
-    src.add_argument("--demo", nargs="?", const="easy", choices=["easy", "hard", "hard-prior"],
+    src.add_argument("--demo", nargs="?", const="easy", choices=["easy", "easy-prior", "hard", "hard-prior"],
                      help="built-in synthetic set, no download: 'easy' (the quick start) or 'hard' (compositional "
-                          "questions, yes/no balanced per question text: the answer priors are useless) or 'hard-prior' (the "
-                          "hard set whose yes/no texts mostly have one usual answer, as in real VQA sets)")
+                          "questions, yes/no balanced per question text: the answer priors are useless) or 'easy-prior' / "
+                          "'hard-prior' (the same sets with yes/no texts that mostly have one usual answer, as in real "
+                          "VQA sets: a trap for models that answer from the text)")
     ap.add_argument("--also", action="append", default=[], metavar="SOURCE",
                     help="add the training split of another medical VQA dataset (repeatable): a release-layout "
                          "folder, a hub id or a local folder of image/question/answer parquet files (VQA-RAD, "
                          "PathVQA copies); SLAKE's validation and test splits stay as they are")
-    ap.add_argument("--out_dir", default="dataset")
-    ap.add_argument("--lang", choices=["en", "zh", "all"], default="en")
+    ap.add_argument("--out_dir", default="dataset", help="where the dataset is written")
+    ap.add_argument("--lang", choices=["en", "zh", "all"], default="en", help="which questions to keep")
     ap.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     ap.add_argument("--allow_overlap", action="store_true", help="write a test split sharing images with train")
+    ap.add_argument("--box_questions", action=argparse.BooleanOptionalAction, default=True,
+                    help="add yes/no questions answered by each training image's organ/finding boxes "
+                         "(detection.json: 'Is there a cyst in the left lung?') to the stage-1 data (default: on)")
     ap.add_argument("--seed", type=flags.non_negative_int, default=0, help="demo set seed")
     ap.add_argument("--demo_images", type=flags.positive_int, nargs=3, default=[300, 40, 60],
                     metavar=("TRAIN", "VAL", "TEST"), help="demo set images per split")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.out_dir = user_path(args.out_dir, ap.get_default("out_dir"))
+    args.slake_dir = user_path(args.slake_dir)
+    args.also = [user_path(a, may_be_remote=True) for a in args.also]
+    args.hub_id = user_path(args.hub_id, may_be_remote=True) if args.hub_id else args.hub_id
+    return args
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # before the heavy imports: --help and flag mistakes answer at once
+    from dataset.contract import MANIFEST, DataError
+    from dataset.demo import write_demo_release
+    from dataset.demo_hard import write_hard_release
+    from dataset.slake import (ConversionError, convert, download_release, merge_training_sources,
+                               read_hub_vqa, read_release, read_source)
+    from dataset.images import ImageReadError
+    from model.runtime import setup_logging
     setup_logging()
-    args = parse_args(argv)
     out_dir = resolve_path(args.out_dir)
     had = (out_dir / MANIFEST).is_file()
     kept = (f"Nothing in {out_dir} was changed (the previous dataset there is intact)." if had else
             f"No dataset was written to {out_dir}.")
     try:
         if args.demo:
-            kind = {"easy": "", "hard": "_hard", "hard-prior": "_hard_prior"}[args.demo]
-            if args.demo == "easy":
-                raw = write_demo_release(out_dir / "slake_demo_raw", args.seed, *args.demo_images)
+            kind = {"easy": "", "easy-prior": "_prior", "hard": "_hard", "hard-prior": "_hard_prior"}[args.demo]
+            if args.demo.startswith("easy"):
+                raw = write_demo_release(out_dir / f"slake_demo{kind}_raw", args.seed, *args.demo_images,
+                                         prior=args.demo == "easy-prior")
             else:
                 raw = write_hard_release(out_dir / f"slake_demo{kind}_raw", args.seed, *args.demo_images,
                                          prior=args.demo == "hard-prior")
@@ -77,7 +88,8 @@ def main(argv=None) -> int:
             conv = download_release(DEFAULT_HUB_ID)
         if args.also:
             conv = merge_training_sources(conv, [(spec, read_source(spec)) for spec in args.also])
-        manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap)
+        manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap,
+                           box_qa=args.box_questions)
     except (ConversionError, DataError, ImageReadError, OSError) as exc:
         print(f"error: {exc}\n{kept}", file=sys.stderr)
         return 2
@@ -88,7 +100,9 @@ def main(argv=None) -> int:
     log.info("source %s (lang %s)", manifest["source"], manifest["lang"])
     for split in c:
         log.info("  %-10s %5d questions %s, %d images", split, c[split], t[split], manifest["images"][split])
-    log.info("  stage-1 captions: %d (training images only)", manifest["pretrain_captions"])
+    log.info("  stage-1 captions: %d (training images only)%s", manifest["pretrain_captions"],
+             f", and {manifest['pretrain_box_questions']} yes/no questions from their organ/finding boxes"
+             if manifest.get("pretrain_box_questions") else "")
     log.info("  image overlap between splits: %s", manifest["image_overlap"])
     for name, b in manifest.get("baselines_test", {}).items():
         log.info("  test-split baseline %-26s closed %s, open %s", name.replace("_", " "),

@@ -11,41 +11,34 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
-from dataset.contract import DataError
-from dataset.images import ImageReadError, load_image
-from evaluation.runner import answer_stream, evaluate_split, format_table
-from model.checkpoint import CheckpointError, checkpoint_path, load_model
-from model.config import resolve_path
-from model.generation import GenerationConfig
 from model import flags
-from model.runtime import DeviceError, pick_device, setup_logging
-from model.tokenization import clean_question
-from model.vision import VisionTowerNotFound
+from model.config import resolve_path, user_path
 
 log = logging.getLogger("eval")
 MODES = {0: "pretrain", 1: "sft"}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     ap.add_argument("--model_mode", type=int, choices=[0, 1], default=1, help="0 = pretrain model, 1 = SFT model")
     ap.add_argument("--hidden_size", type=flags.positive_int, default=768, help="picks the default checkpoint name")
     ap.add_argument("--use_moe", action="store_true", help="picks the default checkpoint name (_moe)")
     ap.add_argument("--out_dir", default="out", help="where checkpoints are and eval/ is written")
     ap.add_argument("--model_path", help="checkpoint to evaluate: a .pth, a model folder (export_hf) or a hub id "
                                          "(overrides --model_mode/--hidden_size)")
-    ap.add_argument("--data_path", default="dataset/medical_vqa_test.jsonl")
+    ap.add_argument("--data_path", default="dataset/medical_vqa_test.jsonl", help="the questions to evaluate (JSONL)")
     ap.add_argument("--train_path", default="dataset/medical_vqa_train.jsonl", help="for the answer baselines")
-    ap.add_argument("--images_path", default="dataset/medical_images")
+    ap.add_argument("--images_path", default="dataset/medical_images", help="folder the 'image' paths are relative to")
     ap.add_argument("--cache_dir", default="dataset/cache", help="frozen-feature cache ('' = none)")
     ap.add_argument("--vision_model", help="load the vision tower from here instead of the stored id "
                                            "(its weights must match the checkpoint)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch_size", type=flags.positive_int, default=64)
-    ap.add_argument("--max_new_tokens", type=flags.int_range(1, 1024), default=32)
+    ap.add_argument("--device", default="auto", help=flags.DEVICE_HELP)
+    ap.add_argument("--batch_size", type=flags.positive_int, default=64, help="questions generated together")
+    ap.add_argument("--max_new_tokens", type=flags.int_range(1, 1024), default=32, help="longest answer, in tokens")
     ap.add_argument("--image", help="answer questions about this PNG/JPEG/DICOM image instead")
     ap.add_argument("--question", type=flags.text("question"),
                     help="with --image: one question (otherwise an interactive prompt)")
@@ -54,11 +47,16 @@ def parse_args(argv=None):
                          "closed answers ('closed'), and open ones to its answer vocabulary ('all'); both results "
                          "are reported")
     ap.add_argument("--temperature", type=flags.float_range(0, 10), default=0.0, help="0 = greedy")
-    ap.add_argument("--top_p", type=flags.float_range(0, 1, lo_open=True), default=1.0)
+    ap.add_argument("--top_p", type=flags.float_range(0, 1, lo_open=True), default=1.0,
+                    help="nucleus sampling (with --temperature > 0)")
     args = ap.parse_args(argv)
+    for name in ("out_dir", "data_path", "train_path", "images_path", "cache_dir", "image", "vision_model", "model_path"):
+        setattr(args, name, user_path(getattr(args, name), ap.get_default(name),
+                                      may_be_remote=name in ("model_path", "vision_model")))
     if args.question is not None and not args.image:
         ap.error("--question needs --image (the picture the question is about)")
     if args.question is not None:
+        from model.tokenization import clean_question
         try:
             args.question = clean_question(args.question)
         except ValueError as exc:
@@ -66,7 +64,10 @@ def parse_args(argv=None):
     return args
 
 
-def ask(ckpt, image_path: str, question: str | None, gen_cfg: GenerationConfig) -> int:
+def ask(ckpt, image_path: str, question: str | None, gen_cfg) -> int:
+    from dataset.images import load_image
+    from evaluation.runner import answer_stream
+    from model.tokenization import clean_question
     image = load_image(resolve_path(image_path))
     questions = [question] if question is not None else None
     while True:
@@ -93,13 +94,30 @@ def ask(ckpt, image_path: str, question: str | None, gen_cfg: GenerationConfig) 
         print()
 
 
+def eval_name(path) -> str:
+    from model.pretrained import looks_like_hub_id
+    """out/eval/<name>/ for a .pth, a model folder or a hub id: the last part of the path once
+    '..' and '.' are resolved, reduced to safe characters, so results never land outside out/eval."""
+    spec = str(path)
+    last = Path(spec).name if looks_like_hub_id(spec) else resolve_path(spec).resolve().name
+    name = re.sub(r"[^\w.-]+", "_", last.removesuffix(".pth")).strip("._")
+    return name or "model"
+
+
 def main(argv=None) -> int:
+    args = parse_args(argv)  # before the heavy imports: --help and flag mistakes answer at once
+    from dataset.contract import DataError
+    from dataset.images import ImageReadError
+    from evaluation.runner import evaluate_split, format_table
+    from model.checkpoint import CheckpointError, checkpoint_path, load_model
+    from model.generation import GenerationConfig
+    from model.runtime import DeviceError, pick_device, setup_logging
+    from model.vision import VisionTowerNotFound
     setup_logging()
-    args = parse_args(argv)
     stage = MODES[args.model_mode]
     path = args.model_path if args.model_path else checkpoint_path(
         args.out_dir, stage, args.hidden_size, args.use_moe)
-    name = Path(str(path)).name.removesuffix(".pth")  # out/eval/<name>/ (a .pth, a model folder or a hub id)
+    name = eval_name(path)
     try:
         device = pick_device(args.device)
         ckpt = load_model(path, device, vision_model=args.vision_model,

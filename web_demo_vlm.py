@@ -12,25 +12,25 @@ import logging
 import sys
 from pathlib import Path
 
-from model.checkpoint import CheckpointError, read_checkpoint
 from model import flags
-from model.runtime import DeviceError, pick_device, setup_logging
-from model.vision import VisionTowerNotFound
-from webdemo.app import MAX_UPLOAD_MB, Session, build_app, checkpoints_in
+from model.config import user_path
 
 log = logging.getLogger("web_demo")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
     ap.add_argument("--model_path", default="out/medical_vlm_768.pth",
                     help="a checkpoint (.pth, model folder or hub id) or a folder of them")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your local network")
-    ap.add_argument("--port", type=flags.port, default=7860)
+    ap.add_argument("--port", type=flags.port, default=7860, help="the port to serve on")
     ap.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="auto", help=flags.DEVICE_HELP)
     ap.add_argument("--vision_model", help="load the vision tower from here (weights must match)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.model_path = user_path(args.model_path, ap.get_default("model_path"), may_be_remote=True)
+    args.vision_model = user_path(args.vision_model, None, may_be_remote=True)
+    return args
 
 
 def stage_of(path: Path) -> str | None:
@@ -38,9 +38,18 @@ def stage_of(path: Path) -> str | None:
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)  # before the heavy imports: --help and flag mistakes answer at once
+    from model.checkpoint import CheckpointError, read_checkpoint
+    from model.runtime import DeviceError, pick_device, setup_logging
+    from model.vision import VisionTowerNotFound
+    from webdemo.app import MAX_UPLOAD_MB, Session, build_app, checkpoints_in
     setup_logging()
-    args = parse_args(argv)
-    if not flags.port_is_free(args.host, args.port):
+    try:
+        free = flags.port_is_free(args.host, args.port)
+    except flags.FlagError as exc:
+        log.error("error: %s", exc)
+        return 1
+    if not free:
         log.error("error: port %d on %s is already in use (another demo still running?); pass --port %d or stop "
                   "the other server", args.port, args.host, args.port + 1)
         return 1

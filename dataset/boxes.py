@@ -114,3 +114,40 @@ def patch_targets(table: dict[str, dict], keys: list[str], grid: int, classes: l
                 targets[i, inside, index[name]] = 1.0
         known[i] = True
     return classes, targets, known
+
+
+def _inside(entry: dict) -> dict[str, set[str]]:
+    """name -> the names one of whose boxes holds the centre of one of its boxes and is larger."""
+    boxes = entry.get("boxes", {})
+    out: dict[str, set[str]] = {}
+    for a, abs_ in boxes.items():
+        for x, y, w, h in abs_:
+            cx, cy = x + w / 2, y + h / 2
+            for b, bbs in boxes.items():
+                if b != a and any(bx <= cx < bx + bw and by <= cy < by + bh and bw * bh > w * h
+                                  for bx, by, bw, bh in bbs):
+                    out.setdefault(a, set()).add(b)
+    return out
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def grounded_questions(table: dict[str, dict], keys: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Yes/no questions that the boxes answer, per image of ``keys``: "Is there a cyst in the
+    left lung?" for every name that lies inside another name's box somewhere in the set (a
+    finding) and every such containing name present in the image (an organ): Yes when a box
+    of the finding has its centre in the organ's box. Stage 1 learns from them *which* finding
+    is *where*, the binding that yes/no questions need and that captions do not teach."""
+    inside = {k: _inside(table[k]) for k in keys if k in table}
+    findings = sorted({a for c in inside.values() for a, bs in c.items() if bs})
+    regions = sorted({b for c in inside.values() for bs in c.values() for b in bs} - set(findings))
+    out: dict[str, list[tuple[str, str]]] = {}
+    for k, contained in inside.items():
+        present = [r for r in regions if r in table[k].get("boxes", {})]
+        qs = [(f"Is there {_article(f)} {f.lower()} in the {r.lower()}?", "Yes" if r in contained.get(f, ()) else "No")
+              for f in findings for r in present]
+        if qs:
+            out[k] = qs
+    return out

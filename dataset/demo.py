@@ -85,12 +85,14 @@ def draw(params: dict) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
 
 
-def questions(params: dict, rng: random.Random) -> list[dict]:
-    """(question, answer, answer_type, content_type) for one image, SLAKE-style."""
+def questions(params: dict, rng: random.Random, yes_share: float = 0.5) -> list[dict]:
+    """(question, answer, answer_type, content_type) for one image, SLAKE-style. ``yes_share``:
+    how often each yes/no question text is answered Yes (0.5: the text tells nothing; the
+    "prior" variant uses PRIOR_YES, as real sets do, where the text alone answers most)."""
     mod, loc = params["modality"], REGIONS[params["region"]]
     n, yes_no = params["lesions"], (lambda b: "Yes" if b else "No")
-    asked_mod = mod if rng.random() < 0.5 else rng.choice([m for m in MODALITIES if m != mod])
-    asked_organ = loc[2] if rng.random() < 0.5 else rng.choice([o for o in ORGANS if o != loc[2]])
+    asked_mod = mod if rng.random() < yes_share else rng.choice([m for m in MODALITIES if m != mod])
+    asked_organ = loc[2] if rng.random() < yes_share else rng.choice([o for o in ORGANS if o != loc[2]])
     qs = [
         ("What modality is used to take this image?", mod, "OPEN", "Modality"),
         (f"Is this a {asked_mod} image?", yes_no(asked_mod == mod), "CLOSED", "Modality"),
@@ -99,19 +101,27 @@ def questions(params: dict, rng: random.Random) -> list[dict]:
         ("What scanning plane does this image belong to?", PLANE[mod], "OPEN", "Plane"),
         ("How many lesions are in the image?", str(n), "OPEN", "Quantity"),
     ]
-    if rng.random() < 0.5:
+    skewed = yes_share != 0.5  # the plain set keeps its original draws (same questions per seed)
+    draw = rng.random()
+    if (draw < yes_share) == (n > 0) if skewed else draw < 0.5:  # skewed: the Yes variant, yes_share of the time
         qs.append(("Is this image abnormal?", yes_no(n > 0), "CLOSED", "Abnormality"))
     else:
         qs.append(("Is this image normal?", yes_no(n == 0), "CLOSED", "Abnormality"))
     if n:
-        asked_side = rng.choice(["left", "right"])
+        side = params["side"].lower()
+        if skewed:
+            asked_side = side if rng.random() < yes_share else {"left": "right", "right": "left"}[side]
+        else:
+            asked_side = rng.choice(["left", "right"])
         qs += [
             ("Where is the lesion located?", params["side"], "OPEN", "Position"),
-            (f"Is the lesion on the {asked_side} side of the image?",
-             yes_no(asked_side == params["side"].lower()), "CLOSED", "Position"),
+            (f"Is the lesion on the {asked_side} side of the image?", yes_no(asked_side == side), "CLOSED", "Position"),
             ("How big is the lesion?", params["size"], "OPEN", "Size"),
-            ("Is the lesion large?", yes_no(params["size"] == "Large"), "CLOSED", "Size"),
         ]
+        # sizes are Large or Small equally often: asking about small lesions less often skews the text
+        large = params["size"] == "Large"
+        if not skewed or large or rng.random() < (1 - yes_share) / yes_share:
+            qs.append(("Is the lesion large?", yes_no(large), "CLOSED", "Size"))
     return [{"question": q, "answer": a, "answer_type": t, "content_type": c} for q, a, t, c in qs]
 
 
@@ -147,9 +157,14 @@ def write_release(root: str | Path, seed: int, counts: tuple[int, int, int], sam
     return root
 
 
+PRIOR_YES = 0.8  # the "prior" variant: each yes/no text is answered Yes this often
+
+
 def write_demo_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
-                       n_test: int = 60) -> Path:
-    """The easy demo set in the release layout (see ``write_release``)."""
-    return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw, questions, "xmlab{}/source.jpg",
+                       n_test: int = 60, prior: bool = False) -> Path:
+    """The easy demo set in the release layout (see ``write_release``); ``prior``: the variant
+    whose yes/no texts are answered Yes PRIOR_YES of the time (a language-prior trap)."""
+    ask = (lambda p, rng: questions(p, rng, PRIOR_YES)) if prior else questions
+    return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw, ask, "xmlab{}/source.jpg",
                          lambda p: {"location": REGIONS[p["region"]][0], "modality": p["modality"],
                                     "base_type": "vqa", "triple": ["vhead", "_", "_"]})

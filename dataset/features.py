@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dataset.contract import DataError
 from dataset.images import load_image
 from model.atomic import remove_stale_temps
 from model.checkpoint import atomic_save, safe_load
@@ -93,6 +94,9 @@ class FeatureStore:
             obj = safe_load(self.cache_file, "feature cache")
             if obj.get("fingerprint") == self.tower.fingerprint():
                 stored_keys, stored = obj["keys"], obj["features"]
+                if not torch.is_tensor(stored) or not bool(stored.isfinite().all()):  # once, at load
+                    raise DataError(f"feature cache {self.cache_file} holds NaN/Inf values (damaged): delete it and "
+                                    "run again to rebuild it")
                 rows = {k: stored[i] for i, k in enumerate(stored_keys)}
         missing = [i for i, h in enumerate(hashes) if h not in rows]
         if missing and not build:

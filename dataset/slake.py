@@ -24,11 +24,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataset.boxes import BOXES_FILE, BoxError, parse_detection
+from dataset.boxes import BOXES_FILE, BoxError, grounded_questions, parse_detection
 from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines
 from model.atomic import atomic_write_text
+from model.lock import LockError, output_lock
 from model.safe_files import MAX_IMAGE_BYTES, SourceError, read_bytes
 from model.runtime import progress
 
@@ -363,7 +364,7 @@ STAGING_PREFIX = ".convert-staging-"
 
 
 def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: bool = False,
-            allow_overlap: bool = False) -> dict:
+            allow_overlap: bool = False, box_qa: bool = True) -> dict:
     """Writes the contract files into ``out_dir`` and returns the manifest.
 
     Everything is built in a staging folder inside ``out_dir`` and swapped in only when
@@ -371,14 +372,22 @@ def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: boo
     leaves the previous dataset exactly as it was."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob(STAGING_PREFIX + "*"):  # left by a killed run
-        shutil.rmtree(old, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
     try:
-        manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap)
-        _swap_in(staging, out_dir)
+        lock = output_lock(out_dir / ".convert.lock", f"the dataset folder {out_dir}")
+        lock.__enter__()
+    except LockError as exc:
+        raise ConversionError(str(exc)) from None
+    try:
+        for old in out_dir.glob(STAGING_PREFIX + "*"):  # left by a killed run (the lock says none is running)
+            shutil.rmtree(old, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+        try:
+            manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap, box_qa)
+            _swap_in(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        lock.__exit__(None, None, None)
     return manifest
 
 
@@ -407,7 +416,7 @@ def _english_splits(records: list[SourceRecord]) -> dict[str, str]:
 
 
 def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, strict: bool,
-           allow_overlap: bool) -> dict:
+           allow_overlap: bool, box_qa: bool = True) -> dict:
     skipped = []
 
     def skip(rec: SourceRecord, reason: str):
@@ -526,8 +535,14 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             "conversations": [{"role": "user", "content": f"<image>\n{CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)]}"},
                               {"role": "assistant", "content": caption}],
             "image": key}, ensure_ascii=False))
-    atomic_write_text(out_dir / PRETRAIN_FILE, "".join(line + "\n" for line in caption_lines))
     used = {rec.image_key for rec in final}
+    # stage 1 also learns where each finding is, from the boxes of the training images (English)
+    box_questions = grounded_questions(boxes, sorted(per_image)) if box_qa and lang in ("en", "all") else {}
+    for key, qas in sorted(box_questions.items()):
+        caption_lines += [json.dumps({"conversations": [{"role": "user", "content": f"<image>\n{q}"},
+                                                        {"role": "assistant", "content": a}],
+                                      "image": key, "source": "boxes"}, ensure_ascii=False) for q, a in qas]
+    atomic_write_text(out_dir / PRETRAIN_FILE, "".join(line + "\n" for line in caption_lines))
     atomic_write_text(out_dir / BOXES_FILE, json.dumps({k: v for k, v in sorted(boxes.items()) if k in used},
                                                        ensure_ascii=False) + "\n")
     for w in box_warnings[:5]:
@@ -542,7 +557,8 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
         "answer_types": {s: dict(sorted(Counter(r.answer_type for r in by_split.get(s, [])).items()))
                          for s in VQA_FILES},
         "images": {s: len(split_images.get(s, ())) for s in VQA_FILES},
-        "pretrain_captions": len(caption_lines),
+        "pretrain_captions": len(caption_lines) - sum(map(len, box_questions.values())),
+        "pretrain_box_questions": sum(map(len, box_questions.values())),
         "image_overlap": {k: len(v) for k, v in overlap.items()},
         # what answering from the question alone scores on the test split (evaluation prints the same)
         "baselines_test": baselines(

@@ -32,6 +32,23 @@ def resolve_path(path: str | Path) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+def user_path(value, default=None, may_be_remote: bool = False):
+    """A path the user typed on the command line counts from where they stand (the working
+    directory); the toolkit's own defaults (``dataset/``, ``out/``, ``model/vision_model/``)
+    stay relative to the repository (``resolve_path``), so the guide's commands work from any
+    folder. ``may_be_remote``: the value may also be a hub id; it becomes a path only when it
+    exists here. Special words (none, pretrain, auto, '') are kept."""
+    if not isinstance(value, str) or value in ("", "none", "pretrain", "auto") or value == default:
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    here = Path.cwd() / p
+    if may_be_remote and not (here.exists() or here.is_symlink()):
+        return value
+    return str(here)
+
+
 def minimind_intermediate_size(hidden_size: int) -> int:
     """MiniMind's SwiGLU width: 64 * ceil(8/3 * hidden / 64) (1408 for 512, 2048 for 768)."""
     return 64 * math.ceil(8 * hidden_size / 3 / 64)

@@ -12,6 +12,13 @@ import math
 import socket
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: the docstring as written, and each flag's default after its help."""
+
+
+DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"
+
+
 class FlagError(argparse.ArgumentTypeError, ValueError):
     """A value outside its allowed range (argparse prints it after the flag's name)."""
 
@@ -91,6 +98,11 @@ def port_is_free(host: str, port_number: int) -> bool:
     """True when a server could bind ``host:port`` now (checked before starting one, so a
     busy port is a message instead of a stack trace from the web server)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.getaddrinfo(host, port_number, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise FlagError(f"--host {host!r} is not an address or host name of this machine (e.g. 127.0.0.1, "
+                        "0.0.0.0 for every interface)") from None
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port_number))

@@ -335,3 +335,122 @@ def test_api_question_and_constrain_mode_are_checked(ckpt_path, tiny_tower, monk
         vqa.answer(random_image(0), None)
     with pytest.raises(ValueError, match="mode"):
         vqa.constrain(mode="bogus")
+
+
+# ----------------------------------------------------------------------------- runs and entry points
+
+def _sft(demo: Path, out: Path, *extra: str) -> list[str]:
+    return TINY + ["--images_path", str(demo / "medical_images"), "--cache_dir", "", "--val_path", "",
+                   "--data_path", str(demo / "medical_vqa_train.jsonl"), "--epochs", "2", "--batch_size", "4",
+                   "--out_dir", str(out), "--from_weight", "none", "--log_interval", "1", *extra]
+
+
+@pytest.mark.parametrize("fail_at", ["first_save", "second_save"])
+def test_a_failed_run_leaves_the_kept_checkpoint_and_its_metrics(fail_at, tmp_path, monkeypatch, capfd):
+    import trainer.trainer as tr
+    demo = converted_demo(tmp_path, 3, 8, 2, 2)
+    out = tmp_path / "out"
+    assert train_main("sft", _sft(demo, out)) == 0
+    before = tree(out)
+    real, calls = tr.save_checkpoint, []
+
+    def disk_full(*a, **k):
+        calls.append(1)
+        if fail_at == "first_save" or len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+    monkeypatch.setattr(tr, "save_checkpoint", disk_full)
+    assert train_main("sft", _sft(demo, out, "--seed", "7")) == 1
+    assert "No space left" in capfd.readouterr().err
+    after = tree(out)
+    if fail_at == "first_save":
+        assert after == before  # checkpoint, metrics, curve: exactly as they were
+    else:  # the first epoch's save happened: checkpoint and metrics moved on together
+        rows = [json.loads(x) for x in (out / "medical_vlm_32_metrics.jsonl").read_text().splitlines()]
+        saved = torch.load(out / "medical_vlm_32.pth", weights_only=True)["step"]
+        assert max(r["step"] for r in rows) == saved
+    assert not [p for p in out.iterdir() if p.name.endswith(".run")]
+
+
+@pytest.mark.parametrize("flag", ["--out_dir", "--cache_dir"])
+def test_output_folders_that_are_files_are_refused_before_training(flag, tmp_path, capfd):
+    demo = converted_demo(tmp_path, 3, 8, 2, 2)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    args = _sft(demo, tmp_path / "out") + [flag, str(blocker)]
+    capfd.readouterr()
+    assert train_main("sft", args) == 1
+    err = capfd.readouterr().err
+    assert f"{flag} {blocker} is a file" in err and "Traceback" not in err and blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("spec, name", [("hf/m/sub/..", "m"), ("out/medical_vlm_64.pth", "medical_vlm_64"),
+                                        ("someone/model", "model"), ("/", "model"), ("out/../..", None)])
+def test_eval_results_stay_under_out_eval(spec, name):
+    import eval_vlm
+    got = eval_vlm.eval_name(spec)
+    assert got not in ("", ".", "..") and "/" not in got and (name is None or got == name)
+
+
+def test_bad_host_is_not_reported_as_a_busy_port(capfd):
+    import web_demo_vlm
+    assert web_demo_vlm.main(["--model_path", "x.pth", "--host", "not a host"]) == 1
+    err = capfd.readouterr().err
+    assert "not an address" in err and "in use" not in err
+
+
+def test_a_damaged_feature_cache_is_named(tmp_path, tiny_tower):
+    from dataset.contract import DataError
+    from dataset.features import FeatureStore
+    for i in range(2):
+        random_image(i).save(tmp_path / f"{i}.png")
+    paths = [tmp_path / "0.png", tmp_path / "1.png"]
+    store = FeatureStore(tiny_tower, paths, torch.device("cpu"), tmp_path / "cache", progress=False)
+    obj = torch.load(store.cache_file, weights_only=True)
+    obj["features"][0, 0, 0] = float("nan")
+    torch.save(obj, store.cache_file)
+    with pytest.raises(DataError, match="NaN"):
+        FeatureStore(tiny_tower, paths, torch.device("cpu"), tmp_path / "cache", progress=False)
+
+
+@pytest.mark.parametrize("holder", ["alive", "dead", "garbage"])
+def test_one_run_per_output(holder, tmp_path, capfd):
+    import subprocess
+    demo = converted_demo(tmp_path, 3, 8, 2, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".medical_vlm_32.lock"
+    proc = None
+    if holder == "alive":
+        proc = subprocess.Popen(["sleep", "30"])
+        lock.write_text(json.dumps({"pid": proc.pid, "host": __import__("socket").gethostname(), "command": "x"}))
+    elif holder == "dead":
+        done = subprocess.run(["true"])
+        lock.write_text(json.dumps({"pid": 999999, "host": __import__("socket").gethostname()}))
+    else:
+        lock.write_text("{not json")
+    capfd.readouterr()
+    try:
+        rc = train_main("sft", _sft(demo, out, "--epochs", "1"))
+    finally:
+        if proc:
+            proc.kill()
+    err = capfd.readouterr().err
+    if holder == "alive":
+        assert rc == 1 and f"PID {proc.pid}" in err and not (out / "medical_vlm_32.pth").exists()
+        assert lock.exists()  # the other run's lock is left alone
+    else:
+        assert rc == 0 and "taking over" in err and not lock.exists()
+
+
+def test_one_conversion_per_folder(tmp_path, capfd):
+    import subprocess
+    proc = subprocess.Popen(["sleep", "30"])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / ".convert.lock").write_text(json.dumps({"pid": proc.pid,
+                                                               "host": __import__("socket").gethostname()}))
+    try:
+        rc = convert_slake_dataset.main(["--demo", "--out_dir", str(tmp_path / "d"), "--demo_images", "4", "2", "2"])
+    finally:
+        proc.kill()
+    assert rc == 2 and "in use by another run" in capfd.readouterr().err

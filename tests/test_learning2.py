@@ -287,3 +287,34 @@ def test_patch_loss_trains_a_head_saved_with_the_model(tmp_path, tokenizer):
     assert ck["config"]["patch_labels"] == sorted(ck["config"]["patch_labels"])
     assert {"Left Lung", "Right Lung", "Left Kidney", "Right Kidney"} <= set(ck["config"]["patch_labels"])
     assert ck["model"]["patch_head.weight"].shape == (len(ck["config"]["patch_labels"]), 48)
+
+
+def test_grounded_questions_follow_box_containment():
+    from dataset.boxes import grounded_questions
+    table = {"a": {"size": [100, 100], "boxes": {"Left Lung": [[0, 0, 50, 100]], "Right Lung": [[50, 0, 50, 100]],
+                                                 "Cyst": [[10, 10, 10, 10]], "Nodule": [[60, 60, 8, 8], [5, 80, 8, 8]]}},
+             "b": {"size": [100, 100], "boxes": {"Liver": [[0, 0, 100, 100]], "Edema": [[40, 40, 10, 10]]}},
+             "c": {"size": [100, 100], "boxes": {}}}
+    qs = grounded_questions(table, ["a", "b", "c"])
+    assert set(qs) == {"a", "b"}
+    assert dict(qs["a"]) == {"Is there a cyst in the left lung?": "Yes", "Is there a cyst in the right lung?": "No",
+                             "Is there a nodule in the left lung?": "Yes", "Is there a nodule in the right lung?": "Yes",
+                             "Is there an edema in the left lung?": "No", "Is there an edema in the right lung?": "No"}
+    assert dict(qs["b"]) == {"Is there a cyst in the liver?": "No", "Is there an edema in the liver?": "Yes",
+                             "Is there a nodule in the liver?": "No"}
+
+
+def test_converter_adds_box_questions_to_stage_one_only(tmp_path):
+    import convert_slake_dataset
+    from dataset.contract import read_jsonl
+    for flag, expect in (([], True), (["--no-box_questions"], False)):
+        out = tmp_path / str(expect)
+        assert convert_slake_dataset.main(["--demo", "hard", "--out_dir", str(out), "--demo_images", "8", "2", "2",
+                                           *flag]) == 0
+        pre = read_jsonl(out / "medical_pretrain.jsonl")
+        boxed = [r for r in pre if r.get("source") == "boxes"]
+        assert bool(boxed) == expect and (len(boxed) == 8 * 6 if expect else True)
+        train_images = {r["image"] for r in read_jsonl(out / "medical_vqa_train.jsonl")}
+        assert {r["image"] for r in boxed} <= train_images  # never a validation or test image
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["pretrain_box_questions"] == len(boxed) and m["pretrain_captions"] == 8

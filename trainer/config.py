@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from model import flags
-from model.config import DEFAULT_TOKENIZER, DEFAULT_VISION_MODEL, PROJECTORS
+from model.config import DEFAULT_TOKENIZER, DEFAULT_VISION_MODEL, PROJECTORS, user_path
 
 STAGES = ("pretrain", "sft")
 
@@ -57,6 +57,7 @@ class TrainConfig:
     projector_lr_scale: float = 1.0  # the projector's learning rate, as a multiple of --learning_rate
     # Learning II levers (trainer/losses.py); 0 = off
     debias: float = 0.0         # product of experts with the question-text prior on closed answers
+    debias_until: float = 1.0   # ... during this first fraction of the steps (then the plain loss)
     rank_weight: float = 0.0    # hinge on the right-vs-wrong closed answer margin
     rank_margin: float = 1.0
     patch_loss: float = 0.0     # weight of the per-patch organ/finding loss (needs boxes)
@@ -169,7 +170,40 @@ PRESETS = {
                 from_weight="pretrain", epochs=4, batch_size=16),
 }
 
+PATH_FLAGS = ("data_path", "val_path", "images_path", "cache_dir", "boxes_path", "tokenizer_path", "vision_model",
+              "from_weight", "from_llm", "out_dir")
+REMOTE_FLAGS = ("vision_model", "from_weight", "tokenizer_path")  # may also be hub ids
+
+# --help groups, in order; every flag is in exactly one (a test checks it)
+GROUPS = {
+    "data": ["data_path", "val_path", "images_path", "cache_dir", "feature_cache_gb", "max_seq_len", "pack_questions",
+             "balance_closed", "pair_closed", "boxes_path"],
+    "model": ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe", "projector",
+              "vision_model", "tokenizer_path", "from_weight", "from_llm", "freeze_llm", "train_vision", "vision_lr"],
+    "optimisation": ["epochs", "batch_size", "accumulation_steps", "learning_rate", "weight_decay", "grad_clip",
+                     "projector_lr_scale"],
+    "learning-rate schedule": ["lr_schedule", "warmup_ratio", "min_lr_ratio", "decay_ratio"],
+    "losses for closed questions and grounding (Learning II; 0 = off)": ["debias", "debias_until", "rank_weight",
+                                                                         "rank_margin", "patch_loss"],
+    "hardware": ["device", "dtype", "compile", "num_workers"],
+    "saving and logging": ["out_dir", "save_interval", "save_dtype", "resume", "stop_at_step", "seed", "log_interval",
+                           "use_wandb", "wandb_project"],
+}
+
 HELP = {
+    "epochs": "passes over the training data", "batch_size": "sequences per optimizer step and process",
+    "accumulation_steps": "micro-batches summed into one optimizer step (a larger batch in the same memory)",
+    "weight_decay": "AdamW weight decay of the matrices (norms and biases have none)",
+    "grad_clip": "clip the gradient norm to this (0 = off)", "warmup_ratio": "fraction of the steps of linear warm-up",
+    "min_lr_ratio": "the rate at the end of cosine/wsd decay, as a fraction of the peak",
+    "num_hidden_layers": "decoder layers: 8 (26M) or 16 (104M) for the MiniMind2 sizes",
+    "num_attention_heads": "attention heads (query)", "num_key_value_heads": "key/value heads (grouped-query attention)",
+    "use_moe": "MiniMind's mixture-of-experts feed-forward", "tokenizer_path": "folder of the tokenizer files",
+    "device": "auto (CUDA if available, else CPU), cpu, cuda or cuda:N",
+    "num_workers": "image-loading processes while the feature cache is built", "out_dir": "where checkpoints, "
+    "metrics and loss curves go", "seed": "seed of initialisation, data order and every random choice",
+    "log_interval": "optimizer steps between progress lines", "use_wandb": "also log to Weights & Biases",
+    "wandb_project": "Weights & Biases project name",
     "data_path": "training JSONL (the data contract)", "val_path": "validation JSONL ('' = none)",
     "images_path": "folder the 'image' paths are relative to",
     "cache_dir": "where frozen vision features are cached ('' = memory only)",
@@ -207,6 +241,8 @@ HELP = {
     "projector_lr_scale": "the projector's learning rate as a multiple of --learning_rate",
     "debias": "weight of the question-text prior added to the closed answers' logits in training (product of "
               "experts): the loss rewards only what the text cannot predict; inference unchanged",
+    "debias_until": "--debias applies during this first fraction of the steps; the plain loss after it lets the "
+                    "model add the text's odds back to what it learned from the image",
     "rank_weight": "weight of a hinge loss on the margin between the right and the wrong closed answer",
     "rank_margin": "the logit margin at which --rank_weight's hinge is zero",
     "patch_loss": "weight of a per-patch loss: a small head on the last layer predicts which organ/finding boxes "
@@ -230,7 +266,7 @@ RULES = {
     "warmup_ratio": flags.fraction_below_one, "vision_lr": flags.positive_float, "grad_clip": flags.non_negative_float,
     "num_workers": flags.non_negative_int, "seed": flags.non_negative_int, "log_interval": flags.positive_int,
     "save_interval": flags.non_negative_int, "stop_at_step": flags.non_negative_int,
-    "projector_lr_scale": flags.positive_float, "debias": flags.non_negative_float,
+    "projector_lr_scale": flags.positive_float, "debias": flags.non_negative_float, "debias_until": flags.fraction,
     "rank_weight": flags.non_negative_float, "rank_margin": flags.non_negative_float,
     "patch_loss": flags.non_negative_float,
 }
@@ -239,18 +275,25 @@ RULES = {
 def parse_train_args(stage: str, argv=None, description: str | None = None) -> TrainConfig:
     preset = {**asdict(TrainConfig()), **PRESETS[stage]}
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
+    for title, names in GROUPS.items():
+        group = ap.add_argument_group(title)
+        groups.update(dict.fromkeys(names, group))
     for f in fields(TrainConfig):
         if f.name == "stage" or not f.metadata.get("flag", True):
             continue
         default = preset[f.name]
+        group = groups[f.name]
         help_text = (HELP.get(f.name, "") + ("" if default is None else f" (default: {default!r})")).strip()
         if f.type in ("bool", bool):
-            ap.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             typ = RULES.get(f.name) or {"int": int, "float": float, "str": str}[
                 f.type if isinstance(f.type, str) else f.type.__name__]
-            ap.add_argument(f"--{f.name}", type=typ, default=default, help=help_text, choices=CHOICES.get(f.name))
+            group.add_argument(f"--{f.name}", type=typ, default=default, help=help_text, choices=CHOICES.get(f.name))
     args = ap.parse_args(argv)
+    for name in PATH_FLAGS:  # typed paths count from the working directory, defaults from the repository
+        setattr(args, name, user_path(getattr(args, name), preset[name], may_be_remote=name in REMOTE_FLAGS))
     try:
         return TrainConfig(stage=stage, **vars(args))
     except ValueError as exc:  # rules that tie several flags together

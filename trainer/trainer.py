@@ -33,6 +33,7 @@ from model.checkpoint import (CheckpointError, atomic_save, build_config, checkp
                               load_weights, locate_checkpoint, read_checkpoint, safe_load, save_checkpoint,
                               tokenizer_from_files)
 from model.config import VLMConfig, resolve_path
+from model.lock import LockError, output_lock
 from model.minimind_weights import load_minimind_llm
 from model.runtime import Progress, autocast, compute_dtype, configure_cuda, pick_device, seed_everything
 from model.tokenization import ChatEncoder, load_tokenizer
@@ -48,7 +49,7 @@ CLOSED_PRIOR_HINT = 0.7  # above this share the training log points at --balance
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
                "balance_closed", "train_vision", "vision_lr", "pair_closed", "projector_lr_scale", "debias",
-               "rank_weight", "rank_margin", "patch_loss")
+               "rank_weight", "rank_margin", "patch_loss", "debias_until")
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
              "projector")
 
@@ -108,6 +109,19 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
         tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=DDP_TIMEOUT,
                                  device_id=device if use_cuda else None)
     return Dist(rank, world, local_rank), device
+
+
+def check_out_dir(out_dir: Path, cfg: TrainConfig):
+    """Output and cache folders must be folders (or creatable) before hours of training."""
+    for flag, folder in (("--out_dir", out_dir), ("--cache_dir", resolve_path(cfg.cache_dir) if cfg.cache_dir else None)):
+        if folder is None:
+            continue
+        if folder.exists() and not folder.is_dir():
+            raise TrainingError(f"{flag} {folder} is a file, not a folder: pass another {flag}")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"{flag} {folder} cannot be created ({exc.strerror or exc}): pass another {flag}") from None
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -256,12 +270,15 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
 
 
 class MetricsLog:
-    """The run's JSONL metrics. A new run replaces the previous log only when it writes its
-    first row (a run that fails earlier leaves the old log alone); a resumed run first
-    drops the rows logged after the step it resumes from, so no step appears twice."""
+    """The run's JSONL metrics. Rows go to a hidden working file beside the log; the log itself
+    is replaced (atomically) only when the run saves a checkpoint (``commit``), so a run that
+    fails before or between saves leaves the previous log matching the previous checkpoint.
+    A resumed run first drops the rows logged after the step it resumes from, so no step
+    appears twice."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None, wandb_run=None):
         self.path, self.enabled, self.wandb = path, enabled, wandb_run
+        self.work = path.with_name(f".{path.name}.run")
         self.resume_step = resume_step
         self.started = False
 
@@ -269,22 +286,31 @@ class MetricsLog:
         self.started = True
         kept = []
         if self.resume_step is not None and self.path.is_file():
-            kept = [r for r in self._read() if r.get("step", 0) <= self.resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in self._read(self.path) if r.get("step", 0) <= self.resume_step]
+        atomic_write_text(self.work, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict):
         if not self.enabled:
             return
         if not self.started:
             self._start()
-        with self.path.open("a") as f:
+        with self.work.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=row.get("step"))
 
-    def _read(self) -> list[dict]:
+    def commit(self):
+        """The rows so far become the log (called right after a checkpoint was saved)."""
+        if self.enabled and self.started and self.work.is_file():
+            atomic_write_text(self.path, self.work.read_text(encoding="utf-8", errors="replace"))
+
+    def close(self):
+        self.work.unlink(missing_ok=True)
+
+    @staticmethod
+    def _read(path: Path) -> list[dict]:
         rows = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut by a crash
@@ -292,7 +318,7 @@ class MetricsLog:
         return rows
 
     def rows(self) -> list[dict]:
-        return self._read() if self.started and self.path.is_file() else []
+        return self._read(self.work) if self.started and self.work.is_file() else []
 
 
 def plot_losses(rows: list[dict], path: Path, title: str):
@@ -464,6 +490,7 @@ class Checkpointer:
                     f"the weights became NaN/Inf at step {step} ({exc}): training diverged and this step was not "
                     f"saved; {self.kept_message()}. Lower --learning_rate (now {self.cfg.learning_rate}), keep "
                     "--grad_clip on, or use --dtype bfloat16 instead of float16.") from None
+            metrics.commit()
             if with_resume:
                 atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
                              "scaler": scaler.state_dict(), "step": step, "world": self.dist.world,
@@ -606,7 +633,8 @@ def more_epochs_advice(history: list[Validation], epochs: int) -> str | None:
 
 
 def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
-               dist: Dist, device, amp, lr: float, patches: tuple | None = None) -> torch.Tensor:
+               dist: Dist, device, amp, lr: float, patches: tuple | None = None,
+               debias: float | None = None) -> torch.Tensor:
     """One optimizer step over the micro-batches; returns this process's share of the
     step's mean loss as a device tensor. Nothing here waits for the device: counts come from
     the host batches, and the global answer-token count is summed on the device."""
@@ -630,7 +658,8 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
                 loss_sum, _, aux = out[:3]
                 if "closed_rows" in b:
                     loss_sum = loss_sum + closed_answer_loss(out[3], b["closed_rows"], b["closed_tokens"],
-                                                             b["closed_prior"], cfg.debias, cfg.rank_weight,
+                                                             b["closed_prior"],
+                                                             cfg.debias if debias is None else debias, cfg.rank_weight,
                                                              cfg.rank_margin)
                 if patches is not None and b["image_index"].numel():
                     index = b["image_index"]
@@ -652,6 +681,20 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Runs one stage; rank 0 holds ``out_dir/.<name>.lock`` for the whole run, so a second run
+    writing the same checkpoint and metrics is refused instead of interleaving with this one."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(cfg)
+    out_dir = resolve_path(cfg.out_dir)
+    check_out_dir(out_dir, cfg)
+    try:
+        with output_lock(out_dir / f".{run_name(cfg)}.lock", f"{out_dir / run_name(cfg)}.pth"):
+            return _train(cfg)
+    except LockError as exc:
+        raise TrainingError(str(exc)) from None
+
+
+def _train(cfg: TrainConfig) -> dict:
     dist, device = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     dtype = compute_dtype(cfg.dtype, device)
@@ -734,8 +777,9 @@ def train(cfg: TrainConfig) -> dict:
             micro = [[samples[i] for i in m.tolist()] for m in _micro_batches(perm, step % steps_per_epoch, cfg, dist)]
             batches = [collate(m, model.config.pad_token_id, model.config.image_token_id, pad_to) for m in micro]
             lr = lr_at(step, total_steps, cfg)
+            debias = cfg.debias if step < cfg.debias_until * total_steps else 0.0
             window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp, lr,
-                                      patches)
+                                      patches, debias)
             window_tokens += sum(len(s.input_ids) for m in micro for s in m)
             window_steps += 1
             step += 1
@@ -785,6 +829,7 @@ def train(cfg: TrainConfig) -> dict:
         raise TrainingInterrupted(f"interrupted at step {step}/{total_steps}: {saver.kept_message()}{resume}") from None
     finally:
         bar.close()
+        metrics.close()
     if wandb_run is not None:
         wandb_run.finish()
     if saver.last_saved:
