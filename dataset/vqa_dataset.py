@@ -34,6 +34,17 @@ class Sample:
     # alternative answer, and the share of this answer among the text's training answers
     closed_pair: tuple[int, int] | None = None
     closed_prior: float | None = None
+    # --look_loss (annotate_look): where in its image the question should look, a distribution over patches;
+    # a packed sequence carries one per question: (position of its first answer token, target)
+    look: torch.Tensor | None = None
+    looks: list[tuple[int, torch.Tensor]] | None = None
+
+    def look_entries(self) -> list[tuple[int, torch.Tensor]]:
+        if self.looks is not None:
+            return self.looks
+        if self.look is None:
+            return []
+        return [(next(i for i, t in enumerate(self.labels) if t != IGNORE_INDEX), self.look)]
 
 
 class VQADataset:
@@ -185,6 +196,30 @@ def paired_permutation(samples: list[Sample], seed: int, epoch: int) -> torch.Te
     return torch.tensor(order, dtype=torch.long)
 
 
+def annotate_look(data: VQADataset, classes: list[str], targets: torch.Tensor, known: torch.Tensor) -> int:
+    """Gives every single-image question that names box names of its image ("cyst", "left
+    lung", plural allowed) a target over the image's patches: the patches the named boxes share
+    when they overlap, else those of the largest named box (the region to search). ``targets``
+    [n_images, patches, names] and ``known`` from dataset.boxes.patch_targets over the data's
+    image table. Returns how many questions got one."""
+    import re
+    patterns = [re.compile(rf"\b{re.escape(c.lower())}(s|es)?\b") for c in classes]
+    marked = 0
+    for s in data.samples:
+        if len(s.images) != 1 or not known[s.images[0]]:
+            continue
+        text = " ".join(m["content"] for m in s.record["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, " ").lower()
+        sets = [targets[s.images[0], :, j] > 0 for j, p in enumerate(patterns) if p.search(text)]
+        sets = [m for m in sets if m.any()]
+        if not sets:
+            continue
+        both = torch.stack(sets).all(0)
+        mask = both if both.any() else max(sets, key=lambda m: int(m.sum()))
+        s.look = mask.float() / mask.sum()
+        marked += 1
+    return marked
+
+
 def closed_text_prior(samples: list[Sample]) -> tuple[int, float | None]:
     """(closed samples, the share of them whose answer is the commonest answer of their
     question text). 0.5 for yes/no texts answered both ways equally often: the image must
@@ -269,16 +304,18 @@ class PackedQuestions:
         p = self.prefix_len[idx[0]]
         ids, labels = list(first.input_ids[:p]), [IGNORE_INDEX] * p
         segments, positions = [0] * p, list(range(p))
+        looks = []
         for j, i in enumerate(idx, 1):
             s = self.data.samples[i]
             if s.input_ids[:p] != ids[:p]:
                 raise DataError(f"{self.data.path}: samples of one image disagree on the image prefix")
+            looks += [(len(ids) + pos - p, target) for pos, target in s.look_entries()]
             suffix = s.input_ids[p:]
             ids += suffix
             labels += s.labels[p:]
             segments += [j] * len(suffix)
             positions += range(p, p + len(suffix))
-        return Sample(ids, labels, first.images, first.record, segments, positions)
+        return Sample(ids, labels, first.images, first.record, segments, positions, looks=looks)
 
 
 def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
@@ -308,11 +345,17 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
         # the prompt tokens before the first answer token (model.vlm.question_mask): what a film
         # projector reads the question from
         batch["question"] = (ids != image_id) & (ids != pad_id) & ((labels != IGNORE_INDEX).cumsum(1) == 0)
+    per_row = (nxt != IGNORE_INDEX).sum(1)
+    first = per_row.cumsum(0) - per_row  # where each row's first answer token sits in the target list
+    looking = [(i, pos, target) for i, s in enumerate(samples) for pos, target in s.look_entries()]
+    if looking:
+        first_image = torch.tensor([0] + [len(s.images) for s in samples[:-1]]).cumsum(0)
+        # the position that predicts the question's first answer token looks at the row's (first) image
+        batch["look_pos"] = torch.tensor([i * width + pos - 1 for i, pos, _ in looking])
+        batch["look_image"] = first_image[[i for i, _, _ in looking]]
+        batch["look_target"] = torch.stack([t for _, _, t in looking])
     closed = [i for i, s in enumerate(samples) if s.closed_pair is not None]
     if closed:
-        # where each closed sample's first answer token sits in the target list (rows in order)
-        per_row = (nxt != IGNORE_INDEX).sum(1)
-        first = per_row.cumsum(0) - per_row
         batch["closed_rows"] = first[closed]
         batch["closed_tokens"] = torch.tensor([samples[i].closed_pair for i in closed], dtype=torch.long)
         batch["closed_prior"] = torch.tensor([samples[i].closed_prior for i in closed], dtype=torch.float32)

@@ -82,6 +82,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.dropout = config.dropout
+        # --look_loss (training only): the rotated queries/keys of head 0 are kept for one forward
+        self.keep_qk = False
+        self.kept_qk: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
         b, t, _ = x.shape
@@ -89,6 +92,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.keep_qk:
+            self.kept_qk = (q[:, 0], k[:, 0])
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # No mask: training on right-padded rows, where the fused causal kernel (flash) is

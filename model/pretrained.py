@@ -180,10 +180,16 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
     train = extra.get("train_config") or {}
     base = (f"MiniMind2 language-model weights `{Path(train['from_llm']).name}`" if train.get("from_llm")
             else "none: the language model was trained from random initialisation")
+    source = str(extra.get("data_source", "unknown"))
+    synthetic = source.startswith("demo")
+    slake = not synthetic and source != "unknown"
+    data_line = ("the toolkit's synthetic demo set (drawn images, no patient data; no SLAKE data)" if synthetic else
+                 f"SLAKE ({source})" if slake else "unknown (no converter manifest beside the training data)")
+    trained = f"{extra['epoch']} of {train.get('epochs', '?')}" if "epoch" in extra else str(train.get("epochs", "?"))
     lines = [
-        "---", "license: cc-by-4.0", "tags:", "- medical", "- visual-question-answering", "- slake", "- minimind",
-        "datasets:", "- BoKelvin/SLAKE", "---", "",
-        "# Medical VQA model (MiniMind-V recipe, SLAKE)", "",
+        "---", f"license: {'cc-by-4.0' if slake else 'other'}", "tags:", "- medical", "- visual-question-answering",
+        "- minimind", *(["- slake", "datasets:", "- BoKelvin/SLAKE"] if slake else []), "---", "",
+        f"# Medical VQA model (MiniMind-V recipe{', SLAKE' if slake else ''})", "",
         "> **Research use only — not for diagnosis.** A small model trained on a small public dataset; its "
         "answers can be wrong and must never guide clinical decisions.", "",
         "| | |", "|---|---|",
@@ -194,7 +200,7 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         f"{cfg['image_tokens']} image tokens of width {cfg['vision_hidden_size']} |",
         f"| projector | {cfg['projector']} |",
         f"| stage | {meta['stage']} (step {meta['step']}) |",
-        f"| training data | `{train.get('data_path', '?')}` ({train.get('epochs', '?')} epochs, batch "
+        f"| training data | {data_line}: `{Path(str(train.get('data_path', '?'))).name}` ({trained} epochs, batch "
         f"{train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')}) |",
     ]
     if str(meta["vision"]["id"]).startswith("random"):
@@ -215,7 +221,10 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         for name, b in (metrics.get("baselines") or {}).items():
             lines.append(f"| {name.replace('_', ' ')} | {_pct(b['closed_accuracy'])} | {_pct(b['open_accuracy'])} | "
                          f"{_pct(b['overall_accuracy'])} |")
-    lines += ["", "## Data and licence", "",
-              "Trained on SLAKE (Liu et al., ISBI 2021), released under CC-BY-4.0; this model card and the "
-              "weights carry the same licence and attribution.", "", "```bibtex", SLAKE_CITATION, "```", ""]
+    if slake:
+        lines += ["", "## Data and licence", "",
+                  "Trained on SLAKE (Liu et al., ISBI 2021), released under CC-BY-4.0; this model card and the "
+                  "weights carry the same licence and attribution.", "", "```bibtex", SLAKE_CITATION, "```", ""]
+    else:
+        lines += ["", "## Data", "", f"Trained on {data_line}. It was not trained on SLAKE.", ""]
     return "\n".join(lines)

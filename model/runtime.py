@@ -49,7 +49,29 @@ def pick_device(requested: str | None = None) -> torch.device:
     dev = _pick_device(requested)
     if dev.type == "cuda":
         configure_cuda()
+    else:
+        configure_cpu_threads()
     return dev
+
+
+def cpu_threads(cores: int, load: float) -> int:
+    """Threads for a CPU run: the cores that are not already busy (1-minute load average),
+    at least one. Two jobs that each take every core of a 2-core machine run about 10x slower
+    each (OpenMP threads spin waiting for each other); with one thread each, about half speed."""
+    return max(1, min(cores, round(cores - load)))
+
+
+def configure_cpu_threads() -> None:
+    """Sets torch's thread count from the free cores, unless OMP_NUM_THREADS says otherwise."""
+    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0]
+    n = cpu_threads(cores, load)
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+        logging.getLogger(__name__).info("CPU: %d thread(s) (load %.1f on %d cores; OMP_NUM_THREADS overrides)",
+                                         n, load, cores)
 
 
 def _pick_device(requested: str | None) -> torch.device:

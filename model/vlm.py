@@ -223,7 +223,10 @@ class MedicalVLM(nn.Module):
             question = question_mask(input_ids, self.config.image_token_id, self.config.pad_token_id, labels)
         elif question is None and target_pos is not None and self.projector.conditioned:
             raise ValueError("a film projector needs the question mask with target_pos (collate builds it)")
+        look = self.llm.layers[-1].self_attn
+        look.keep_qk = return_logits and self.training  # --look_loss reads head 0 of the last layer
         h = self.llm(self.embed(input_ids, image_features, image_slots, question), position_ids, attn_mask, cache)
+        look.keep_qk = False
         if labels is None and target_pos is None:
             return self.llm.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if target_pos is None:

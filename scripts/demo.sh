@@ -27,19 +27,34 @@ else
 fi
 MODEL=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4
        --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$OUT" --cache_dir "$DATA/cache")
+# A rerun continues a stopped demo: each stage saves a resume state every 50 steps and resumes from it
+# (a stage that had finished is not repeated). A changed DEMO_EPOCHS starts stage 2 afresh.
+resume() {  # $1 = run name; prints --resume when that run left a resume state of the same length
+  local state="$OUT/$1_resume.pth"
+  [ -f "$state" ] && [ "$(cat "$OUT/.$1.epochs" 2>/dev/null)" = "$2" ] && echo --resume || true
+}
 start=$(date +%s)
 echo "== 1/4 build the synthetic mini-SLAKE"
-$PY convert_slake_dataset.py --demo "$KIND" --out_dir "$DATA"
+[ -f "$DATA/manifest.json" ] || $PY convert_slake_dataset.py --demo "$KIND" --out_dir "$DATA"
 echo "== 2/4 stage 1: align image features (captions)"
+mkdir -p "$OUT"
+R=$(resume medical_pretrain_vlm_128 2); echo 2 > "$OUT/.medical_pretrain_vlm_128.epochs"
 $PY train_pretrain_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_pretrain.jsonl" --epochs 2 --batch_size 16 \
-  --log_interval 10
+  --log_interval 10 --save_interval 50 $R
 echo "== 3/4 stage 2: medical question answering"
+R=$(resume medical_vlm_128 "$EPOCHS"); echo "$EPOCHS" > "$OUT/.medical_vlm_128.epochs"
 $PY train_sft_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_vqa_train.jsonl" \
-  --val_path "$DATA/medical_vqa_validation.jsonl" --epochs "$EPOCHS" "${SFT[@]}" --log_interval 10
+  --val_path "$DATA/medical_vqa_validation.jsonl" --epochs "$EPOCHS" "${SFT[@]}" --log_interval 10 \
+  --save_interval 50 $R
 echo "== 4/4 evaluation on the demo test split"
 $PY eval_vlm.py --model_path "$OUT/medical_vlm_128.pth" --data_path "$DATA/medical_vqa_test.jsonl" \
   --train_path "$DATA/medical_vqa_train.jsonl" --images_path "$DATA/medical_images" --out_dir "$OUT" \
   --cache_dir "$DATA/cache"
-$PY -m scripts.check_learning "$OUT/eval/medical_vlm_128/metrics.json" "${CHECK[@]}"
+if ! $PY -m scripts.check_learning "$OUT/eval/medical_vlm_128/metrics.json" "${CHECK[@]}"; then
+  echo "The model did not clearly beat answering from the question text. Try: DEMO_EPOCHS=$(( EPOCHS * 2 )) bash" \
+       "scripts/demo.sh (longer stage 2), or rm -r $OUT to start over; the table above and"
+  echo "$OUT/medical_vlm_128_loss.png show where it stands (README: Troubleshooting)."
+  exit 1
+fi
 echo "done in $(( $(date +%s) - start )) s. Loss curves: $OUT/*_loss.png"
 echo "Try it in the browser:  .venv/bin/python web_demo_vlm.py --model_path $OUT/medical_vlm_128.pth"

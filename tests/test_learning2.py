@@ -318,3 +318,93 @@ def test_converter_adds_box_questions_to_stage_one_only(tmp_path):
         assert {r["image"] for r in boxed} <= train_images  # never a validation or test image
         m = json.loads((out / "manifest.json").read_text())
         assert m["pretrain_box_questions"] == len(boxed) and m["pretrain_captions"] == 8
+
+
+# ------------------------------------------------------------------ attention grounding (--look_loss)
+
+def test_look_targets_follow_the_named_boxes(tokenizer, tmp_path):
+    from dataset.vqa_dataset import annotate_look
+    rows = [("Is there a cyst in the left lung?", "Yes", "CLOSED"), ("Is there a cyst in the right lung?", "No", "CLOSED"),
+            ("How many cysts are in the image?", "1", "OPEN"), ("What modality is this?", "CT", "OPEN")]
+    data = VQADataset(_write(tmp_path, rows), tmp_path / "img", ChatEncoder(tokenizer, 196), 512)
+    classes = ["Cyst", "Left Lung", "Right Lung"]
+    targets = torch.zeros(4, 4, 3)  # 4 images x 4 patches x names; every row uses its own image
+    for img in range(4):
+        targets[img, :2, 1] = 1   # left lung: patches 0, 1
+        targets[img, 2:, 2] = 1   # right lung: patches 2, 3
+        targets[img, 1, 0] = 1    # a cyst in patch 1 (left)
+    known = torch.ones(4, dtype=torch.bool)
+    assert annotate_look(data, classes, targets, known) == 3
+    looks = [s.look for s in data.samples]
+    assert looks[0].tolist() == [0, 1, 0, 0]          # cyst AND left lung: the cyst's patch
+    assert looks[1].tolist() == [0, 0, 0.5, 0.5]      # no cyst on the right: search the right lung
+    assert looks[2].tolist() == [0, 1, 0, 0]          # plural names match
+    assert looks[3] is None
+    batch = collate(data.samples, 0, None)
+    assert batch["look_target"].shape == (3, 4) and batch["look_image"].tolist() == [0, 1, 2]
+    first = [int((batch["labels"][i] != IGNORE_INDEX).nonzero()[0]) - 1 for i in range(3)]
+    assert batch["look_pos"].tolist() == [i * batch["input_ids"].shape[1] + p for i, p in enumerate(first)]
+
+
+def test_look_loss_is_the_attention_cross_entropy():
+    from trainer.losses import look_loss
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 10, 8, generator=g), torch.randn(2, 10, 8, generator=g)
+    slots = torch.tensor([1, 2, 3, 11, 12, 13])  # two images of 3 patches, one per row
+    target = torch.tensor([[0, 1.0, 0], [0.5, 0.5, 0]])
+    loss = look_loss(q, k, torch.tensor([7, 18]), slots, torch.tensor([0, 1]), target)
+    att0 = torch.softmax(k[0, 1:4] @ q[0, 7] / 8 ** 0.5, 0)
+    att1 = torch.softmax(k[1, 1:4] @ q[1, 8] / 8 ** 0.5, 0)
+    want = -(torch.log(att0[1]) + 0.5 * torch.log(att1[0]) + 0.5 * torch.log(att1[1])) / 2
+    assert torch.allclose(loss, want, atol=1e-6)
+    # the loss is lowest when the head attends where the target is
+    sharp = torch.zeros(2, 10, 8)
+    sharp_k = torch.zeros(2, 10, 8)
+    sharp[0, 7, 0] = 50.0
+    sharp_k[0, 2, 0] = 1.0
+    assert float(look_loss(sharp, sharp_k, torch.tensor([7]), slots[:3], torch.tensor([0]), target[:1])) < 1e-3
+
+
+def test_look_loss_trains_end_to_end_and_changes_nothing_at_inference(tmp_path):
+    import convert_slake_dataset
+    from trainer.cli import main as train_main
+    d = tmp_path / "d"
+    assert convert_slake_dataset.main(["--demo", "hard", "--out_dir", str(d), "--demo_images", "16", "4", "4"]) == 0
+    args = ["--vision_model", "random-tiny", "--hidden_size", "48", "--num_hidden_layers", "2",
+            "--num_attention_heads", "4", "--num_key_value_heads", "2", "--device", "cpu", "--num_workers", "0",
+            "--images_path", str(d / "medical_images"), "--cache_dir", "", "--epochs", "1", "--batch_size", "8",
+            "--data_path", str(d / "medical_vqa_train.jsonl"), "--val_path", "", "--seed", "3"]
+    assert train_main("sft", args + ["--out_dir", str(tmp_path / "a"), "--look_loss", "1"]) == 0
+    assert train_main("sft", args + ["--out_dir", str(tmp_path / "b"), "--look_loss", "0"]) == 0
+    a = torch.load(tmp_path / "a" / "medical_vlm_48.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "medical_vlm_48.pth", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()  # no new weights: the same model, trained differently
+    assert not torch.equal(a["model"]["llm.layers.1.self_attn.q_proj.weight"],
+                           b["model"]["llm.layers.1.self_attn.q_proj.weight"])
+
+
+def test_look_targets_survive_shared_prefix_packing(tokenizer, tmp_path):
+    from dataset.vqa_dataset import PackedQuestions, annotate_look
+    rows = [("Is there a cyst in the left lung?", "Yes", "CLOSED"), ("How many cysts are in the image?", "1", "OPEN"),
+            ("What modality is this?", "CT", "OPEN")]
+    path = tmp_path / "d.jsonl"
+    (tmp_path / "img").mkdir()
+    random_image(0).save(tmp_path / "img" / "0.png")
+    path.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": f"<image>\n{q}"},
+                                                          {"role": "assistant", "content": a}],
+                                        "image": "0.png", "answer_type": t}) + "\n" for q, a, t in rows))
+    enc = ChatEncoder(tokenizer, 196)
+    data = VQADataset(path, tmp_path / "img", enc, 512)
+    targets = torch.zeros(1, 196, 2)
+    targets[0, :98, 1] = 1
+    targets[0, 5, 0] = 1
+    assert annotate_look(data, ["Cyst", "Left Lung"], targets, torch.ones(1, dtype=torch.bool)) == 2
+    packed = PackedQuestions(data, enc.image_id, 3, seed=0).epoch_samples(0)
+    assert len(packed) == 1 and len(packed[0].looks) == 2
+    batch = collate(packed, 0, enc.image_id)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    for pos in batch["look_pos"].tolist():  # each points at the token just before an answer begins
+        assert labels[pos] == IGNORE_INDEX and labels[pos + 1] != IGNORE_INDEX
+    firsts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
+    assert len(firsts) == 3 and {p + 1 for p in batch["look_pos"].tolist()} < set(firsts)
+    assert batch["look_image"].tolist() == [0, 0]

@@ -10,6 +10,7 @@ import pytest
 
 from trainer.config import GROUPS, HELP, TrainConfig, parse_train_args
 from dataclasses import fields
+import json
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train_pretrain_vlm.py", "train_sft_vlm.py", "eval_vlm.py", "web_demo_vlm.py", "convert_slake_dataset.py"]
@@ -60,3 +61,86 @@ def test_typed_paths_count_from_the_working_directory(tmp_path, monkeypatch):
     import eval_vlm
     args = eval_vlm.parse_args(["--image", "scan.png", "--question", "Is it?"])
     assert args.image == str(tmp_path / "scan.png") and args.out_dir == "out"
+
+
+@pytest.mark.parametrize("cores, load, want", [(2, 0.0, 2), (2, 0.9, 1), (2, 1.2, 1), (2, 3.0, 1), (16, 4.2, 12),
+                                               (1, 0.0, 1), (8, 0.4, 8)])
+def test_cpu_threads_leave_busy_cores_alone(cores, load, want):
+    from model.runtime import cpu_threads
+    assert cpu_threads(cores, load) == want
+
+
+def _fenced_commands(text: str) -> list[str]:
+    import re
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_every_documented_command_parses_against_its_script(doc, monkeypatch):
+    """Each fenced command of the README and docs/ names a script that exists and flags it accepts."""
+    import shlex
+    import eval_vlm
+    import convert_slake_dataset
+    import web_demo_vlm
+    parsers = {"train_pretrain_vlm.py": lambda a: parse_train_args("pretrain", a),
+               "train_sft_vlm.py": lambda a: parse_train_args("sft", a),
+               "eval_vlm.py": eval_vlm.parse_args, "web_demo_vlm.py": web_demo_vlm.parse_args,
+               "convert_slake_dataset.py": convert_slake_dataset.parse_args}
+    checked = 0
+    for cmd in _fenced_commands(doc.read_text(encoding="utf-8")):
+        for part in cmd.split("&&"):
+            words = shlex.split(part.strip())
+            if not words:
+                continue
+            if words[0] == "bash" or (len(words) > 2 and words[0].startswith("DEMO")):
+                script = next(w for w in words if w.endswith(".sh"))
+                assert (ROOT / script).is_file(), f"{doc.name}: {part}"
+                checked += 1
+            for i, w in enumerate(words):
+                if w in parsers:
+                    try:
+                        parsers[w](words[i + 1:])
+                    except SystemExit as exc:
+                        pytest.fail(f"{doc.name}: `{part.strip()}` is refused by {w} (exit {exc.code})")
+                    checked += 1
+                    break
+                if w == "-m" and words[i + 1].startswith("scripts."):
+                    assert (ROOT / (words[i + 1].replace(".", "/") + ".py")).is_file(), f"{doc.name}: {part}"
+                    checked += 1
+    if doc.name == "README.md":
+        assert checked >= 8
+
+
+@pytest.mark.parametrize("source, slake", [("demo-hard:seed=0", False), ("demo:seed=3", False),
+                                           ("hub:BoKelvin/SLAKE", True), ("release", True), ("unknown", False)])
+def test_model_card_states_the_real_data_and_epochs(source, slake):
+    from model.pretrained import model_card
+    meta = {"config": {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100, "image_tokens": 196,
+                       "vision_hidden_size": 64, "projector": "mlp"},
+            "vision": {"id": "random-tiny", "fingerprint": "x"}, "stage": "sft", "step": 10,
+            "extra": {"train_config": {"data_path": "/home/me/secret/dataset/medical_vqa_train.jsonl", "epochs": 16,
+                                       "batch_size": 8, "learning_rate": 1e-3}, "epoch": 14, "data_source": source}}
+    card = model_card(meta)
+    assert "/home/me" not in card and "14 of 16 epochs" in card
+    assert ("BoKelvin/SLAKE" in card) == slake and ("cc-by-4.0" in card) == slake
+    assert ("not trained on SLAKE" in card) == (not slake)
+
+
+def test_training_records_where_its_data_came_from(tmp_path):
+    from trainer.trainer import data_source
+    (tmp_path / "manifest.json").write_text(json.dumps({"source": "release:/home/me/Slake1.0 + /data/vqa_rad"}))
+    cfg = TrainConfig(data_path=str(tmp_path / "medical_vqa_train.jsonl"))
+    assert data_source(cfg) == "release + vqa_rad"
+    (tmp_path / "manifest.json").write_text(json.dumps({"source": "demo-hard:seed=0"}))
+    assert data_source(cfg) == "demo-hard:seed=0"
+    (tmp_path / "manifest.json").unlink()
+    assert data_source(cfg) == "unknown"

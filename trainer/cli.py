@@ -9,6 +9,9 @@ from trainer.config import parse_train_args
 
 def main(stage: str, argv=None, description: str | None = None) -> int:
     cfg = parse_train_args(stage, argv, description)
+    import os
+    # idle OpenMP threads sleep instead of spinning: a busy machine (another job) is shared, not fought over
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch.distributed as tdist
 
     from dataset.boxes import BoxError

@@ -26,7 +26,8 @@ from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
 from dataset.boxes import BOXES_FILE, BoxError, patch_targets, read_boxes_file
 from dataset.contract import image_file, images_of, read_jsonl
-from dataset.vqa_dataset import (MODEL_INPUTS, PackedQuestions, VQADataset, annotate_closed, balance_closed,
+from dataset.vqa_dataset import (MODEL_INPUTS, PackedQuestions, VQADataset, annotate_closed, annotate_look,
+                                 balance_closed,
                                  closed_text_prior, collate, paired_permutation)
 from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
@@ -40,7 +41,7 @@ from model.tokenization import ChatEncoder, load_tokenizer
 from model.vision import load_vision_tower
 from model.vlm import MedicalVLM
 from trainer.config import TrainConfig
-from trainer.losses import closed_answer_loss, patch_loss
+from trainer.losses import closed_answer_loss, look_loss, patch_loss
 
 log = logging.getLogger("train")
 
@@ -49,7 +50,7 @@ CLOSED_PRIOR_HINT = 0.7  # above this share the training log points at --balance
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
                "balance_closed", "train_vision", "vision_lr", "pair_closed", "projector_lr_scale", "debias",
-               "rank_weight", "rank_margin", "patch_loss", "debias_until")
+               "rank_weight", "rank_margin", "patch_loss", "debias_until", "look_loss")
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
              "projector")
 
@@ -109,6 +110,18 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
         tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=DDP_TIMEOUT,
                                  device_id=device if use_cuda else None)
     return Dist(rank, world, local_rank), device
+
+
+def data_source(cfg: TrainConfig) -> str:
+    """Where the training data came from, from the converter's manifest beside it (the model
+    card states it): e.g. 'hub:BoKelvin/SLAKE', 'release', 'demo-hard:seed=0'; 'unknown' without
+    a manifest. Local paths are dropped: a shared model must not carry them."""
+    try:
+        source = json.loads((resolve_path(cfg.data_path).parent / "manifest.json").read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+    parts = [("release" if p.strip().startswith("release:") else p.strip()) for p in str(source).split(" + ")]
+    return " + ".join(p if "/" not in p or p.startswith("hub") else Path(p).name for p in parts)
 
 
 def check_out_dir(out_dir: Path, cfg: TrainConfig):
@@ -484,7 +497,8 @@ class Checkpointer:
         if self.dist.is_main:
             try:  # save_checkpoint's own guard refuses NaN/Inf weights before anything is written
                 save_checkpoint(self.final_path, model, tok, self.cfg.stage, step, dtype=self.cfg.save_dtype,
-                                extra={"train_config": self.cfg.to_dict(), "epoch": epoch, **extra})
+                                extra={"train_config": self.cfg.to_dict(), "epoch": epoch,
+                                       "data_source": data_source(self.cfg), **extra})
             except CheckpointError as exc:
                 raise TrainingError(
                     f"the weights became NaN/Inf at step {step} ({exc}): training diverged and this step was not "
@@ -546,17 +560,45 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
     return data, val, features, packed
 
 
-def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) -> tuple | None:
-    """(targets [n_images, patches, names], known [n_images]) on the device for --patch_loss."""
-    if model.patch_head is None:
-        return None
+def box_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(names, targets [n_images, patches, names], known [n_images]) from the boxes file for the
+    data's image table: the patch head's names when it has one, else every name in the file."""
     grid = math.isqrt(model.config.image_tokens)
     if grid * grid != model.config.image_tokens:
-        raise TrainingError(f"--patch_loss needs a square patch grid; this tower gives {model.config.image_tokens} "
-                            "image tokens")
-    _, targets, known = patch_targets(read_boxes_file(boxes_file(cfg)),
-                                      _image_keys(data.image_paths, resolve_path(cfg.images_path)), grid,
-                                      classes=model.config.patch_labels)
+        raise TrainingError(f"--patch_loss / --look_loss need a square patch grid; this tower gives "
+                            f"{model.config.image_tokens} image tokens")
+    try:
+        table = read_boxes_file(boxes_file(cfg))
+    except BoxError as exc:
+        raise TrainingError(str(exc)) from None
+    return patch_targets(table, _image_keys(data.image_paths, resolve_path(cfg.images_path)), grid,
+                         classes=model.config.patch_labels or None)
+
+
+def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) -> tuple | None:
+    """(targets [n_images, patches, names], known [n_images]) on the device for --patch_loss;
+    --look_loss targets are attached to the samples here too."""
+    if model.patch_head is None and not cfg.look_loss:
+        return None
+    if model.patch_head is None and math.isqrt(model.config.image_tokens) ** 2 != model.config.image_tokens:
+        log.info("--look_loss: the tower's %d image tokens are not a square grid; the loss is off",
+                 model.config.image_tokens)
+        return None
+    if not boxes_file(cfg).is_file() and model.patch_head is None:
+        log.info("--look_loss: no %s beside the data (no organ/finding boxes), so the model is not told where to "
+                 "look; convert_slake_dataset.py writes it from SLAKE's detection.json files", BOXES_FILE)
+        return None
+    classes, targets, known = box_tables(cfg, model, data)
+    if cfg.look_loss:
+        n = annotate_look(data, classes, targets, known)
+        if n:
+            log.info("--look_loss %g: %d of %d training questions name a box of their image (%s)", cfg.look_loss,
+                     n, len(data), ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else ""))
+        else:
+            log.info("--look_loss: no question names a box of its image (%s), so the model is not told where to "
+                     "look", "no boxes in the data" if not classes else f"{int(known.sum())} images with boxes")
+    if model.patch_head is None:
+        return None
     log.info("--patch_loss: boxes for %d of %d images", int(known.sum()), len(known))
     return targets.to(device), known.to(device)
 
@@ -651,7 +693,7 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
         ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
         feats = features.get(batch["image_index"])
         b = to_device(batch, device)
-        extra = "closed_rows" in b or (patches is not None and b["image_index"].numel())
+        extra = "closed_rows" in b or "look_pos" in b or (patches is not None and b["image_index"].numel())
         with ctx:
             with amp:
                 out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=bool(extra))
@@ -661,6 +703,10 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
                                                              b["closed_prior"],
                                                              cfg.debias if debias is None else debias, cfg.rank_weight,
                                                              cfg.rank_margin)
+                if "look_pos" in b:
+                    q, k = model.llm.layers[-1].self_attn.kept_qk
+                    aux = aux + cfg.look_loss * look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
+                                                          b["look_target"])
                 if patches is not None and b["image_index"].numel():
                     index = b["image_index"]
                     aux = aux + cfg.patch_loss * patch_loss(model.patch_head, out[4], b["image_slots"],
