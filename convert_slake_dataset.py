@@ -88,8 +88,9 @@ def main(argv=None) -> int:
             conv = download_release(DEFAULT_HUB_ID)
         if args.also:
             conv = merge_training_sources(conv, [(spec, read_source(spec)) for spec in args.also])
+        from evaluation.metrics import baselines
         manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap,
-                           box_qa=args.box_questions)
+                           box_qa=args.box_questions, priors=baselines)
     except (ConversionError, DataError, ImageReadError, OSError) as exc:
         print(f"error: {exc}\n{kept}", file=sys.stderr)
         return 2

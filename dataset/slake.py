@@ -27,7 +27,6 @@ from PIL import Image
 from dataset.boxes import BOXES_FILE, BoxError, grounded_questions, parse_detection
 from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath
 from dataset.images import ImageReadError, load_image
-from evaluation.metrics import baselines
 from model.atomic import atomic_write_text
 from model.lock import LockError, output_lock
 from model.safe_files import MAX_IMAGE_BYTES, SourceError, read_bytes
@@ -123,6 +122,16 @@ class _ImageFolder:
         return load
 
 
+def _meta(value) -> str | None:
+    """A metadata field as text: strings stripped, numbers written out, anything else (lists,
+    objects) dropped, so a release with ``"modality": 5`` converts instead of failing later."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value.strip() or None if isinstance(value, str) else None
+
+
 def read_release(root: str | Path) -> Conversion:
     """The original SLAKE release or the BoKelvin/SLAKE snapshot, from a local folder."""
     root = Path(root)
@@ -151,9 +160,9 @@ def read_release(root: str | Path) -> Conversion:
             rec = SourceRecord(
                 split=split, qid=row.get("qid", f"{split}-{i}"), question=row.get("question"),
                 answer=row.get("answer"), image_key="", load_image=None,
-                answer_type=row.get("answer_type"), content_type=row.get("content_type"),
-                modality=row.get("modality"), location=row.get("location"), lang=row.get("q_lang", "en"),
-                where=where)
+                answer_type=_meta(row.get("answer_type")), content_type=_meta(row.get("content_type")),
+                modality=_meta(row.get("modality")), location=_meta(row.get("location")),
+                lang=_meta(row.get("q_lang")) or "en", where=where)
             missing = [f for f in REQUIRED_FIELDS if f not in row]
             rel = safe_relpath(row.get("img_name"))
             if missing:
@@ -227,8 +236,9 @@ def read_hub_vqa(hub_id: str) -> Conversion:
                 data = _image_bytes(row["image"])
                 key = hashlib.sha256(data).hexdigest()[:16]
                 rec = SourceRecord(split, row.get("qid", f"{split}-{i}"), row["question"], row["answer"],
-                                   f"{key}.png", (lambda d=data: d), row.get("answer_type"),
-                                   row.get("content_type"), row.get("modality"), row.get("location"),
+                                   f"{key}.png", (lambda d=data: d), _meta(row.get("answer_type")),
+                                   _meta(row.get("content_type")), _meta(row.get("modality")),
+                                   _meta(row.get("location")),
                                    where=where)
             except (ValueError, KeyError, TypeError) as exc:
                 rec = SourceRecord(split, i, "", "", "", None, where=where, problem=f"unreadable image ({exc})")
@@ -364,7 +374,7 @@ STAGING_PREFIX = ".convert-staging-"
 
 
 def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: bool = False,
-            allow_overlap: bool = False, box_qa: bool = True) -> dict:
+            allow_overlap: bool = False, box_qa: bool = True, priors=None) -> dict:
     """Writes the contract files into ``out_dir`` and returns the manifest.
 
     Everything is built in a staging folder inside ``out_dir`` and swapped in only when
@@ -382,7 +392,7 @@ def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: boo
             shutil.rmtree(old, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
         try:
-            manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap, box_qa)
+            manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap, box_qa, priors)
             _swap_in(staging, out_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -416,7 +426,9 @@ def _english_splits(records: list[SourceRecord]) -> dict[str, str]:
 
 
 def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, strict: bool,
-           allow_overlap: bool, box_qa: bool = True) -> dict:
+           allow_overlap: bool, box_qa: bool = True, priors=None) -> dict:
+    """``priors(train, test)``: the answer-prior baselines for the manifest (evaluation.metrics.baselines,
+    passed in by the converter script so the data layer never imports the evaluation layer)."""
     skipped = []
 
     def skip(rec: SourceRecord, reason: str):
@@ -561,10 +573,10 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
         "pretrain_box_questions": sum(map(len, box_questions.values())),
         "image_overlap": {k: len(v) for k, v in overlap.items()},
         # what answering from the question alone scores on the test split (evaluation prints the same)
-        "baselines_test": baselines(
+        "baselines_test": priors(
             [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type} for r in by_split["train"]],
             [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type, "content_type": None,
-              "modality": None} for r in by_split["test"]]) if by_split.get("train") and by_split.get("test") else {},
+              "modality": None} for r in by_split["test"]]) if priors and by_split.get("train") and by_split.get("test") else {},
         "images_written": copied,
         "images_with_boxes": sum(k in used for k in boxes),
         "box_warnings": box_warnings,

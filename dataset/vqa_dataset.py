@@ -99,7 +99,7 @@ class VQADataset:
 
 def _closed_key(s: Sample) -> tuple[str, str] | None:
     """(normalised question text, normalised answer) of a closed sample, else None."""
-    from evaluation.metrics import normalize
+    from dataset.answers import normalize
     rec = s.record
     if rec.get("answer_type") != "CLOSED":
         return None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dataset.contract import answer_of, image_file, images_of, question_of, read_jsonl
+from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines, compute_metrics, exact_match, image_use, image_use_verdict
@@ -67,6 +67,21 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         log.warning("%d image(s) could not be read; their %d question(s) count as wrong, e.g. %s",
                     len(failures), sum(i["error"] is not None for i in items), next(iter(failures.values())))
 
+    # the training split (baselines, answer sets) is read and the answer sets built before any generation,
+    # so a bad --train_path or --constrain stops the run at once, not after the unconstrained pass
+    train, trie = None, None
+    if train_path is not None and train_path.is_file():
+        train = [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
+                 for r in read_jsonl(train_path, require_vqa=True)]
+    if constrain != "none":
+        if train is None:
+            raise FileNotFoundError(f"--constrain {constrain} takes its answer sets from the training split: "
+                                    f"{train_path} not found (pass --train_path)")
+        try:
+            trie = build_answer_trie(tok, [(r["answer"], r["answer_type"]) for r in train],
+                                     model.config.eos_token_id, constrain)
+        except ValueError as exc:
+            raise DataError(f"--constrain {constrain} with {train_path}: {exc}") from None
     pending.sort(key=lambda x: len(x[1]))  # similar lengths together: less padding
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
@@ -78,20 +93,12 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     metrics["unreadable_images"] = len(failures)
     metrics["generation_seconds"] = round(seconds, 3)
     metrics["baselines"] = {}
-    train = None
-    if train_path is not None and train_path.is_file():
-        train = [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
-                 for r in read_jsonl(train_path, require_vqa=True)]
+    if train is not None:
         metrics["baselines"] = baselines(train, items)
         metrics["image_use"] = image_use(train, items)
     else:
         log.warning("no training file at %s: baselines skipped", train_path)
-    if constrain != "none":
-        if train is None:
-            raise FileNotFoundError(f"--constrain {constrain} takes its answer sets from the training split: "
-                                    f"{train_path} not found (pass --train_path)")
-        trie = build_answer_trie(tok, [(r["answer"], r["answer_type"]) for r in train], model.config.eos_token_id,
-                                 constrain)
+    if trie is not None:
         types = {i: items[i]["answer_type"] for i, _, _ in pending}
         constrained = _generate_all(model, tok, pending, features, gen_cfg, batch_size, device, trie, types)
         c_items = [dict(it, prediction=constrained.get(n, "")) for n, it in enumerate(items)]

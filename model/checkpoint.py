@@ -25,18 +25,14 @@ from model.config import VLMConfig, resolve_path
 from model.tokenization import end_token_id, image_token_id, prepare_tokenizer
 from model.vision import VisionTower, load_vision_tower
 from model.pretrained import CONFIG, WEIGHTS, download, is_pretrained_dir, looks_like_hub_id, read_pretrained
+from model.format import (FORMAT, FORMAT_VERSION, TOKENIZER_FILES, CheckpointError, ensure_finite,  # noqa: F401
+                          non_finite)
 from model.vlm import MedicalVLM, unwrap
 
 log = logging.getLogger(__name__)
 
-FORMAT = "medical-vlm"
-FORMAT_VERSION = 1
 STAGE_PREFIX = {"pretrain": "medical_pretrain_vlm", "sft": "medical_vlm"}
 STAGE_SCRIPT = {"pretrain": "python train_pretrain_vlm.py", "sft": "python train_sft_vlm.py"}
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def checkpoint_name(stage: str, hidden_size: int, use_moe: bool) -> str:
@@ -74,13 +70,6 @@ def safe_load(path: str | Path, what: str = "checkpoint", hint: str = "") -> dic
     return obj
 
 
-# The only names a stored tokenizer file may have. A checkpoint is shared data: nothing
-# read from it may choose a path, so any other key (``/etc/x``, ``../../x``, ``a/b``) is refused.
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                             "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json",
-                             "merges.txt"})
-
-
 def tokenizer_files(tok: PreTrainedTokenizerBase) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
@@ -109,22 +98,6 @@ def tokenizer_from_files(files, source: str = "checkpoint") -> PreTrainedTokeniz
             raise CheckpointError(f"{source}: the stored tokenizer cannot be read ({exc.__class__.__name__}: "
                                   f"{exc})") from exc
         return prepare_tokenizer(tok, source)
-
-
-def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of floating-point tensors holding NaN or Inf (one host sync per call)."""
-    names = [k for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()]
-    if not names:
-        return []
-    ok = torch.stack([tensors[k].isfinite().all() for k in names]).cpu()
-    return [k for k, good in zip(names, ok.tolist()) if not good]
-
-
-def ensure_finite(tensors: dict[str, torch.Tensor], what: str):
-    """The save/load guard: a file is never written from, or loaded with, NaN/Inf weights."""
-    bad = non_finite(tensors)
-    if bad:
-        raise CheckpointError(f"{what}: {len(bad)} tensor(s) hold NaN or Inf values (e.g. {bad[0]})")
 
 
 def build_config(tok: PreTrainedTokenizerBase, tower: VisionTower | None, **overrides) -> VLMConfig:
@@ -183,7 +156,8 @@ def locate_checkpoint(spec: str | Path, stage_hint: str | None = None) -> Path:
         hint = produced_by(local)
         if stage_hint in STAGE_SCRIPT and "writes it" not in hint:
             hint = f"; run `{STAGE_SCRIPT[stage_hint]}` first to produce it, or pass --model_path" + hint
-        raise FileNotFoundError(f"{spec}: not found (looked for {local}){hint}")
+        where = "" if str(local) == str(spec) else f" (looked for {local})"
+        raise FileNotFoundError(f"{spec} not found{where}{hint}")
     return download(str(spec))
 
 
@@ -256,8 +230,8 @@ def load_weights(model: MedicalVLM, state: dict, source: str, skip_prefixes: tup
                 for name, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
                                     ("wrong dtype", kinds)) if items]
     if problems:
-        raise CheckpointError(f"{source}: the weights do not fit the model ({'; '.join(problems)}); the file is "
-                              "incomplete, damaged or from another model")
+        raise CheckpointError(f"{source}: the weights do not fit the stored config ({'; '.join(problems)}); the "
+                              "file is incomplete, damaged or from another model")
     model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.startswith(skip_prefixes)}, **have},
                           strict=False)
 

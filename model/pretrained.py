@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from model.format import FORMAT, FORMAT_VERSION, TOKENIZER_FILES, CheckpointError, ensure_finite
+
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 TIED = "llm.lm_head.weight"  # the same tensor as the token embedding: stored once
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -58,7 +60,6 @@ def looks_like_hub_id(spec: str) -> bool:
 
 def download(repo_id: str) -> Path:
     """A hub model folder, fetched once into the huggingface_hub cache."""
-    from model.checkpoint import TOKENIZER_FILES, CheckpointError
     from huggingface_hub import snapshot_download
     try:
         local = snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG, WEIGHTS, CARD, *TOKENIZER_FILES])
@@ -81,8 +82,7 @@ def save_pretrained(folder: str | Path, model, tokenizer, stage: str, step: int,
     fingerprint, when the model was loaded without its tower."""
     from safetensors.torch import save_file
 
-    from model.checkpoint import FORMAT, FORMAT_VERSION, ensure_finite
-    from model.vlm import unwrap
+    from model.runtime import unwrap
     model = unwrap(model)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous().clone()
@@ -122,7 +122,6 @@ def claim_model_folder(folder: Path):
     header and it holds nothing but the files save_pretrained writes). Anything else (a file,
     the repository, ``out/`` with its checkpoints, a folder with other files) is refused before
     a byte is written, and nothing is ever deleted that the toolkit did not create."""
-    from model.checkpoint import FORMAT, TOKENIZER_FILES, CheckpointError
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise CheckpointError(f"{folder} exists and is not a folder: choose a new folder name for the model")
     if not folder.exists():
@@ -147,7 +146,6 @@ def read_pretrained(folder: str | Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from model.checkpoint import TOKENIZER_FILES, CheckpointError
     from model.safe_files import MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, SourceError, checked, read_bytes
     folder = Path(folder)
     try:  # every file through the source rule: inside the folder, regular, below a size limit

@@ -176,3 +176,9 @@ def progress(iterable, total: int | None = None, desc: str = "", unit: str = "it
             p.update()
     finally:
         p.close()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The MedicalVLM inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

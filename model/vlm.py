@@ -10,6 +10,7 @@ from torch import nn
 from model.config import VLMConfig
 from model.language_model import KVCache, MiniMindLM
 from model.tokenization import IGNORE_INDEX
+from model.runtime import unwrap  # noqa: F401  (re-exported: model.vlm.unwrap)
 from model.vision import VisionTower, run_clip_layer
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,6 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nxt[:, :-1] = labels[:, 1:]
     pos = (nxt.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     return pos, nxt.reshape(-1)[pos]
-
-
-def unwrap(model: nn.Module) -> "MedicalVLM":
-    """The MedicalVLM inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 class MedicalVLM(nn.Module):

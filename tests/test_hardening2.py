@@ -454,3 +454,32 @@ def test_one_conversion_per_folder(tmp_path, capfd):
     finally:
         proc.kill()
     assert rc == 2 and "in use by another run" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("modality", 5), ("location", 7), ("content_type", ["x"]),
+                                          ("answer_type", {"a": 1}), ("q_lang", 3), ("modality", True)])
+def test_odd_metadata_types_convert(field, value, tmp_path):
+    from dataset.demo import write_demo_release
+    from dataset.slake import convert, read_release
+    raw = write_demo_release(tmp_path / "raw", seed=0, n_train=4, n_val=2, n_test=2)
+    for f in ("train.json", "validate.json", "test.json"):
+        rows = json.loads((raw / f).read_text())
+        rows[0][field] = value
+        (raw / f).write_text(json.dumps(rows))
+    m = convert(read_release(raw), tmp_path / "out")
+    assert m["counts"]["train"] > 0 and (tmp_path / "out" / "medical_pretrain.jsonl").is_file()
+
+
+def test_constrain_without_closed_answers_stops_before_generating(tmp_path, ckpt_path, monkeypatch, capfd):
+    import eval_vlm
+    import evaluation.runner as runner
+    demo = converted_demo(tmp_path, 3, 6, 2, 2)
+    train = tmp_path / "open_only.jsonl"
+    train.write_text("".join(line + "\n" for line in (demo / "medical_vqa_train.jsonl").read_text().splitlines()
+                             if '"OPEN"' in line))
+    calls = []
+    monkeypatch.setattr(runner, "_generate_all", lambda *a, **k: calls.append(1) or {})
+    rc = eval_vlm.main(["--model_path", str(ckpt_path), "--data_path", str(demo / "medical_vqa_test.jsonl"),
+                        "--train_path", str(train), "--images_path", str(demo / "medical_images"), "--cache_dir", "",
+                        "--out_dir", str(tmp_path / "o"), "--constrain", "closed", "--vision_model", "random-tiny"])
+    assert rc == 1 and not calls and "--constrain closed" in capfd.readouterr().err

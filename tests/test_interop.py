@@ -259,7 +259,8 @@ def pth(tmp_path_factory, tokenizer, tiny_tower):
     model = make_tiny_model(tokenizer, tiny_tower, spread=0.15)
     return save_checkpoint(out / "medical_vlm_64.pth", model, tokenizer, "sft", 7,
                            extra={"train_config": {"data_path": "dataset/medical_vqa_train.jsonl", "epochs": 4,
-                                                   "batch_size": 16, "learning_rate": 1e-4, "from_llm": ""}})
+                                                   "batch_size": 16, "learning_rate": 1e-4, "from_llm": ""},
+                                  "data_source": "hub:BoKelvin/SLAKE", "epoch": 4})
 
 
 def test_save_pretrained_round_trip_is_exact(pth, tmp_path, monkeypatch):

@@ -144,3 +144,42 @@ def test_training_records_where_its_data_came_from(tmp_path):
     assert data_source(cfg) == "demo-hard:seed=0"
     (tmp_path / "manifest.json").unlink()
     assert data_source(cfg) == "unknown"
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    import ast
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_lower_floors_never_import_higher_ones():
+    """model < dataset < (trainer, evaluation) < webdemo, scripts and the stage scripts; and the
+    checkpoint readers share model/format.py instead of importing each other."""
+    higher = {"dataset": ("trainer", "evaluation", "webdemo", "scripts"),
+              "model": ("dataset", "trainer", "evaluation", "webdemo", "scripts")}
+    for floor, banned in higher.items():
+        for f in (ROOT / floor).glob("*.py"):
+            bad = [m for m in _imports(f, top_level_only=False) if m.split(".")[0] in banned]
+            assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+    pretrained = _imports(ROOT / "model" / "pretrained.py", top_level_only=False)
+    assert not {"model.checkpoint", "model.vlm"} & pretrained
+    for f in ("checkpoint", "pretrained", "vlm", "format"):  # no circle when the modules load
+        assert "model.checkpoint" not in _imports(ROOT / "model" / f"{f}.py", True) or f == "checkpoint" or f == "vlm"
+    assert "model.checkpoint" not in _imports(ROOT / "model" / "vlm.py", True)
+
+
+def test_stage_two_names_stage_one_files_of_another_size(tmp_path, caplog):
+    import logging
+    from trainer.trainer import resolve_from_weight
+    (tmp_path / "medical_pretrain_vlm_512.pth").write_bytes(b"x")
+    cfg = TrainConfig(out_dir=str(tmp_path), from_weight="pretrain", hidden_size=768)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_from_weight(cfg) is None
+    assert "medical_pretrain_vlm_512.pth" in caplog.text and "--hidden_size 768" in caplog.text

@@ -169,10 +169,16 @@ def resolve_from_weight(cfg: TrainConfig) -> Path | None:
         path = checkpoint_path(cfg.out_dir, "pretrain", cfg.hidden_size, cfg.use_moe)
         if path.is_file():
             return path
-        log.warning("no stage-1 checkpoint at %s: starting stage 2 without it (run train_pretrain_vlm.py first "
-                    "for better results, or pass --from_weight none to silence this)", path)
+        others = sorted(p.name for p in path.parent.glob("medical_pretrain_vlm_*.pth") if not p.stem.endswith("_resume"))
+        log.warning("no stage-1 checkpoint at %s: starting stage 2 without it (run `python train_pretrain_vlm.py "
+                    "--hidden_size %d` first for better results, or pass --from_weight none to silence this)%s", path,
+                    cfg.hidden_size, f". Found stage-1 checkpoints of another size beside it: {', '.join(others)}; "
+                    "to use one, pass the size flags it was trained with" if others else "")
         return None
-    path = locate_checkpoint(cfg.from_weight)  # a .pth, a model folder or a hub id
+    try:
+        path = locate_checkpoint(cfg.from_weight)  # a .pth, a model folder or a hub id
+    except FileNotFoundError as exc:
+        raise TrainingError(f"--from_weight {exc}") from None
     if not path.exists():
         raise TrainingError(f"--from_weight {cfg.from_weight}: file not found")
     return path
