@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -151,3 +152,19 @@ def grounded_questions(table: dict[str, dict], keys: list[str]) -> dict[str, lis
         if qs:
             out[k] = qs
     return out
+
+
+def look_mask(text: str, names: list[str], image_targets: torch.Tensor) -> torch.Tensor | None:
+    """[patches] bool: where a question should look in its image, from the box names it mentions
+    ("cyst", "left lung"; plurals too): the patches the named boxes share when they overlap, else
+    those of the largest named box (the region to search); None when it names no box of the
+    image. ``image_targets`` [patches, names] from ``patch_targets``. One rule for the training
+    signal (--look_loss) and the evaluation's pointing game."""
+    text = text.lower()
+    sets = [image_targets[:, j] > 0 for j, n in enumerate(names)
+            if re.search(rf"\b{re.escape(n.lower())}(s|es)?\b", text)]
+    sets = [m for m in sets if m.any()]
+    if not sets:
+        return None
+    both = torch.stack(sets).all(0)
+    return both if both.any() else max(sets, key=lambda m: int(m.sum()))

@@ -197,24 +197,19 @@ def paired_permutation(samples: list[Sample], seed: int, epoch: int) -> torch.Te
 
 
 def annotate_look(data: VQADataset, classes: list[str], targets: torch.Tensor, known: torch.Tensor) -> int:
-    """Gives every single-image question that names box names of its image ("cyst", "left
-    lung", plural allowed) a target over the image's patches: the patches the named boxes share
-    when they overlap, else those of the largest named box (the region to search). ``targets``
-    [n_images, patches, names] and ``known`` from dataset.boxes.patch_targets over the data's
-    image table. Returns how many questions got one."""
-    import re
-    patterns = [re.compile(rf"\b{re.escape(c.lower())}(s|es)?\b") for c in classes]
+    """Gives every single-image question that names box names of its image a target over the
+    image's patches (``dataset.boxes.look_mask``, as a distribution). ``targets`` [n_images,
+    patches, names] and ``known`` from dataset.boxes.patch_targets over the data's image table.
+    Returns how many questions got one."""
+    from dataset.boxes import look_mask
     marked = 0
     for s in data.samples:
         if len(s.images) != 1 or not known[s.images[0]]:
             continue
-        text = " ".join(m["content"] for m in s.record["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, " ").lower()
-        sets = [targets[s.images[0], :, j] > 0 for j, p in enumerate(patterns) if p.search(text)]
-        sets = [m for m in sets if m.any()]
-        if not sets:
+        text = " ".join(m["content"] for m in s.record["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, " ")
+        mask = look_mask(text, classes, targets[s.images[0]])
+        if mask is None:
             continue
-        both = torch.stack(sets).all(0)
-        mask = both if both.any() else max(sets, key=lambda m: int(m.sum()))
         s.look = mask.float() / mask.sum()
         marked += 1
     return marked

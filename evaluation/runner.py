@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dataset.boxes import BOXES_FILE, look_mask, patch_targets, read_boxes_file
 from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
@@ -17,7 +19,7 @@ from model.atomic import atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
-from model.generation import GenerationConfig, generate, stream_generate
+from model.generation import GenerationConfig, generate, look_maps, stream_generate
 from model.runtime import autocast, compute_dtype, progress
 from model.tokenization import ChatEncoder, clean_question
 
@@ -107,6 +109,9 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         cm = compute_metrics(c_items)
         metrics["constrained"] = {"mode": constrain, **{k: cm[k] for k in (
             "closed_accuracy", "open_accuracy", "open_recall", "overall_accuracy")}}
+    pointing = pointing_game(model, records, rec_paths, pending, features, images_path, data_path, batch_size)
+    if pointing:
+        metrics["pointing"] = pointing
     metrics.update(checkpoint=str(ckpt.path), stage=ckpt.stage, data=str(data_path), images=str(images_path))
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("predictions.jsonl", "metrics.json"):
@@ -121,6 +126,55 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
          **({"error": i["error"]} if i["error"] else {})}) + "\n" for i in items))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def pointing_game(model, records, rec_paths, pending, features, images_path: Path, data_path: Path,
+                  batch_size: int) -> dict | None:
+    """Where the model looks, checked against the dataset's own boxes (medical_boxes.json beside
+    the questions): for each question that names an organ or finding boxed in its image, a hit
+    when the most attended patch of the answer (model.generation.look_maps) lies where the
+    question points (dataset.boxes.look_mask). Beside it two maps that do not look: uniform (the
+    expected hit rate of a random patch) and the image centre."""
+    table = read_boxes_file(data_path.parent / BOXES_FILE)
+    grid = math.isqrt(model.config.image_tokens)
+    if not table or grid * grid != model.config.image_tokens:
+        return None
+    root = images_path.resolve()
+    chosen = []  # (pending entry, mask)
+    keys = {}
+    for entry in pending:
+        i, _, imgs = entry
+        paths = rec_paths[i]
+        if len(paths) != 1:
+            continue
+        key = paths[0].resolve().relative_to(root).as_posix() if paths[0].resolve().is_relative_to(root) else ""
+        if key not in keys:
+            keys[key] = len(keys)
+        chosen.append((entry, key))
+    names = sorted({n for k in keys for n in table.get(k, {}).get("boxes", {})})
+    if not names:
+        return None
+    _, targets, known = patch_targets(table, list(keys), grid, names)
+    work = []
+    for entry, key in chosen:
+        if known[keys[key]]:
+            mask = look_mask(question_of(records[entry[0]]), names, targets[keys[key]])
+            if mask is not None:
+                work.append((entry, mask))
+    if not work:
+        return None
+    hits = []
+    for start in range(0, len(work), batch_size):
+        chunk = work[start:start + batch_size]
+        index = torch.tensor([j for (_, _, imgs), _ in chunk for j in imgs], dtype=torch.long)
+        with generation_autocast(features.device):
+            maps = look_maps(model, [p for (_, p, _), _ in chunk], features.get(index), model.config.pad_token_id)
+        top = maps.argmax(-1).cpu()
+        hits += [bool(mask[t]) for (_, mask), t in zip(chunk, top.tolist())]
+    centre = (grid // 2) * grid + grid // 2
+    return {"count": len(work), "hit_rate": sum(hits) / len(hits),
+            "uniform": sum(float(m.float().mean()) for _, m in work) / len(work),
+            "centre": sum(bool(m[centre]) for _, m in work) / len(work)}
 
 
 def _generate_all(model, tok, pending, features, gen_cfg, batch_size, device, trie=None,
@@ -169,6 +223,11 @@ def format_table(m: dict) -> str:
     lines.append("by modality:     " + ", ".join(f"{k} {_pct(v['accuracy']).strip()} (n={v['count']})"
                                                  for k, v in m["by_modality"].items()))
     lines.append(image_use_verdict(m))
+    if m.get("pointing"):
+        p = m["pointing"]
+        lines.append(f"where it looked: for {p['count']} questions that name a boxed organ or finding, the answer's "
+                     f"attention peaks inside it {_pct(p['hit_rate']).strip()} of the time (a uniform map: "
+                     f"{_pct(p['uniform']).strip()}, the image centre: {_pct(p['centre']).strip()})")
     return "\n".join(lines)
 
 

@@ -408,3 +408,50 @@ def test_look_targets_survive_shared_prefix_packing(tokenizer, tmp_path):
     firsts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
     assert len(firsts) == 3 and {p + 1 for p in batch["look_pos"].tolist()} < set(firsts)
     assert batch["look_image"].tolist() == [0, 0]
+
+
+def test_look_maps_are_head_zero_attention_and_ignore_padding(tokenizer, tiny_tower):
+    from model.generation import look_maps
+    model = make_tiny_model(tokenizer, tiny_tower, spread=0.2)
+    enc = ChatEncoder(tokenizer, model.config.image_tokens)
+    prompts = [enc.encode([{"role": "user", "content": f"<image>\n{q}"}], add_generation_prompt=True).input_ids
+               for q in ("Is there a cyst in the left lung?", "Where?")]
+    feats = torch.randn(2, model.config.image_tokens, model.config.vision_hidden_size,
+                        generator=torch.Generator().manual_seed(1))
+    both = look_maps(model, prompts, feats, model.config.pad_token_id)
+    assert both.shape == (2, model.config.image_tokens) and torch.allclose(both.sum(-1), torch.ones(2), atol=1e-5)
+    for i in range(2):  # alone (no padding) = in the left-padded batch
+        alone = look_maps(model, [prompts[i]], feats[i:i + 1], model.config.pad_token_id)
+        assert torch.allclose(alone[0], both[i], atol=1e-5)
+    # and it is what head 0 computes: softmax(q_last . k_image / sqrt(d))
+    ids = torch.tensor([prompts[0]])
+    look = model.llm.layers[-1].self_attn
+    look.keep_qk = True
+    with torch.no_grad():
+        model.llm(model.embed(ids, feats[:1]))
+    q, k = look.kept_qk
+    look.keep_qk = False
+    slots = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
+    want = torch.softmax(k[0, slots] @ q[0, -1] / q.shape[-1] ** 0.5, 0)
+    assert torch.allclose(both[0], want, atol=1e-5)
+
+
+def test_evaluation_reports_where_the_model_looked(tmp_path, tokenizer, tiny_tower):
+    import convert_slake_dataset
+    from evaluation.runner import evaluate_split
+    from model.checkpoint import load_model
+    d = tmp_path / "d"
+    assert convert_slake_dataset.main(["--demo", "hard", "--out_dir", str(d), "--demo_images", "8", "2", "6"]) == 0
+    path = save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower)
+    m = evaluate_split(load_model(path), d / "medical_vqa_test.jsonl", d / "medical_images",
+                       d / "medical_vqa_train.jsonl", tmp_path / "eval", torch.device("cpu"), cache_dir=None)
+    p = m["pointing"]
+    n_naming = sum(1 for line in (d / "medical_vqa_test.jsonl").read_text().splitlines()
+                   if any(w in line.lower() for w in ("lung", "kidney", "nodule", "cyst", "calcification")))
+    assert 0 < p["count"] <= n_naming and all(0 <= p[k] <= 1 for k in ("hit_rate", "uniform", "centre"))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["pointing"] == p
+
+
+def save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower):
+    from model.checkpoint import save_checkpoint
+    return save_checkpoint(tmp_path / "m.pth", make_tiny_model(tokenizer, tiny_tower, spread=0.1), tokenizer, "sft", 1)
