@@ -134,7 +134,7 @@ def main(argv=None) -> int:
                                  constrain=args.constrain)
     except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError, DeviceError) as exc:
         log.error("error: %s", exc)
-        return 1
+        return 2  # a user-caused error: one named message, exit code 2
     except KeyboardInterrupt:
         log.error("\ninterrupted; no metrics were written (earlier results in %s are untouched)",
                   resolve_path(args.out_dir) / "eval")

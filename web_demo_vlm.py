@@ -48,11 +48,11 @@ def main(argv=None) -> int:
         free = flags.port_is_free(args.host, args.port)
     except flags.FlagError as exc:
         log.error("error: %s", exc)
-        return 1
+        return 2  # a user-caused error: one named message, exit code 2
     if not free:
         log.error("error: port %d on %s is already in use (another demo still running?); pass --port %d or stop "
                   "the other server", args.port, args.host, args.port + 1)
-        return 1
+        return 2  # a user-caused error: one named message, exit code 2
     try:
         paths = checkpoints_in(args.model_path)
         read_checkpoint(paths[0], stage_hint=stage_of(paths[0]))  # fail fast, with the stage to run
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         app, theme, css = build_app(session)
     except (FileNotFoundError, CheckpointError, VisionTowerNotFound, DeviceError) as exc:
         log.error("error: %s", exc)
-        return 1
+        return 2  # a user-caused error: one named message, exit code 2
     except KeyboardInterrupt:
         log.error("interrupted before the server started")
         return 130
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         return 130
     except OSError as exc:  # the port was taken between the check and the start
         log.error("error: cannot serve on %s:%d (%s); pass another --port", args.host, args.port, exc)
-        return 1
+        return 2  # a user-caused error: one named message, exit code 2
     return 0
 
 

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import sys
+import time
 
 import numpy as np
 import torch
@@ -61,17 +62,39 @@ def cpu_threads(cores: int, load: float) -> int:
     return max(1, min(cores, round(cores - load)))
 
 
+def busy_cores(seconds: float = 0.3) -> float | None:
+    """How many cores other processes keep busy right now: /proc/stat sampled over ``seconds``
+    while this process waits (the load average lags by a minute and would count the stage that
+    just ended). None where /proc/stat is not available."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def configure_cpu_threads() -> None:
     """Sets torch's thread count from the free cores, unless OMP_NUM_THREADS says otherwise."""
-    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg"):
+    if os.environ.get("OMP_NUM_THREADS"):
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0]
+    load = busy_cores()
+    if load is None:
+        if not hasattr(os, "getloadavg"):
+            return
+        load = os.getloadavg()[0]
     n = cpu_threads(cores, load)
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
-        logging.getLogger(__name__).info("CPU: %d thread(s) (load %.1f on %d cores; OMP_NUM_THREADS overrides)",
-                                         n, load, cores)
+        logging.getLogger(__name__).info("CPU: %d thread(s) (%.1f of %d cores busy with other work; "
+                                         "OMP_NUM_THREADS overrides)", n, load, cores)
 
 
 def _pick_device(requested: str | None) -> torch.device:

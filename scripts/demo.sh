@@ -36,7 +36,7 @@ resume() {  # $1 = run name; prints --resume when that run left a resume state o
 }
 start=$(date +%s)
 echo "== 1/4 build the synthetic mini-SLAKE"
-[ -f "$DATA/manifest.json" ] || $PY convert_slake_dataset.py --demo "$KIND" --out_dir "$DATA"
+$PY convert_slake_dataset.py --demo "$KIND" --out_dir "$DATA"   # idempotent: unchanged images are not rewritten
 echo "== 2/4 stage 1: align image features (captions, and box questions on the hard set)"
 mkdir -p "$OUT"
 R=$(resume medical_pretrain_vlm_128 "$PRE_EPOCHS"); echo "$PRE_EPOCHS" > "$OUT/.medical_pretrain_vlm_128.epochs"

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                                             extra=ckpt.meta, metrics=metrics, dtype=args.dtype, vision=ckpt.vision)
     except (OSError, CheckpointError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         log.error("error: %s", exc)
-        return 1
+        return 2  # a user-caused error: one named message, exit code 2
     log.info("wrote %s (%s)", folder, ", ".join(sorted(p.name for p in folder.iterdir())))
     if args.push_to_hub:
         try:
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             log.error("error: upload to %s failed (%s: %s); the folder %s is complete, upload it later with "
                       "--push_to_hub or `huggingface-cli upload`", args.push_to_hub, exc.__class__.__name__, exc,
                       folder)
-            return 1
+            return 2  # a user-caused error: one named message, exit code 2
         log.info("uploaded to %s", url)
     return 0
 

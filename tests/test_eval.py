@@ -163,28 +163,28 @@ def test_single_question_and_dicom(trained, capsys, monkeypatch):
     assert eval_vlm.main(eval_args(trained, "--image", str(img))) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
     assert len(lines) == 2
-    assert eval_vlm.main(eval_args(trained, "--image", str(DICOM_DIR / "rtplan.dcm"), "--question", "q")) == 1
+    assert eval_vlm.main(eval_args(trained, "--image", str(DICOM_DIR / "rtplan.dcm"), "--question", "q")) == 2
     assert "no pixel data" in capsys.readouterr().err
 
 
 def test_bad_inputs(trained, tmp_path, capsys):
-    assert eval_vlm.main(["--model_mode", "1", "--out_dir", str(tmp_path), "--hidden_size", "512"]) == 1
+    assert eval_vlm.main(["--model_mode", "1", "--out_dir", str(tmp_path), "--hidden_size", "512"]) == 2
     err = capsys.readouterr().err
     assert "medical_vlm_512.pth not found" in err and "python train_sft_vlm.py" in err
-    assert eval_vlm.main(["--model_mode", "0", "--out_dir", str(tmp_path)]) == 1
+    assert eval_vlm.main(["--model_mode", "0", "--out_dir", str(tmp_path)]) == 2
     assert "python train_pretrain_vlm.py" in capsys.readouterr().err
     ckpt = torch.load(trained / "out" / "medical_vlm_48.pth", weights_only=True)
     ckpt["config"]["hidden_size"] = 64
     torch.save(ckpt, tmp_path / "other.pth")
-    assert eval_vlm.main(eval_args(trained) + ["--model_path", str(tmp_path / "other.pth")]) == 1
+    assert eval_vlm.main(eval_args(trained) + ["--model_path", str(tmp_path / "other.pth")]) == 2
     assert "do not fit the stored config" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert eval_vlm.main(eval_args(trained, "--data_path", str(empty))) == 1
+    assert eval_vlm.main(eval_args(trained, "--data_path", str(empty))) == 2
     assert "has no records" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversations": "nope"}\n')
-    assert eval_vlm.main(eval_args(trained, "--data_path", str(bad))) == 1
+    assert eval_vlm.main(eval_args(trained, "--data_path", str(bad))) == 2
     assert "bad.jsonl:1: field 'conversations'" in capsys.readouterr().err
 
 

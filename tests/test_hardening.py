@@ -69,7 +69,7 @@ def test_stored_tokenizer_cannot_choose_a_path(name, ckpt_path, tmp_path, tiny_t
     with pytest.raises(CheckpointError, match="not tokenizer file names"):
         Session([bad], "cpu").model()
     rc = eval_vlm.main(["--model_path", str(bad), "--image", str(tmp_path / "x.png"), "--question", "q?"])
-    assert rc == 1
+    assert rc == 2
     for candidate in (Path(target), tmp_path / target, Path("/tmp") / Path(target).name,
                       tmp_path.parent / Path(target).name, Path.home() / Path(target).name):
         assert not (candidate.is_file() and candidate.read_text(errors="ignore") == "owned"), candidate
@@ -89,7 +89,7 @@ def test_non_finite_checkpoint_is_refused(damage, ckpt_path, tmp_path, capsys):
     torch.save(obj, bad)
     with pytest.raises(CheckpointError, match="NaN or Inf"):
         read_checkpoint(bad)
-    assert eval_vlm.main(["--model_path", str(bad), "--data_path", str(tmp_path / "none.jsonl")]) == 1
+    assert eval_vlm.main(["--model_path", str(bad), "--data_path", str(tmp_path / "none.jsonl")]) == 2
     assert "NaN or Inf" in capsys.readouterr().err
 
 
@@ -113,7 +113,7 @@ def test_diverging_run_keeps_the_last_good_checkpoint(demo, tmp_path, capsys):
     rc = train_main("sft", sft_args(demo, out, epochs=2, batch_size=4, learning_rate=1e4, save_interval=1,
                                     grad_clip=0, warmup_ratio=0))
     err = capsys.readouterr().err
-    assert rc == 1 and "diverged" in err and "--learning_rate" in err
+    assert rc == 2 and "diverged" in err and "--learning_rate" in err
     # whatever step diverged, every file on disk is finite and loadable
     for p in out.glob("medical_vlm_32*.pth"):
         obj = torch.load(p, weights_only=True)
@@ -148,7 +148,7 @@ def test_metrics_log_survives_a_failed_run_and_resume_has_no_duplicates(demo, tm
     def failing(*a, **k):
         raise tr.TrainingError("simulated failure in the first step")
     monkeypatch.setattr(tr, "train_step", failing)
-    assert train_main("sft", args) == 1
+    assert train_main("sft", args) == 2
     assert metrics.read_text() == before  # a run that produced nothing left the old log alone
     monkeypatch.setattr(tr, "train_step", real)
     assert train_main("sft", args + ["--stop_at_step", "2"]) == 0
@@ -252,10 +252,10 @@ def test_readers_refuse_escaping_paths(rel, demo, ckpt_path, tmp_path, capsys):
                         str(demo / "medical_images"), "--train_path", "", "--out_dir", str(tmp_path / "o"),
                         "--cache_dir", "", "--vision_model", "random-tiny"])
     err = capsys.readouterr().err
-    assert rc == 1 and "test.jsonl:2" in err and "escapes" in err
+    assert rc == 2 and "test.jsonl:2" in err and "escapes" in err
     assert not (tmp_path / "o" / "eval").exists()
     rc = train_main("sft", sft_args(demo, tmp_path / "t", epochs=1, batch_size=2) + ["--data_path", str(bad)])
-    assert rc == 1 and "test.jsonl:2" in capsys.readouterr().err
+    assert rc == 2 and "test.jsonl:2" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- images
@@ -368,10 +368,10 @@ def test_non_utf8_files_name_file_and_line(demo, ckpt_path, tmp_path, capsys):
     _latin1_jsonl(bad, first)
     with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9"):
         read_jsonl(bad)
-    assert train_main("sft", sft_args(demo, tmp_path / "t", epochs=1, batch_size=1) + ["--data_path", str(bad)]) == 1
+    assert train_main("sft", sft_args(demo, tmp_path / "t", epochs=1, batch_size=1) + ["--data_path", str(bad)]) == 2
     assert "latin1.jsonl:2: not UTF-8" in capsys.readouterr().err
     assert eval_vlm.main(["--model_path", str(ckpt_path), "--data_path", str(bad), "--images_path",
-                          str(demo / "medical_images"), "--out_dir", str(tmp_path / "o")]) == 1
+                          str(demo / "medical_images"), "--out_dir", str(tmp_path / "o")]) == 2
     assert "latin1.jsonl:2: not UTF-8" in capsys.readouterr().err
     raw = write_demo_release(tmp_path / "raw", seed=6, n_train=3, n_val=1, n_test=1)
     data = (raw / "test.json").read_bytes()
@@ -425,7 +425,7 @@ def test_busy_port_is_a_message(capsys):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert web_demo_vlm.main(["--port", str(port), "--model_path", "nowhere.pth"]) == 1
+        assert web_demo_vlm.main(["--port", str(port), "--model_path", "nowhere.pth"]) == 2
     err = capsys.readouterr().err
     assert f"port {port}" in err and "already in use" in err and "--port" in err
 

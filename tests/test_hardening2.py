@@ -85,7 +85,7 @@ def _target(kind: str, tmp_path: Path, ckpt: Path) -> Path:
 def test_export_never_replaces_what_it_does_not_own(kind, ckpt_path, tmp_path, capfd):
     target = _target(kind, tmp_path, ckpt_path)
     before = tree(tmp_path)
-    assert export_hf.main([str(ckpt_path), str(target)]) == 1
+    assert export_hf.main([str(ckpt_path), str(target)]) == 2
     assert tree(tmp_path) == before  # every byte in place, nothing added beside it
     err = capfd.readouterr().err
     assert "nothing was written" in err or "not a folder" in err
@@ -107,7 +107,7 @@ def test_export_writes_new_empty_or_its_own_folders(kind, ckpt_path, tmp_path):
                                                         "open_accuracy": 1, "overall_accuracy": 1}])
 def test_export_refuses_foreign_metrics(metrics, ckpt_path, tmp_path, capfd):
     (tmp_path / "m.json").write_text(json.dumps(metrics))
-    assert export_hf.main([str(ckpt_path), str(tmp_path / "hf"), "--metrics", str(tmp_path / "m.json")]) == 1
+    assert export_hf.main([str(ckpt_path), str(tmp_path / "hf"), "--metrics", str(tmp_path / "m.json")]) == 2
     assert "not a metrics.json" in capfd.readouterr().err and not (tmp_path / "hf").exists()
 
 
@@ -223,7 +223,7 @@ def test_model_folder_links_out_are_refused(name, ckpt_path, tmp_path, capfd):
     (folder / name).symlink_to(secret)
     with pytest.raises(CheckpointError, match="outside"):
         read_checkpoint(folder)
-    assert export_hf.main([str(folder), str(tmp_path / "copy")]) == 1
+    assert export_hf.main([str(folder), str(tmp_path / "copy")]) == 2
     assert not (tmp_path / "copy").exists()
 
 
@@ -244,7 +244,7 @@ def test_from_weight_loads_exactly_the_model_or_nothing(change, message, tmp_pat
     change(ck["model"])
     torch.save(ck, tmp_path / "bad.pth")
     assert train_main("sft", common + ["--out_dir", str(tmp_path / "b"), "--from_weight",
-                                       str(tmp_path / "bad.pth")]) == 1
+                                       str(tmp_path / "bad.pth")]) == 2
     assert message in capfd.readouterr().err and not (tmp_path / "b" / "medical_vlm_32.pth").exists()
 
 
@@ -302,7 +302,7 @@ def test_resume_from_a_weights_file_is_a_message(tmp_path, capfd):
                      "--out_dir", str(tmp_path / "a"), "--from_weight", "none"]
     assert train_main("sft", common) == 0
     (tmp_path / "a" / "medical_vlm_32_resume.pth").write_bytes((tmp_path / "a" / "medical_vlm_32.pth").read_bytes())
-    assert train_main("sft", common + ["--resume"]) == 1
+    assert train_main("sft", common + ["--resume"]) == 2
     assert "is not a resume state" in capfd.readouterr().err
 
 
@@ -360,7 +360,7 @@ def test_a_failed_run_leaves_the_kept_checkpoint_and_its_metrics(fail_at, tmp_pa
             raise OSError(28, "No space left on device")
         return real(*a, **k)
     monkeypatch.setattr(tr, "save_checkpoint", disk_full)
-    assert train_main("sft", _sft(demo, out, "--seed", "7")) == 1
+    assert train_main("sft", _sft(demo, out, "--seed", "7")) == 2
     assert "No space left" in capfd.readouterr().err
     after = tree(out)
     if fail_at == "first_save":
@@ -379,7 +379,7 @@ def test_output_folders_that_are_files_are_refused_before_training(flag, tmp_pat
     blocker.write_text("x")
     args = _sft(demo, tmp_path / "out") + [flag, str(blocker)]
     capfd.readouterr()
-    assert train_main("sft", args) == 1
+    assert train_main("sft", args) == 2
     err = capfd.readouterr().err
     assert f"{flag} {blocker} is a file" in err and "Traceback" not in err and blocker.read_text() == "x"
 
@@ -394,7 +394,7 @@ def test_eval_results_stay_under_out_eval(spec, name):
 
 def test_bad_host_is_not_reported_as_a_busy_port(capfd):
     import web_demo_vlm
-    assert web_demo_vlm.main(["--model_path", "x.pth", "--host", "not a host"]) == 1
+    assert web_demo_vlm.main(["--model_path", "x.pth", "--host", "not a host"]) == 2
     err = capfd.readouterr().err
     assert "not an address" in err and "in use" not in err
 
@@ -437,7 +437,7 @@ def test_one_run_per_output(holder, tmp_path, capfd):
             proc.kill()
     err = capfd.readouterr().err
     if holder == "alive":
-        assert rc == 1 and f"PID {proc.pid}" in err and not (out / "medical_vlm_32.pth").exists()
+        assert rc == 2 and f"PID {proc.pid}" in err and not (out / "medical_vlm_32.pth").exists()
         assert lock.exists()  # the other run's lock is left alone
     else:
         assert rc == 0 and "taking over" in err and not lock.exists()
@@ -482,4 +482,4 @@ def test_constrain_without_closed_answers_stops_before_generating(tmp_path, ckpt
     rc = eval_vlm.main(["--model_path", str(ckpt_path), "--data_path", str(demo / "medical_vqa_test.jsonl"),
                         "--train_path", str(train), "--images_path", str(demo / "medical_images"), "--cache_dir", "",
                         "--out_dir", str(tmp_path / "o"), "--constrain", "closed", "--vision_model", "random-tiny"])
-    assert rc == 1 and not calls and "--constrain closed" in capfd.readouterr().err
+    assert rc == 2 and not calls and "--constrain closed" in capfd.readouterr().err

@@ -307,7 +307,7 @@ def test_export_script_metrics_and_push_offline(pth, tmp_path, monkeypatch, caps
         raise OSError("no network")
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", offline)
     capsys.readouterr()
-    assert export_hf.main([str(pth), str(tmp_path / "e2"), "--push_to_hub", "me/medvqa"]) == 1
+    assert export_hf.main([str(pth), str(tmp_path / "e2"), "--push_to_hub", "me/medvqa"]) == 2
     err = capsys.readouterr().err
     assert "upload to me/medvqa failed" in err and (tmp_path / "e2" / "model.safetensors").is_file()
 
@@ -333,7 +333,7 @@ def test_every_reader_takes_a_folder_or_hub_id(pth, demo, tmp_path, monkeypatch,
         raise OSError("offline")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     capsys.readouterr()
-    assert eval_vlm.main(["--model_path", "me/other", "--out_dir", str(tmp_path / "d")] + common) == 1
+    assert eval_vlm.main(["--model_path", "me/other", "--out_dir", str(tmp_path / "d")] + common) == 2
     assert "could not fetch the model 'me/other'" in capsys.readouterr().err
     # the web demo: a folder is one checkpoint; a folder of checkpoints lists .pth files and model folders
     from webdemo.app import Session, checkpoints_in

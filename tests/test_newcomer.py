@@ -41,7 +41,7 @@ def test_missing_stage_two_checkpoint_points_at_stage_one_and_other_sizes(tmp_pa
     import eval_vlm
     (tmp_path / "medical_pretrain_vlm_768.pth").write_bytes(b"x")
     (tmp_path / "medical_vlm_512.pth").write_bytes(b"x")
-    assert eval_vlm.main(["--model_mode", "1", "--out_dir", str(tmp_path)]) == 1
+    assert eval_vlm.main(["--model_mode", "1", "--out_dir", str(tmp_path)]) == 2
     err = capfd.readouterr().err
     assert "train_sft_vlm.py --hidden_size 768" in err
     assert "medical_vlm_512.pth" in err and "medical_pretrain_vlm_768.pth" in err
@@ -183,3 +183,10 @@ def test_stage_two_names_stage_one_files_of_another_size(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert resolve_from_weight(cfg) is None
     assert "medical_pretrain_vlm_512.pth" in caplog.text and "--hidden_size 768" in caplog.text
+
+
+def test_busy_cores_is_a_snapshot_of_the_machine():
+    import os
+    from model.runtime import busy_cores
+    busy = busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6

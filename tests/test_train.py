@@ -182,7 +182,7 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     with pytest.raises(SystemExit):
         parse_train_args("sft", ["--freeze_llm", "maybe"])
-    assert main("sft", stage_args(demo_data, split, resume=True, **{**common, "batch_size": 2})) == 1
+    assert main("sft", stage_args(demo_data, split, resume=True, **{**common, "batch_size": 2})) == 2
 
 
 def test_two_process_ddp_matches_single_process(demo_data, tmp_path):
@@ -290,15 +290,15 @@ def test_bad_inputs_give_clear_errors(demo_data, tmp_path, capsys):
     out = tmp_path / "out"
     args = stage_args(demo_data, out, epochs=1, batch_size=4, from_weight="none")
     # argparse keeps the last value of a repeated flag: each case overrides the data
-    assert main("sft", args + ["--data_path", str(tmp_path / "nope.jsonl")]) == 1
+    assert main("sft", args + ["--data_path", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl not found" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert main("sft", args + ["--data_path", str(empty)]) == 1
+    assert main("sft", args + ["--data_path", str(empty)]) == 2
     assert "has no records" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"conversations": [{"role": "user", "content": "<image>\\nq"}], "image": "x.png"}\n')
-    assert main("sft", args + ["--data_path", str(bad)]) == 1
+    assert main("sft", args + ["--data_path", str(bad)]) == 2
     assert "bad.jsonl:1: the last message must be a non-empty assistant answer" in capsys.readouterr().err
     broken_imgs = tmp_path / "imgs"
     broken_imgs.mkdir()
@@ -307,14 +307,14 @@ def test_bad_inputs_give_clear_errors(demo_data, tmp_path, capsys):
     ok.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": "<image>\nq"},
                                                         {"role": "assistant", "content": "a"}], "image": "x.png"}) + "\n"
                           for _ in range(8)))
-    assert main("sft", args + ["--data_path", str(ok), "--images_path", str(broken_imgs), "--val_path", ""]) == 1
+    assert main("sft", args + ["--data_path", str(ok), "--images_path", str(broken_imgs), "--val_path", ""]) == 2
     assert "x.png: not a readable image" in capsys.readouterr().err
-    assert main("sft", args + ["--from_weight", str(tmp_path / "missing.pth")]) == 1
+    assert main("sft", args + ["--from_weight", str(tmp_path / "missing.pth")]) == 2
     assert "--from_weight" in capsys.readouterr().err
     assert main("sft", args) == 0
     ckpt = out / "medical_vlm_32.pth"
     wider = stage_args(demo_data, tmp_path / "o2", epochs=1, batch_size=4, from_weight=ckpt, hidden_size=64)
-    assert main("sft", wider) == 1
+    assert main("sft", wider) == 2
     assert "hidden_size 32 vs 64" in capsys.readouterr().err
 
 
@@ -324,7 +324,7 @@ def test_divergence_stops_without_saving(demo_data, tmp_path, monkeypatch, capsy
     out = tmp_path / "out"
     real = vlm.F.cross_entropy
     monkeypatch.setattr(vlm.F, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
-    assert main("sft", stage_args(demo_data, out, epochs=1, batch_size=4, from_weight="none")) == 1
+    assert main("sft", stage_args(demo_data, out, epochs=1, batch_size=4, from_weight="none")) == 2
     err = capsys.readouterr().err
     assert "diverged" in err and "--learning_rate" in err
     assert not (out / "medical_vlm_32.pth").exists()

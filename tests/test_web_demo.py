@@ -71,10 +71,10 @@ def test_session_streams_and_validates(tokenizer, tiny_tower, tmp_path, monkeypa
 
 def test_folder_and_missing_checkpoint(checkpoint, tmp_path, capsys):
     assert checkpoints_in(checkpoint.parent) == [checkpoint]  # the _resume file is not offered
-    assert web_demo_vlm.main(["--model_path", str(tmp_path / "medical_vlm_768.pth")]) == 1
+    assert web_demo_vlm.main(["--model_path", str(tmp_path / "medical_vlm_768.pth")]) == 2
     assert "python train_sft_vlm.py" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert web_demo_vlm.main(["--model_path", str(tmp_path / "empty")]) == 1
+    assert web_demo_vlm.main(["--model_path", str(tmp_path / "empty")]) == 2
 
 
 def _free_port() -> int:

@@ -33,7 +33,7 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
     except (OSError, DataError, ImageReadError, CheckpointError, VisionTowerNotFound, TrainingError,
             DeviceError, BoxError) as exc:  # OSError: a user path (disk full, no permission, not a folder)
         logging.getLogger("train").error("error: %s", exc)
-        return 1
+        return 2  # a user-caused error: one named message, exit code 2
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
