@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     log.info("serving %d checkpoint(s) on http://%s:%d", len(paths), args.host, args.port)
     try:
         app.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme, css=css,
-                   footer_links=[], show_error=True, max_file_size=f"{MAX_UPLOAD_MB}mb")
+                   footer_links=[], show_error=True, max_file_size=f"{MAX_UPLOAD_MB}mb",
+                   quiet=True)  # Gradio's own hints ("set share=True in launch()") would contradict --share
     except KeyboardInterrupt:
         log.info("stopped")
         return 130

@@ -190,3 +190,12 @@ def test_busy_cores_is_a_snapshot_of_the_machine():
     from model.runtime import busy_cores
     busy = busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+
+
+def test_missing_data_and_clip_are_one_message(tmp_path, capfd):
+    from trainer.cli import main as train_main
+    rc = train_main("pretrain", ["--data_path", str(tmp_path / "none.jsonl"), "--out_dir", str(tmp_path / "o"),
+                                 "--vision_model", str(tmp_path / "clip")])
+    err = capfd.readouterr().err
+    assert rc == 2 and "two things are missing" in err and "convert_slake_dataset.py" in err and "git clone" in err
+    assert not (tmp_path / "o" / "medical_pretrain_vlm_768.pth").exists() and "Traceback" not in err

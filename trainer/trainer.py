@@ -33,7 +33,7 @@ from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
                               load_weights, locate_checkpoint, read_checkpoint, safe_load, save_checkpoint,
                               tokenizer_from_files)
-from model.config import VLMConfig, resolve_path
+from model.config import DEFAULT_VISION_MODEL, VLMConfig, resolve_path
 from model.lock import LockError, output_lock
 from model.minimind_weights import load_minimind_llm
 from model.runtime import Progress, autocast, compute_dtype, configure_cuda, pick_device, seed_everything
@@ -746,7 +746,26 @@ def train(cfg: TrainConfig) -> dict:
         raise TrainingError(str(exc)) from None
 
 
+def preflight(cfg: TrainConfig):
+    """What a user must fetch or convert, checked together before any model is built: when both
+    the data and the CLIP weights are missing, one message names both fixes (each alone keeps
+    its own detailed message, raised where it is found)."""
+    from model.vision import CLONE_HINT, RANDOM_TOWERS
+    problems = []
+    if not resolve_path(cfg.data_path).is_file():
+        problems.append(f"the training data {resolve_path(cfg.data_path)} is missing: run `python "
+                        "convert_slake_dataset.py` (or `--demo` offline), or pass --data_path")
+    name = cfg.vision_model
+    local = name == DEFAULT_VISION_MODEL or Path(name).is_absolute() or name.startswith((".", "model/"))
+    if name not in RANDOM_TOWERS and local and not resolve_path(name).is_dir():
+        problems.append(f"the vision tower {resolve_path(name)} is missing: {CLONE_HINT} (or --vision_model random "
+                        "for an offline smoke test)")
+    if len(problems) > 1:
+        raise TrainingError("two things are missing before training can start:\n  - " + "\n  - ".join(problems))
+
+
 def _train(cfg: TrainConfig) -> dict:
+    preflight(cfg)
     dist, device = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     dtype = compute_dtype(cfg.dtype, device)
