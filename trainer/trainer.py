@@ -710,7 +710,9 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
                                                              cfg.debias if debias is None else debias, cfg.rank_weight,
                                                              cfg.rank_margin)
                 if "look_pos" in b:
-                    q, k = model.llm.layers[-1].self_attn.kept_qk
+                    look = model.llm.layers[-1].self_attn
+                    q, k = look.kept_qk
+                    look.kept_qk = None  # not kept past this micro-batch
                     aux = aux + cfg.look_loss * look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
                                                           b["look_target"])
                 if patches is not None and b["image_index"].numel():
