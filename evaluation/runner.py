@@ -14,13 +14,14 @@ from dataset.boxes import BOXES_FILE, look_mask, patch_targets, read_boxes_file
 from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
-from evaluation.metrics import baselines, compute_metrics, exact_match, image_use, image_use_verdict
-from model.atomic import atomic_write_text, remove_stale_temps
+from evaluation.metrics import baselines, compute_metrics, exact_match, image_use, image_use_verdict, normalize
+from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
 from model.generation import GenerationConfig, generate, look_maps, stream_generate
 from model.runtime import autocast, compute_dtype, progress
+from model.scoring import calibration, candidate_log_likelihoods
 from model.tokenization import ChatEncoder, clean_question
 
 log = logging.getLogger("eval")
@@ -109,6 +110,10 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         cm = compute_metrics(c_items)
         metrics["constrained"] = {"mode": constrain, **{k: cm[k] for k in (
             "closed_accuracy", "open_accuracy", "open_recall", "overall_accuracy")}}
+    if train is not None:
+        calib = closed_confidence(model, tok, train, items, pending, features, batch_size)
+        if calib:
+            metrics["calibration"] = calib
     pointing = pointing_game(model, records, rec_paths, pending, features, images_path, data_path, batch_size)
     if pointing:
         metrics["pointing"] = pointing
@@ -123,9 +128,71 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
          **({"prediction_constrained": i["prediction_constrained"],
              "correct_constrained": exact_match(i["prediction_constrained"], i["answer"])}
             if "prediction_constrained" in i else {}),
+         **({"answer_probs": i["answer_probs"]} if "answer_probs" in i else {}),
          **({"error": i["error"]} if i["error"] else {})}) + "\n" for i in items))
+    if metrics.get("calibration"):
+        remove_stale_temps(out_dir / "reliability.png")
+        plot_reliability(metrics["calibration"], out_dir / "reliability.png")
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+MAX_CANDIDATES = 8  # closed answer sets larger than this are not scored (SLAKE's is Yes / No)
+
+
+def closed_confidence(model, tok, train: list[dict], items: list[dict], pending, features, batch_size: int) -> dict:
+    """Scores every closed test question's candidate answers (the training split's closed
+    answers) in batched teacher-forced passes (model.scoring): each item gets ``answer_probs``,
+    and the returned metrics hold the candidates' accuracy, ECE, Brier score, the reliability
+    table and accuracy at coverage. {} when there is no closed answer set to score."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in train:
+        if r["answer_type"] == "CLOSED":
+            forms = counts.setdefault(normalize(r["answer"]), {})
+            forms[r["answer"]] = forms.get(r["answer"], 0) + 1
+    if not 2 <= len(counts) <= MAX_CANDIDATES:
+        return {}
+    shown = sorted((max(f, key=lambda a: (f[a], a)) for f in counts.values()), key=lambda a: normalize(a))
+    cands = [tok(a, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [model.config.eos_token_id]
+             for a in shown]
+    closed = [entry for entry in pending if items[entry[0]]["answer_type"] == "CLOSED" and len(entry[2]) == 1]
+    if not closed:
+        return {}
+    probs, correct = [], []
+    step = max(1, batch_size // len(cands))
+    amp = generation_autocast(features.device)
+    for start in range(0, len(closed), step):
+        chunk = closed[start:start + step]
+        index = torch.tensor([imgs[0] for _, _, imgs in chunk], dtype=torch.long)
+        with amp:
+            ll = candidate_log_likelihoods(model, [p for _, p, _ in chunk], features.get(index), cands)
+        p = torch.softmax(ll, dim=-1).cpu()
+        for (i, _, _), row in zip(chunk, p.tolist()):
+            items[i]["answer_probs"] = {a: round(x, 6) for a, x in zip(shown, row)}
+            best = max(range(len(shown)), key=lambda j: row[j])
+            probs.append(row[best])
+            correct.append(normalize(shown[best]) == normalize(items[i]["answer"]))
+    return {"candidates": shown, **calibration(probs, correct)}
+
+
+def plot_reliability(calib: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for row in calib["reliability"]:
+        lo, hi = row["bin"]
+        ax.bar((lo + hi) / 2, row["accuracy"], width=hi - lo, edgecolor="k", alpha=0.7, color="tab:blue")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlabel("confidence (probability of the chosen answer)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"closed questions: ECE {100 * calib['ece']:.1f} %, Brier {calib['brier']:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def pointing_game(model, records, rec_paths, pending, features, images_path: Path, data_path: Path,
@@ -223,6 +290,12 @@ def format_table(m: dict) -> str:
     lines.append("by modality:     " + ", ".join(f"{k} {_pct(v['accuracy']).strip()} (n={v['count']})"
                                                  for k, v in m["by_modality"].items()))
     lines.append(image_use_verdict(m))
+    if m.get("calibration"):
+        c = m["calibration"]
+        lines.append(f"confidence (closed, {'/'.join(c['candidates'])} scored): accuracy "
+                     f"{_pct(c['accuracy']).strip()}, calibration error {_pct(c['ece']).strip()}, Brier {c['brier']:.3f}; "
+                     f"on the 50 % it is surest of: {_pct(c['accuracy_at_coverage']['50%']).strip()} "
+                     "(reliability.png)")
     if m.get("pointing"):
         p = m["pointing"]
         lines.append(f"where it looked: for {p['count']} questions that name a boxed organ or finding, the answer's "

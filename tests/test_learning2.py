@@ -455,3 +455,65 @@ def test_evaluation_reports_where_the_model_looked(tmp_path, tokenizer, tiny_tow
 def save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower):
     from model.checkpoint import save_checkpoint
     return save_checkpoint(tmp_path / "m.pth", make_tiny_model(tokenizer, tiny_tower, spread=0.1), tokenizer, "sft", 1)
+
+
+# ------------------------------------------------------------------ confidence and calibration (#21)
+
+def test_candidate_scores_are_teacher_forced_log_likelihoods(tokenizer, tiny_tower):
+    from model.scoring import candidate_log_likelihoods
+    model = make_tiny_model(tokenizer, tiny_tower, spread=0.2)
+    enc = ChatEncoder(tokenizer, model.config.image_tokens)
+    prompts = [enc.encode([{"role": "user", "content": f"<image>\n{q}"}], add_generation_prompt=True).input_ids
+               for q in ("Is there a cyst?", "Is this a CT image of the chest?")]
+    end = model.config.eos_token_id
+    cands = [tokenizer("Yes", add_special_tokens=False)["input_ids"] + [end],
+             tokenizer("No", add_special_tokens=False)["input_ids"] + [end],
+             tokenizer("Left Lung", add_special_tokens=False)["input_ids"] + [end]]
+    feats = torch.randn(2, model.config.image_tokens, model.config.vision_hidden_size,
+                        generator=torch.Generator().manual_seed(2))
+    ll = candidate_log_likelihoods(model, prompts, feats, cands)
+    assert ll.shape == (2, 3) and bool((ll < 0).all())
+    for i in range(2):
+        for j, c in enumerate(cands):  # the same number from the full logits of one unpadded sequence
+            ids = torch.tensor([prompts[i] + c])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids, feats[i:i + 1]).float(), -1)[0]
+            want = sum(float(logp[len(prompts[i]) - 1 + t, tok]) for t, tok in enumerate(c))
+            assert abs(float(ll[i, j]) - want) < 1e-4
+    probs = torch.softmax(ll, -1)
+    assert torch.allclose(probs.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("probs, correct, ece, brier, top_half", [
+    ([0.9, 0.9, 0.9, 0.9], [True, True, True, False], 0.15, (3 * 0.01 + 0.81) / 4, 1.0),
+    ([1.0, 0.5], [True, False], 0.25, 0.125, 1.0),
+    ([0.6, 0.7, 0.95, 0.99], [False, True, True, True], (0.6 + 0.3 + 0.05 + 0.01) / 4, None, 1.0),
+])
+def test_calibration_numbers(probs, correct, ece, brier, top_half):
+    from model.scoring import calibration
+    c = calibration(probs, correct)
+    assert c["ece"] == pytest.approx(ece) and c["accuracy"] == pytest.approx(sum(correct) / len(correct))
+    if brier is not None:
+        assert c["brier"] == pytest.approx(brier)
+    assert c["accuracy_at_coverage"]["50%"] == pytest.approx(top_half)
+    assert sum(r["count"] for r in c["reliability"]) == len(probs)
+
+
+def test_evaluation_reports_confidence_and_writes_the_reliability_diagram(tmp_path, tokenizer, tiny_tower):
+    import convert_slake_dataset
+    from evaluation.runner import evaluate_split
+    from model.checkpoint import load_model
+    d = tmp_path / "d"
+    assert convert_slake_dataset.main(["--demo", "hard", "--out_dir", str(d), "--demo_images", "8", "2", "6"]) == 0
+    path = save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower)
+    m = evaluate_split(load_model(path), d / "medical_vqa_test.jsonl", d / "medical_images",
+                       d / "medical_vqa_train.jsonl", tmp_path / "eval", torch.device("cpu"), cache_dir=None)
+    c = m["calibration"]
+    n_closed = m["count"]["closed"]
+    assert c["count"] == n_closed and sorted(c["candidates"]) == ["No", "Yes"] and 0 <= c["ece"] <= 1
+    preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    scored = [p for p in preds if "answer_probs" in p]
+    assert len(scored) == n_closed and all(p["answer_type"] == "CLOSED" for p in scored)
+    assert all(abs(sum(p["answer_probs"].values()) - 1) < 1e-4 for p in scored)
+    png = (tmp_path / "eval" / "reliability.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

@@ -1,0 +1,62 @@
+"""How sure the model is: the probability of each candidate answer, scored in one batched,
+teacher-forced pass (no generation). For closed questions and --constrain the candidates are a
+fixed set (Yes / No), so their sequence log-likelihoods, normalised over the set, are a proper
+distribution: the model's confidence, its alternatives, and what calibration is measured on."""
+from __future__ import annotations
+
+import torch
+
+from model.tokenization import IGNORE_INDEX
+
+
+@torch.inference_mode()
+def candidate_log_likelihoods(model, prompts: list[list[int]], image_features: torch.Tensor | None,
+                              candidates: list[list[int]]) -> torch.Tensor:
+    """[len(prompts), len(candidates)]: log p(candidate tokens | prompt, image) for every pair.
+    ``image_features`` [n_images, tokens, width] in prompt order (one image per prompt, as in
+    evaluation); every candidate is a token sequence ending with the end-of-turn token."""
+    from dataset.vqa_dataset import MODEL_INPUTS, Sample, collate
+    device = next(model.parameters()).device
+    k = len(candidates)
+    samples = []
+    for i, p in enumerate(prompts):
+        n_img = p.count(model.config.image_token_id) // max(model.config.image_tokens, 1)
+        for c in candidates:
+            samples.append(Sample(list(p) + list(c), [IGNORE_INDEX] * len(p) + list(c), [i] * n_img, {}))
+    batch = collate(samples, model.config.pad_token_id, model.config.image_token_id)
+    feats = None
+    if image_features is not None and len(batch["image_index"]):
+        feats = image_features.index_select(0, batch["image_index"].to(image_features.device))
+    b = {key: v.to(device) for key, v in batch.items()}
+    _, _, _, logits, _ = model(b["input_ids"], feats, **{key: b[key] for key in MODEL_INPUTS if key in b},
+                               return_logits=True)
+    token_lp = torch.log_softmax(logits.float(), -1).gather(1, b["targets"][:, None]).squeeze(1)
+    rows = b["target_pos"] // b["input_ids"].shape[1]
+    per_row = torch.zeros(len(samples), device=device).index_add_(0, rows, token_lp)
+    return per_row.view(len(prompts), k)
+
+
+def calibration(probs: list[float], correct: list[bool], bins: int = 10) -> dict:
+    """Expected calibration error (equal-width bins of the top probability), the Brier score
+    of the top answer, the reliability table and accuracy at the most confident 25/50/75/100 %."""
+    n = len(probs)
+    if not n:
+        return {}
+    table = []
+    ece = 0.0
+    for j in range(bins):
+        lo, hi = j / bins, (j + 1) / bins
+        members = [i for i, p in enumerate(probs) if lo <= p < hi or (j == bins - 1 and p == 1.0)]
+        if members:
+            conf = sum(probs[i] for i in members) / len(members)
+            acc = sum(correct[i] for i in members) / len(members)
+            ece += len(members) / n * abs(acc - conf)
+            table.append({"bin": [lo, hi], "count": len(members), "confidence": conf, "accuracy": acc})
+    order = sorted(range(n), key=lambda i: -probs[i])
+    coverage = {}
+    for share in (0.25, 0.5, 0.75, 1.0):
+        top = order[:max(1, round(share * n))]
+        coverage[f"{int(share * 100)}%"] = sum(correct[i] for i in top) / len(top)
+    brier = sum((p - float(c)) ** 2 for p, c in zip(probs, correct)) / n
+    return {"count": n, "accuracy": sum(correct) / n, "ece": ece, "brier": brier, "reliability": table,
+            "accuracy_at_coverage": coverage}
