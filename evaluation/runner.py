@@ -21,7 +21,7 @@ from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
 from model.generation import GenerationConfig, generate, look_maps, stream_generate
 from model.runtime import autocast, compute_dtype, progress
-from model.scoring import calibration, candidate_log_likelihoods
+from evaluation.scoring import calibration, candidate_log_likelihoods
 from model.tokenization import ChatEncoder, clean_question
 
 log = logging.getLogger("eval")
@@ -142,7 +142,7 @@ MAX_CANDIDATES = 8  # closed answer sets larger than this are not scored (SLAKE'
 
 def closed_confidence(model, tok, train: list[dict], items: list[dict], pending, features, batch_size: int) -> dict:
     """Scores every closed test question's candidate answers (the training split's closed
-    answers) in batched teacher-forced passes (model.scoring): each item gets ``answer_probs``,
+    answers) in batched teacher-forced passes (evaluation.scoring): each item gets ``answer_probs``,
     and the returned metrics hold the candidates' accuracy, ECE, Brier score, the reliability
     table and accuracy at coverage. {} when there is no closed answer set to score."""
     counts: dict[str, dict[str, int]] = {}

@@ -460,7 +460,7 @@ def save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower):
 # ------------------------------------------------------------------ confidence and calibration (#21)
 
 def test_candidate_scores_are_teacher_forced_log_likelihoods(tokenizer, tiny_tower):
-    from model.scoring import candidate_log_likelihoods
+    from evaluation.scoring import candidate_log_likelihoods
     model = make_tiny_model(tokenizer, tiny_tower, spread=0.2)
     enc = ChatEncoder(tokenizer, model.config.image_tokens)
     prompts = [enc.encode([{"role": "user", "content": f"<image>\n{q}"}], add_generation_prompt=True).input_ids
@@ -490,7 +490,7 @@ def test_candidate_scores_are_teacher_forced_log_likelihoods(tokenizer, tiny_tow
     ([0.6, 0.7, 0.95, 0.99], [False, True, True, True], (0.6 + 0.3 + 0.05 + 0.01) / 4, None, 1.0),
 ])
 def test_calibration_numbers(probs, correct, ece, brier, top_half):
-    from model.scoring import calibration
+    from evaluation.scoring import calibration
     c = calibration(probs, correct)
     assert c["ece"] == pytest.approx(ece) and c["accuracy"] == pytest.approx(sum(correct) / len(correct))
     if brier is not None:
