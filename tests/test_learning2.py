@@ -437,19 +437,24 @@ def test_look_maps_are_head_zero_attention_and_ignore_padding(tokenizer, tiny_to
 
 
 def test_evaluation_reports_where_the_model_looked(tmp_path, tokenizer, tiny_tower):
+    d, m = evaluated_hard_set(tmp_path, tokenizer, tiny_tower)
+    p = m["pointing"]
+    n_naming = sum(1 for line in (d / "medical_vqa_test.jsonl").read_text().splitlines()
+                   if any(w in line.lower() for w in ("lung", "kidney", "nodule", "cyst", "calcification")))
+    assert 0 < p["count"] <= n_naming and all(0 <= p[k] <= 1 for k in ("hit_rate", "uniform", "centre"))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["pointing"] == p
+
+
+def evaluated_hard_set(tmp_path, tokenizer, tiny_tower):
+    """A small hard demo set (with boxes) and a tiny random model's evaluation of it: (data folder, metrics)."""
     import convert_slake_dataset
     from evaluation.runner import evaluate_split
     from model.checkpoint import load_model
     d = tmp_path / "d"
     assert convert_slake_dataset.main(["--demo", "hard", "--out_dir", str(d), "--demo_images", "8", "2", "6"]) == 0
     path = save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower)
-    m = evaluate_split(load_model(path), d / "medical_vqa_test.jsonl", d / "medical_images",
-                       d / "medical_vqa_train.jsonl", tmp_path / "eval", torch.device("cpu"), cache_dir=None)
-    p = m["pointing"]
-    n_naming = sum(1 for line in (d / "medical_vqa_test.jsonl").read_text().splitlines()
-                   if any(w in line.lower() for w in ("lung", "kidney", "nodule", "cyst", "calcification")))
-    assert 0 < p["count"] <= n_naming and all(0 <= p[k] <= 1 for k in ("hit_rate", "uniform", "centre"))
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["pointing"] == p
+    return d, evaluate_split(load_model(path), d / "medical_vqa_test.jsonl", d / "medical_images",
+                             d / "medical_vqa_train.jsonl", tmp_path / "eval", torch.device("cpu"), cache_dir=None)
 
 
 def save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower):
@@ -500,14 +505,7 @@ def test_calibration_numbers(probs, correct, ece, brier, top_half):
 
 
 def test_evaluation_reports_confidence_and_writes_the_reliability_diagram(tmp_path, tokenizer, tiny_tower):
-    import convert_slake_dataset
-    from evaluation.runner import evaluate_split
-    from model.checkpoint import load_model
-    d = tmp_path / "d"
-    assert convert_slake_dataset.main(["--demo", "hard", "--out_dir", str(d), "--demo_images", "8", "2", "6"]) == 0
-    path = save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower)
-    m = evaluate_split(load_model(path), d / "medical_vqa_test.jsonl", d / "medical_images",
-                       d / "medical_vqa_train.jsonl", tmp_path / "eval", torch.device("cpu"), cache_dir=None)
+    d, m = evaluated_hard_set(tmp_path, tokenizer, tiny_tower)
     c = m["calibration"]
     n_closed = m["count"]["closed"]
     assert c["count"] == n_closed and sorted(c["candidates"]) == ["No", "Yes"] and 0 <= c["ece"] <= 1
