@@ -3,6 +3,8 @@
 #   bash scripts/sweep_hard.sh                    # the default list below
 #   bash scripts/sweep_hard.sh guide demo32 ...   # chosen variants
 #   JOBS=2 bash scripts/sweep_hard.sh ...         # two variants at a time, one thread each
+#   DATA=dataset/demo_prior TAG=prior bash scripts/sweep_hard.sh guide guide_debias   # another converted set
+#     (e.g. convert_slake_dataset.py --demo easy-prior --out_dir dataset/demo_prior); results in out/sweep_hard_TAG/
 # Each variant runs stage 1, stage 2 and the evaluation from scratch (or from the stand-in MiniMind2
 # weights of scripts/make_standin_llm.py for the llm_* variants) and prints one line; results are
 # appended to out/sweep_hard/results.txt, runs are in out/sweep_hard/<name>/.
@@ -14,7 +16,8 @@ IMAGES=${IMAGES:-$DATA/medical_images}
 SWEEP=out/sweep_hard${TAG:+_$TAG}
 LLM=$SWEEP/standin_llm_128x${LAYERS:-2}.pth
 mkdir -p "$SWEEP"
-[ -f "$DATA/manifest.json" ] || [ "$DATA" != dataset/demo_hard ] || $PY convert_slake_dataset.py --demo hard --out_dir "$DATA" > /dev/null
+# the default set is (re)converted every time (idempotent), so it always has today's contract (boxes, box questions)
+[ "$DATA" != dataset/demo_hard ] || $PY convert_slake_dataset.py --demo hard --out_dir "$DATA" > /dev/null
 DEMO_PRE="--epochs 2 --batch_size 16"
 # name = "start | stage-1 flags | stage-2 flags"; start: scratch, or llm (--from_llm, the stand-in weights).
 # Rows measured before --lr_schedule auto (wsd for stage 2 from scratch) name the schedule they ran with.
@@ -88,7 +91,7 @@ declare -A V=(
   [llm_demo32_lr1e-3]="llm | $DEMO_PRE | --epochs 32 --batch_size 8 --pack_questions 4 --learning_rate 1e-3"
 )
 NAMES=("$@")
-[ ${#NAMES[@]} -gt 0 ] || NAMES=(guide guide_lr1e-4 demo16 demo32 llm_guide llm_lr1e-3)
+[ ${#NAMES[@]} -gt 0 ] || NAMES=(guide guide_nolook guide_seed1 guide_seed2_ demohard)
 for name in "${NAMES[@]}"; do
   [ -n "${V[$name]+x}" ] || { echo "unknown variant $name (known: ${!V[*]})"; exit 2; }
 done
