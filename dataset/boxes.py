@@ -79,6 +79,19 @@ def read_boxes_file(path: str | Path) -> dict[str, dict]:
     return table
 
 
+def image_keys(paths: list[Path], root: str | Path) -> list[str]:
+    """The boxes file's keys for resolved image paths: each path relative to the image folder
+    (a path outside it keeps its full form, which no boxes file holds)."""
+    root = Path(root).resolve()
+    return [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix() for p in paths]
+
+
+def grid_side(image_tokens: int) -> int | None:
+    """The side of the square patch grid of ``image_tokens`` tokens; None when it is not square."""
+    side = math.isqrt(image_tokens)
+    return side if side * side == image_tokens else None
+
+
 def _patch_centres(size: tuple[float, float], grid: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch centres in the original image's pixels, undoing the tower's preprocessing:
     shortest edge resized to ``crop``, then a centre crop of ``crop`` x ``crop``."""

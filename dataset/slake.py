@@ -383,21 +383,17 @@ def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: boo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        lock = output_lock(out_dir / ".convert.lock", f"the dataset folder {out_dir}")
-        lock.__enter__()
+        with output_lock(out_dir / ".convert.lock", f"the dataset folder {out_dir}"):
+            for old in out_dir.glob(STAGING_PREFIX + "*"):  # left by a killed run (the lock says none is running)
+                shutil.rmtree(old, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+            try:
+                manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap, box_qa, priors)
+                _swap_in(staging, out_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     except LockError as exc:
         raise ConversionError(str(exc)) from None
-    try:
-        for old in out_dir.glob(STAGING_PREFIX + "*"):  # left by a killed run (the lock says none is running)
-            shutil.rmtree(old, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
-        try:
-            manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap, box_qa, priors)
-            _swap_in(staging, out_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        lock.__exit__(None, None, None)
     return manifest
 
 

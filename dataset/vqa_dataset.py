@@ -44,7 +44,7 @@ class Sample:
             return self.looks
         if self.look is None:
             return []
-        return [(next(i for i, t in enumerate(self.labels) if t != IGNORE_INDEX), self.look)]
+        return [(_first_answer_token(self.input_ids, self.labels)[0], self.look)]
 
 
 class VQADataset:
@@ -97,24 +97,33 @@ class VQADataset:
         return sum(len(s.input_ids) for s in self.samples)
 
 
+def _prompt_text(record: dict) -> str:
+    """Everything said before the answer, image placeholders removed."""
+    return " ".join(m["content"] for m in record["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, " ")
+
+
 def _closed_key(s: Sample) -> tuple[str, str] | None:
     """(normalised question text, normalised answer) of a closed sample, else None."""
     from dataset.answers import normalize
-    rec = s.record
-    if rec.get("answer_type") != "CLOSED":
+    if s.record.get("answer_type") != "CLOSED":
         return None
-    question = " ".join(m["content"] for m in rec["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, "")
-    return normalize(question), normalize(rec["conversations"][-1]["content"])
+    return normalize(_prompt_text(s.record)), normalize(s.record["conversations"][-1]["content"])
+
+
+def _closed_index_groups(samples: list[Sample]) -> dict[str, dict[str, list[int]]]:
+    """Indices of the closed samples grouped by normalised question text, then by normalised answer."""
+    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, s in enumerate(samples):
+        key = _closed_key(s)
+        if key is not None:
+            groups[key[0]][key[1]].append(i)
+    return groups
 
 
 def _closed_groups(samples: list[Sample]) -> dict[str, dict[str, list[Sample]]]:
     """Closed samples grouped by normalised question text, then by normalised answer."""
-    groups: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
-    for s in samples:
-        key = _closed_key(s)
-        if key is not None:
-            groups[key[0]][key[1]].append(s)
-    return groups
+    return {text: {a: [samples[i] for i in idx] for a, idx in by_answer.items()}
+            for text, by_answer in _closed_index_groups(samples).items()}
 
 
 def _first_answer_token(input_ids: list[int], labels: list[int]) -> tuple[int, int] | None:
@@ -172,13 +181,8 @@ def paired_permutation(samples: list[Sample], seed: int, epoch: int) -> torch.Te
     Everything else is paired at random; units are shuffled; only a last odd sample is single.
     Depends only on (seed, epoch), like the plain permutation."""
     rng = random.Random(seed * 1000 + epoch)
-    groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for i, s in enumerate(samples):
-        key = _closed_key(s)
-        if key is not None:
-            groups[key[0]][key[1]].append(i)
     units: list[tuple[int, ...]] = []
-    for text, by_answer in sorted(groups.items()):
+    for text, by_answer in sorted(_closed_index_groups(samples).items()):
         pools = {a: list(members) for a, members in sorted(by_answer.items())}
         for members in pools.values():
             rng.shuffle(members)
@@ -206,8 +210,7 @@ def annotate_look(data: VQADataset, classes: list[str], targets: torch.Tensor, k
     for s in data.samples:
         if len(s.images) != 1 or not known[s.images[0]]:
             continue
-        text = " ".join(m["content"] for m in s.record["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, " ")
-        mask = look_mask(text, classes, targets[s.images[0]])
+        mask = look_mask(_prompt_text(s.record), classes, targets[s.images[0]])
         if mask is None:
             continue
         s.look = mask.float() / mask.sum()

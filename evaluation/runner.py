@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import logging
 import time
 from collections.abc import Iterator
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dataset.boxes import BOXES_FILE, look_mask, patch_targets, read_boxes_file
+from dataset.boxes import BOXES_FILE, grid_side, image_keys, look_mask, patch_targets, read_boxes_file
 from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
@@ -203,21 +202,12 @@ def pointing_game(model, records, rec_paths, pending, features, images_path: Pat
     question points (dataset.boxes.look_mask). Beside it two maps that do not look: uniform (the
     expected hit rate of a random patch) and the image centre."""
     table = read_boxes_file(data_path.parent / BOXES_FILE)
-    grid = math.isqrt(model.config.image_tokens)
-    if not table or grid * grid != model.config.image_tokens:
+    grid = grid_side(model.config.image_tokens)
+    if not table or grid is None:
         return None
-    root = images_path.resolve()
-    chosen = []  # (pending entry, mask)
-    keys = {}
-    for entry in pending:
-        i, _, imgs = entry
-        paths = rec_paths[i]
-        if len(paths) != 1:
-            continue
-        key = paths[0].resolve().relative_to(root).as_posix() if paths[0].resolve().is_relative_to(root) else ""
-        if key not in keys:
-            keys[key] = len(keys)
-        chosen.append((entry, key))
+    chosen = [(entry, image_keys(rec_paths[entry[0]], images_path)[0]) for entry in pending
+              if len(rec_paths[entry[0]]) == 1]  # (pending entry, its image's key in the boxes file)
+    keys = {key: n for n, key in enumerate(dict.fromkeys(key for _, key in chosen))}
     names = sorted({n for k in keys for n in table.get(k, {}).get("boxes", {})})
     if not names:
         return None

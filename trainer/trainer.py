@@ -24,7 +24,7 @@ import torch.distributed as tdist
 
 from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
-from dataset.boxes import BOXES_FILE, BoxError, patch_targets, read_boxes_file
+from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, patch_targets, read_boxes_file
 from dataset.contract import image_file, images_of, read_jsonl
 from dataset.vqa_dataset import (MODEL_INPUTS, PackedQuestions, VQADataset, annotate_closed, annotate_look,
                                  balance_closed,
@@ -203,11 +203,6 @@ def boxes_file(cfg: TrainConfig) -> Path:
     return resolve_path(cfg.data_path).parent / BOXES_FILE
 
 
-def _image_keys(paths: list[Path], root: Path) -> list[str]:
-    root = root.resolve()
-    return [p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix() for p in paths]
-
-
 def patch_classes(cfg: TrainConfig) -> list[str]:
     """The box names of the training images, for --patch_loss's head ([] when off)."""
     if not cfg.patch_loss:
@@ -222,7 +217,7 @@ def patch_classes(cfg: TrainConfig) -> list[str]:
     keys = set()
     if data_path.is_file():
         for n, rec in enumerate(read_jsonl(data_path), 1):
-            keys.update(_image_keys([image_file(root, rel, f"{data_path}:{n}") for rel in images_of(rec)], root))
+            keys.update(image_keys([image_file(root, rel, f"{data_path}:{n}") for rel in images_of(rec)], root))
     names = sorted({name for k in keys if k in table for name in table[k].get("boxes", {})})
     if not names:
         log.warning("--patch_loss %g: no organ/finding boxes for the training images in %s, so the patch loss is "
@@ -569,15 +564,15 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
 def box_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(names, targets [n_images, patches, names], known [n_images]) from the boxes file for the
     data's image table: the patch head's names when it has one, else every name in the file."""
-    grid = math.isqrt(model.config.image_tokens)
-    if grid * grid != model.config.image_tokens:
+    grid = grid_side(model.config.image_tokens)
+    if grid is None:
         raise TrainingError(f"--patch_loss / --look_loss need a square patch grid; this tower gives "
                             f"{model.config.image_tokens} image tokens")
     try:
         table = read_boxes_file(boxes_file(cfg))
     except BoxError as exc:
         raise TrainingError(str(exc)) from None
-    return patch_targets(table, _image_keys(data.image_paths, resolve_path(cfg.images_path)), grid,
+    return patch_targets(table, image_keys(data.image_paths, resolve_path(cfg.images_path)), grid,
                          classes=model.config.patch_labels or None)
 
 
@@ -586,7 +581,7 @@ def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) 
     --look_loss targets are attached to the samples here too."""
     if model.patch_head is None and not cfg.look_loss:
         return None
-    if model.patch_head is None and math.isqrt(model.config.image_tokens) ** 2 != model.config.image_tokens:
+    if model.patch_head is None and grid_side(model.config.image_tokens) is None:
         log.info("--look_loss: the tower's %d image tokens are not a square grid; the loss is off",
                  model.config.image_tokens)
         return None
