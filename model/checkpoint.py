@@ -217,8 +217,7 @@ def load_weights(model: MedicalVLM, state: dict, source: str, skip_prefixes: tup
     checkpoint. ``skip_prefixes``: parts deliberately left as built (e.g. a new patch head)."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: the weights are not a name -> tensor mapping")
-    want = {k: v for k, v in model.state_dict().items()
-            if not k.startswith(("vision_tower.", *skip_prefixes))}
+    want = {k: v for k, v in model.state_dict().items() if not k.startswith(("vision_tower.", *skip_prefixes))}
     have = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
@@ -232,8 +231,7 @@ def load_weights(model: MedicalVLM, state: dict, source: str, skip_prefixes: tup
     if problems:
         raise CheckpointError(f"{source}: the weights do not fit the stored config ({'; '.join(problems)}); the "
                               "file is incomplete, damaged or from another model")
-    model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.startswith(skip_prefixes)}, **have},
-                          strict=False)
+    model.load_state_dict(have, strict=False)  # exactly ``want``: the tower and skipped parts stay as built
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", vision_model: str | None = None,
