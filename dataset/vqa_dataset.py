@@ -316,17 +316,60 @@ class PackedQuestions:
         return Sample(ids, labels, first.images, first.record, segments, positions, looks=looks)
 
 
+@dataclass(frozen=True)
+class StepShapes:
+    """A few fixed batch shapes for a whole run (torch.compile and CUDA graphs compile once per
+    shape): batch widths from ``widths`` (the smallest that fits), the answer-token list padded
+    to ``targets`` entries and the --look_loss list to ``looks``. Padding targets are ignored
+    by the loss (IGNORE_INDEX) and padding looks weigh 0, so a padded batch computes exactly
+    the loss of the unpadded one. A batch that does not fit (a longer epoch of packed
+    sequences) keeps its own shape."""
+    widths: tuple[int, ...]
+    targets: int
+    looks: int
+    look_patches: int = 0  # the patches per image of a look target
+
+    def describe(self) -> str:
+        return (f"widths {'/'.join(map(str, self.widths))}, {self.targets} answer-token slots"
+                + (f", {self.looks} look slots" if self.looks else ""))
+
+
+def plan_shapes(samples: list[Sample], batch_size: int, buckets: int = 4, multiple: int = 8) -> StepShapes:
+    """At most ``buckets`` widths spread evenly between the shortest and the longest sequence
+    (rounded up to ``multiple``), and answer-token and look slots for a batch of the
+    ``batch_size`` samples with the most of them. Computed once from the training samples."""
+    lengths = sorted(len(s.input_ids) for s in samples)
+    lo, hi = lengths[0], lengths[-1]
+    up = lambda n: -(-n // multiple) * multiple  # noqa: E731
+    widths = sorted({up(round(lo + (hi - lo) * (i + 1) / buckets)) for i in range(buckets)} | {up(hi)})
+    widths = [w for w in widths if w >= up(lo)][-buckets:]
+    per_target = sorted((sum(t != IGNORE_INDEX for t in s.labels) for s in samples), reverse=True)
+    per_look = sorted((len(s.look_entries()) for s in samples), reverse=True)
+    patches = next((t.shape[0] for s in samples for _, t in s.look_entries()), 0)
+    return StepShapes(tuple(widths), up(sum(per_target[:batch_size])), sum(per_look[:batch_size]) if patches else 0,
+                      patches)
+
+
+class Batch(dict):
+    """collate's tensors, plus ``n_targets``: the number of real answer tokens as a host int
+    (padding slots excluded), so the trainer never asks the device for it."""
+    n_targets: int = 0
+
+
 def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
-            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+            pad_multiple: int = 1, shapes: StepShapes | None = None) -> Batch:
     """Right-pads to the longest sequence in the batch, rounded up to ``pad_multiple`` (few
-    distinct shapes for torch.compile), never to a fixed max_seq_len.
+    distinct shapes for torch.compile), never to a fixed max_seq_len; with ``shapes``, to the
+    plan's width and slot counts instead (see StepShapes).
 
     Also builds, on the host, the flat indices the model would otherwise find with boolean
     masks on the device (each a sync): ``target_pos`` (positions whose next token is an
     answer token), ``targets`` (those tokens) and, with ``image_id``, ``image_slots`` (the
-    image-token positions). ``n_targets`` is their count as a plain number."""
+    image-token positions). ``Batch.n_targets`` is their count as a plain number."""
     longest = max(len(s.input_ids) for s in samples)
     width = -(-longest // pad_multiple) * pad_multiple
+    if shapes is not None:
+        width = next((w for w in shapes.widths if w >= longest), width)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     for i, s in enumerate(samples):
@@ -336,8 +379,14 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
     nxt = torch.full_like(labels, IGNORE_INDEX)
     nxt[:, :-1] = labels[:, 1:]
     target_pos = (nxt.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-    batch = {"input_ids": ids, "labels": labels, "image_index": images, "target_pos": target_pos,
-             "targets": nxt.view(-1)[target_pos]}
+    targets = nxt.view(-1)[target_pos]
+    n_targets = target_pos.shape[0]
+    if shapes is not None and shapes.targets > n_targets:  # slots at position 0, ignored by the loss
+        target_pos = torch.cat([target_pos, target_pos.new_zeros(shapes.targets - n_targets)])
+        targets = torch.cat([targets, targets.new_full((shapes.targets - n_targets,), IGNORE_INDEX)])
+    batch = Batch({"input_ids": ids, "labels": labels, "image_index": images, "target_pos": target_pos,
+                   "targets": targets})
+    batch.n_targets = n_targets
     if image_id is not None:
         batch["image_slots"] = (ids.view(-1) == image_id).nonzero().squeeze(1)
         # the prompt tokens before the first answer token (model.vlm.question_mask): what a film
@@ -346,12 +395,21 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
     per_row = (nxt != IGNORE_INDEX).sum(1)
     first = per_row.cumsum(0) - per_row  # where each row's first answer token sits in the target list
     looking = [(i, pos, target) for i, s in enumerate(samples) for pos, target in s.look_entries()]
+    if not looking and shapes is not None and shapes.looks and images.numel():
+        looking = [(0, 1, torch.zeros(shapes.look_patches))]  # a weight-0 entry keeps the step's shape
     if looking:
         first_image = torch.tensor([0] + [len(s.images) for s in samples[:-1]]).cumsum(0)
         # the position that predicts the question's first answer token looks at the row's (first) image
         batch["look_pos"] = torch.tensor([i * width + pos - 1 for i, pos, _ in looking])
         batch["look_image"] = first_image[[i for i, _, _ in looking]]
         batch["look_target"] = torch.stack([t for _, _, t in looking])
+        batch["look_weight"] = torch.tensor([float(t.sum() > 0) for _, _, t in looking])
+        extra = shapes.looks - len(looking) if shapes is not None else 0
+        if extra > 0:  # weight-0 slots: position 0 looking at the batch's first image
+            for key in ("look_pos", "look_image", "look_weight"):
+                batch[key] = torch.cat([batch[key], batch[key].new_zeros(extra)])
+            batch["look_target"] = torch.cat([batch["look_target"], batch["look_target"].new_zeros(
+                extra, batch["look_target"].shape[1])])
     closed = [i for i, s in enumerate(samples) if s.closed_pair is not None]
     if closed:
         batch["closed_rows"] = first[closed]

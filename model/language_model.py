@@ -70,6 +70,43 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class FusedLinear(nn.Linear):
+    """Several bias-free projections of the same input as one matrix product (one kernel
+    forward, two backward, instead of three or two each): q/k/v in attention, gate/up in the
+    feed-forward. Checkpoints keep MiniMind's split names (``q_proj.weight``, ...): the state
+    dict is split on the way out and fused on the way in, so every file, ``--from_llm`` and
+    ``from_pretrained`` see the usual layout."""
+
+    def __init__(self, in_features: int, parts: dict[str, int]):
+        super().__init__(in_features, sum(parts.values()), bias=False)
+        self.parts = parts
+
+
+def _split_fused(module: nn.Module, state: dict, prefix: str, local_metadata=None):
+    """state_dict post-hook: ``<fused>.weight`` -> one ``<part>.weight`` per part (copies:
+    safetensors refuses tensors that share memory)."""
+    for name, child in module.named_children():
+        if isinstance(child, FusedLinear):
+            weight = state.pop(f"{prefix}{name}.weight")
+            for part, rows in zip(child.parts, weight.split(list(child.parts.values()))):
+                state[f"{prefix}{part}.weight"] = rows.clone()
+
+
+def _fuse_split(module: nn.Module, state: dict, prefix: str, *args):
+    """load_state_dict pre-hook: the split parts -> the fused weight (left alone when any part
+    is missing, so the strict loaders report the split names a user knows)."""
+    for name, child in module.named_children():
+        if isinstance(child, FusedLinear):
+            keys = [f"{prefix}{part}.weight" for part in child.parts]
+            if all(k in state for k in keys):
+                state[f"{prefix}{name}.weight"] = torch.cat([state.pop(k) for k in keys])
+
+
+def fused_state_dict_hooks(module: nn.Module):
+    module.register_state_dict_post_hook(_split_fused)
+    module.register_load_state_dict_pre_hook(_fuse_split)
+
+
 class Attention(nn.Module):
     def __init__(self, config: VLMConfig, layer_idx: int):
         super().__init__()
@@ -77,9 +114,9 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=False)
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.qkv_proj = FusedLinear(config.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv})
+        fused_state_dict_hooks(self)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
         self.dropout = config.dropout
         # --look_loss (training only): the rotated queries/keys of head 0 are kept for one forward
@@ -88,9 +125,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(list(self.qkv_proj.parts.values()), dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.keep_qk:
             self.kept_qk = (q[:, 0], k[:, 0])
@@ -121,12 +159,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: VLMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = FusedLinear(config.hidden_size, {"gate_proj": config.intermediate_size,
+                                                             "up_proj": config.intermediate_size})
+        fused_state_dict_hooks(self)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoEFeedForward(nn.Module):

@@ -61,7 +61,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--samples", type=flags.positive_int, default=4919, help="questions (SLAKE train: 4,919)")
     ap.add_argument("--images", type=flags.positive_int, default=450)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", nargs="?", const="on", default="off", choices=["auto", "on", "graphs", "off"],
+                    help="as train_sft_vlm.py's --compile (default here: off, the eager baseline)")
     ap.add_argument("--epochs", type=flags.int_range(2), default=2, help="the last one is reported")
     ap.add_argument("--pack_questions", type=flags.positive_int, default=1, help="shared-prefix packing (see README)")
     ap.add_argument("--cudnn_attention", action="store_true",
@@ -96,7 +97,8 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
         "vision_model": args.vision_model, "batch_size": args.batch_size, "pack_questions": args.pack_questions,
-        "samples": round(used),
+        "samples": round(used), "compile": out["compile"], "step_shapes": out["step_shapes"],
+        "compile_seconds": round(sum(out["compile_seconds"]), 3),
         "epoch_seconds": round(seconds, 3), "first_epoch_seconds": round(out["epoch_seconds"][0], 3),
         "samples_per_s": round(used / seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
         "mean_seq_len": round(seq, 1),

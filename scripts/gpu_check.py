@@ -1,7 +1,7 @@
 """The one prepared GPU check: speed, memory and the real pipeline on CUDA, in one command.
 
 Run from the repository root on a machine with a GPU (no network needed):
-    bash scripts/gpu_check.sh                 # at most --budget_s 420 s (377 s on an H200)
+    bash scripts/gpu_check.sh                 # at most --budget_s 420 s
     python -m scripts.gpu_check --smoke       # the same steps, tiny, on the CPU (tested in CI)
 Prints a table and writes out/gpu_check.json (and $OUT/gpu_check.json when $OUT is set).
 
@@ -9,16 +9,19 @@ Parts, each in its own process with its own time limit, so one failure or hang n
 loses the others' numbers:
   sync      one training step under torch.cuda.set_sync_debug_mode("warn"): syncs counted
   attention which SDPA kernel the 104M layer shape runs, causal (training) and masked (packing, eval)
-  profile   10 eager training steps of the 26M model at batch 16 under torch.profiler: kernels per
-            step, GPU busy time and wall time per step (is the default step launch-bound?)
-  train     bench_train for 26M and 104M, batch 16 (the SFT default) and 64, eager
+  profile   10 training steps of the 26M model at batch 16 under torch.profiler, eager and captured
+            (--compile graphs): kernels per step, GPU busy time and its share of the wall time
+  memory    peak memory of the 104M step at batch 8/16/32 (and 16 captured); the largest batch
+            that fits an 8 GB card
+  train     bench_train at the guide's default flags (batch 16), eager, 26M and 104M
             (epoch seconds after the feature cache, tokens/s, MFU, peak memory)
   eval      bench_eval: 1,061 test questions, 104M
-  pipeline  convert --demo -> 2 SFT epochs (26M, full-size random ViT-B/16 tower, bf16,
-            feature cache) -> eval_vlm.py: save, load and evaluation on CUDA
+  pipeline  the guide for 104M with every default: convert --demo, pretrain 4 epochs, SFT 4
+            epochs, eval_vlm.py --model_mode 1 (wall time per stage, cache and compile included)
   backends  (only with --only backends) bench_eval and the 26M batch-16 epoch, each also with the
             cuDNN attention kernel allowed
-  compile   bench_train --compile: 26M at batch 16 and 64, 104M at 64 (last: compilation takes minutes)
+  compile   bench_train at batch 16 with --compile graphs and on (26M, 104M), then 104M batch 64
+            graphs (the best flags); last, because each run compiles for tens of seconds
 --only / --skip pick parts by these names.
 --budget_s (default 420) caps the whole run: each part's limit is cut to the time left and parts
 that no longer fit are skipped and marked so, so a lent GPU's minutes leave room for a rerun.
@@ -44,21 +47,26 @@ SMOKE_SIZE = ["--hidden_size", "64", "--num_hidden_layers", "2", "--vision_model
 
 
 def train_runs(smoke: bool, compiled: bool) -> list[tuple[str, list[str], int]]:
-    """(name, bench_train flags, time limit in s). Eager runs come first; the compiled ones
-    (minutes of compilation) run last, so a time limit cuts only them."""
+    """(name, bench_train flags, time limit in s). The guide's default flags (batch 16) first:
+    eager in the ``train`` part; captured (``--compile graphs``) and compiled (``on``) in the
+    ``compile`` part, which runs last (compilation takes tens of seconds per run), then the
+    best flags (104M at batch 64)."""
     if smoke:
-        return [("smoke b16 " + ("compile" if compiled else "eager"),
-                 SMOKE_SIZE + ["--batch_size", "16"] + (["--compile"] if compiled else []), 300)] if not compiled else []
+        return [] if compiled else [("smoke b16 eager", SMOKE_SIZE + ["--batch_size", "16"], 300)]
     if compiled:
-        return [(f"{size} b{b} compile", SIZES[size] + ["--batch_size", str(b), "--compile", "--epochs", "3"], 200)
-                for size, b in (("26M", 16), ("26M", 64), ("104M", 64))]
-    return [(f"{size} b{b} eager", SIZES[size] + ["--batch_size", str(b)], 150)
-            for size in ("26M", "104M") for b in (16, 64)]
+        return [(f"{size} b{b} {mode}", SIZES[size] + ["--batch_size", str(b), "--compile", mode, "--epochs", "3"], 150)
+                for size, b, mode in (("26M", 16, "graphs"), ("104M", 16, "graphs"), ("26M", 16, "on"),
+                                      ("104M", 16, "on"), ("104M", 64, "graphs"))]
+    return [(f"{size} b16 eager", SIZES[size] + ["--batch_size", "16"], 150) for size in ("26M", "104M")]
 
 
-# Issue #11's targets on one H100 (after the feature cache): SLAKE-sized SFT epoch and eval.
-TARGET_EPOCH_S = {"26M": 1.2, "104M": 3.0}
-TARGET_EVAL_S = 3.0
+# Issue #20's targets on one H100/H200 (after the feature cache): SLAKE-sized SFT epoch at the
+# default flags (batch 16) and at the best flags; evaluation; the guide end to end for 104M.
+TARGET_EPOCH_S = {"26M": 1.5, "104M": 3.0}
+TARGET_BEST_EPOCH_S = {"26M": 1.0, "104M": 2.0}
+TARGET_EVAL_S = 1.0
+TARGET_GUIDE_S = 90.0
+CONSUMER_GB = 8.0  # the guide's user: one 8 GB card
 
 
 class Budget:
@@ -99,16 +107,18 @@ def run_json(cmd: list[str], limit: int, log: Path) -> dict:
     return out
 
 
-def training_step(device: str, size: dict, tower: str, questions: list[str], micro_batches: int = 1):
+def training_step(device: str, size: dict, tower: str, questions: list[str], micro_batches: int = 1,
+                  compiled: str = "off"):
     """One image's questions as a real training step, built the way the trainer builds it: the
     product's device settings and compute dtype, its optimizer, collate and ``train_step``.
     Returns (device, a function that runs one optimizer step, the host batches)."""
     import numpy as np
     from PIL import Image
 
-    import trainer.trainer as tr
+    import trainer.step as tr
+    from trainer.distributed import Dist
     from dataset.features import FeatureStore
-    from dataset.vqa_dataset import Sample, collate
+    from dataset.vqa_dataset import Sample, collate, plan_shapes
     from model.checkpoint import build_config
     from model.runtime import autocast, compute_dtype, pick_device
     from model.tokenization import ChatEncoder, load_tokenizer
@@ -133,11 +143,16 @@ def training_step(device: str, size: dict, tower: str, questions: list[str], mic
     params, opt, scaler = tr.make_optimizer(model, cfg, dev, dtype)
     amp = autocast(dev, dtype)
     per = len(samples) // micro_batches
-    batches = [collate(samples[i * per:(i + 1) * per], tok.pad_token_id, enc.image_id, tr.pad_multiple(cfg))
+    shapes = None
+    if compiled != "off":  # as the trainer does: fixed shapes, the forward compiled in place
+        shapes = plan_shapes(samples, per)
+        tr.compile_model(model, compiled if dev.type == "cuda" else "on", None)
+    batches = [collate(samples[i * per:(i + 1) * per], tok.pad_token_id, enc.image_id, tr.pad_multiple(cfg), shapes)
                for i in range(micro_batches)]
 
     def step():
-        return tr.train_step(model, model, batches, feats, opt, scaler, params, cfg, tr.Dist(), dev, amp, 1e-4)
+        return tr.train_step(model, model, batches, feats, opt, scaler, params, cfg, Dist(), dev, amp, 1e-4,
+                             graphs=compiled == "graphs" and dev.type == "cuda")
     return dev, step, batches
 
 
@@ -204,16 +219,24 @@ def attention_check(device: str, smoke: bool) -> dict:
 
 
 def step_profile(device: str, smoke: bool, steps: int = 10) -> dict:
-    """Eager training steps of the 26M model at the SFT default batch (16 questions of about
-    220 tokens, 196 image tokens each) under torch.profiler. Kernels per step and GPU busy
-    time per step against wall time per step: when the wall time is much longer than the
-    busy time, the step is bound by kernel launches (Python and dispatcher), not by the GPU."""
+    """Training steps of the 26M model at the SFT default batch (16 questions of about 220
+    tokens, 196 image tokens each) under torch.profiler, eager and (on CUDA) captured as CUDA
+    graphs (--compile graphs). Kernels per step and GPU busy time per step against wall time
+    per step: when the wall time is much longer than the busy time, the step is bound by
+    kernel launches (Python and dispatcher), not by the GPU (target: busy >= 70 %)."""
+    import torch
+    modes = ["off"] if smoke or not torch.cuda.is_available() else ["off", "graphs"]
+    return {("eager" if m == "off" else m): _profile_mode(device, smoke, steps, m) for m in modes}
+
+
+def _profile_mode(device: str, smoke: bool, steps: int, compiled: str) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     size = dict(hidden_size=64, num_hidden_layers=2) if smoke else dict(hidden_size=512, num_hidden_layers=8)
     dev, step, (batch,) = training_step(device, size, "random-tiny" if smoke else "random",
-                                        ["Which organ is abnormal in this scan" + " now" * (n % 5) for n in range(16)])
+                                        ["Which organ is abnormal in this scan" + " now" * (n % 5) for n in range(16)],
+                                        compiled=compiled)
 
     def sync():
         if dev.type == "cuda":
@@ -241,31 +264,76 @@ def step_profile(device: str, smoke: bool, steps: int = 10) -> dict:
         busy_us = sum(getattr(e, "self_device_time_total", 0) for e in kernels)
         result.update({"kernels_per_step": round(sum(e.count for e in kernels) / steps),
                        "gpu_busy_ms_per_step": round(busy_us / steps / 1e3, 2),
+                       "gpu_busy_share": round(busy_us / steps / 1e3 / wall_ms, 3),
                        "top_kernels_ms": {e.key[:80]: round(getattr(e, "self_device_time_total", 0) / steps / 1e3, 3)
                                           for e in sorted(kernels, key=lambda e: -getattr(e, "self_device_time_total", 0))[:8]}})
     return result
 
 
+def memory_check(device: str, smoke: bool) -> dict:
+    """Peak GPU memory of a 104M training step at the default flags (eager, and captured at
+    batch 16), per batch size, and the largest batch that fits the guide's 8 GB card by a
+    linear fit of peak memory over the batch (weights, gradients and AdamW state are the
+    intercept). The run's feature cache adds ~0.15 GB for SLAKE's 642 images (bf16)."""
+    import gc
+
+    import torch
+    size = dict(hidden_size=64, num_hidden_layers=2) if smoke else dict(hidden_size=768, num_hidden_layers=16)
+    tower = "random-tiny" if smoke else "random"
+    cuda = torch.cuda.is_available() and device == "cuda"
+    rows = {}
+    for batch, mode in ((8, "off"), (16, "off"), (32, "off"), (16, "graphs")):
+        if mode != "off" and not cuda:
+            continue
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        _, step, _ = training_step(device, size, tower, ["Which organ is abnormal in this scan now"] * batch,
+                                   compiled=mode)
+        for _ in range(3):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        rows[f"b{batch} {'eager' if mode == 'off' else mode}"] = \
+            round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None
+        del step
+    result = {"peak_gb": rows}
+    if cuda:
+        slope = (rows["b32 eager"] - rows["b8 eager"]) / 24
+        base = rows["b8 eager"] - 8 * slope
+        usable = CONSUMER_GB * 0.9  # the driver, the CUDA context and fragmentation take the rest
+        result.update({"gb_per_sample": round(slope, 4), "fixed_gb": round(base, 3),
+                       "largest_batch_8gb": int((usable - base) // slope) if slope > 0 else None,
+                       "headroom_gb_at_b16": round(CONSUMER_GB - rows["b16 eager"], 2)})
+    return result
+
+
 def pipeline(smoke: bool, device: str, log: Path, budget: Budget) -> dict:
-    """The guide's stages on the demo set, on this device, in a scratch folder."""
+    """The guide end to end in a scratch folder, with its own flags (104M, every default; the
+    random ViT-B/16-shaped tower stands in for CLIP): convert --demo, stage 1 for 4 epochs,
+    stage 2 for 4 epochs, evaluation of the SFT model. Wall time per stage, all included
+    (the feature cache, compilation when --compile auto chooses it)."""
     py = sys.executable
     with tempfile.TemporaryDirectory() as d:
         data, out = Path(d) / "data", Path(d) / "out"
-        model = ["--hidden_size", "64" if smoke else "512", "--num_hidden_layers", "2" if smoke else "8",
-                 "--vision_model", "random-tiny" if smoke else "random", "--device", device]
+        model = (["--hidden_size", "64", "--num_hidden_layers", "2", "--vision_model", "random-tiny"] if smoke
+                 else ["--vision_model", "random"])
+        size = "64" if smoke else "768"
+        common = [*model, "--images_path", str(data / "medical_images"), "--cache_dir", str(data / "cache"),
+                  "--out_dir", str(out), "--device", device] + (["--epochs", "1", "--batch_size", "4"] if smoke else [])
         steps = [
             [py, "convert_slake_dataset.py", "--demo", "--out_dir", str(data)]
             + (["--demo_images", "12", "3", "3"] if smoke else []),
-            [py, "train_sft_vlm.py", *model, "--data_path", str(data / "medical_vqa_train.jsonl"),
-             "--val_path", str(data / "medical_vqa_validation.jsonl"), "--images_path", str(data / "medical_images"),
-             "--cache_dir", str(data / "cache"), "--out_dir", str(out), "--epochs", "2", "--batch_size", "16",
-             "--learning_rate", "1e-3", "--log_interval", "20", "--from_weight", "none"],
-            [py, "eval_vlm.py", "--model_path", str(out / f"medical_vlm_{model[1]}.pth"), "--data_path",
-             str(data / "medical_vqa_test.jsonl"), "--train_path", str(data / "medical_vqa_train.jsonl"),
-             "--images_path", str(data / "medical_images"), "--out_dir", str(out), "--cache_dir",
-             str(data / "cache"), "--device", device],
+            [py, "train_pretrain_vlm.py", *common, "--data_path", str(data / "medical_pretrain.jsonl")],
+            [py, "train_sft_vlm.py", *common, "--data_path", str(data / "medical_vqa_train.jsonl"),
+             "--val_path", str(data / "medical_vqa_validation.jsonl")],
+            [py, "eval_vlm.py", "--model_mode", "1", "--hidden_size", size, "--out_dir", str(out),
+             "--data_path", str(data / "medical_vqa_test.jsonl"), "--train_path", str(data / "medical_vqa_train.jsonl"),
+             "--images_path", str(data / "medical_images"), "--cache_dir", str(data / "cache"), "--device", device],
         ]
         times = []
+        t_all = time.perf_counter()
         for cmd in steps:
             t0 = time.perf_counter()
             limit = budget.limit(400)
@@ -278,10 +346,13 @@ def pipeline(smoke: bool, device: str, log: Path, budget: Budget) -> dict:
             if p.returncode != 0:
                 return {"error": f"{Path(cmd[1]).name} exit {p.returncode}: "
                                  f"{(p.stderr.strip().splitlines() or [''])[-1][:300]}", "seconds": times}
-        metrics = json.loads((out / "eval" / f"medical_vlm_{model[1]}" / "metrics.json").read_text())
-        rows = [json.loads(line) for line in (out / f"medical_vlm_{model[1]}_metrics.jsonl").read_text().splitlines()]
-    return {"seconds": dict(zip(("convert", "sft_2_epochs", "eval"), times)),
-            "epoch_seconds": [r["epoch_seconds"] for r in rows if "epoch_seconds" in r],
+        total = round(time.perf_counter() - t_all, 1)
+        metrics = json.loads((out / "eval" / f"medical_vlm_{size}" / "metrics.json").read_text())
+        rows = [json.loads(line) for line in (out / f"medical_vlm_{size}_metrics.jsonl").read_text().splitlines()]
+    return {"seconds": dict(zip(("convert", "pretrain", "sft", "eval"), times)), "total_seconds": total,
+            "guide_seconds": round(sum(times[1:]), 1), "target_guide_seconds": TARGET_GUIDE_S,
+            "sft_epoch_seconds": [r["epoch_seconds"] for r in rows if "epoch_seconds" in r],
+            "sft_compile_seconds": [r["compile_seconds"] for r in rows if "compile_seconds" in r],
             "final_loss": [r["loss"] for r in rows if "loss" in r][-1],
             "overall_accuracy": metrics["overall_accuracy"], "questions": metrics["count"]["all"]}
 
@@ -295,7 +366,7 @@ def table(result: dict) -> str:
             lines.append(f"{name:20s} ERROR {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        target = TARGET_EPOCH_S.get(name.split()[0])
+        target = (TARGET_EPOCH_S if " b16 " in name else TARGET_BEST_EPOCH_S).get(name.split()[0])
         target = f"<={target:g}" if target else "-"
         lines.append(f"{name:20s} {r['epoch_seconds']:8.2f} {target:>7s} {r['tokens_per_s']:10,.0f} "
                      f"{r['samples_per_s']:8,.0f} {mfu:>6s} {str(r.get('peak_memory_gb') or '-'):>8s} "
@@ -312,20 +383,30 @@ def table(result: dict) -> str:
     lines.append("sync: " + (f"{s['syncs_in_step']} host-device syncs in one training step" if s and "error" not in s
                              else f"ERROR {s['error']}" if s else "-"))
     pr = result.get("profile") or {}
-    if pr:
-        lines.append("profile: " + (f"26M batch-16 eager step {pr['wall_ms_per_step']} ms wall, "
-                                    f"{pr.get('gpu_busy_ms_per_step', '-')} ms GPU busy, "
-                                    f"{pr.get('kernels_per_step', '-')} kernels, {pr['aten_ops_per_step']} aten ops"
-                                    if "error" not in pr else f"ERROR {pr['error']}"))
+    if "error" in pr:
+        lines.append(f"profile: ERROR {pr['error']}")
+    for mode, r in ({} if "error" in pr else pr).items():
+        share = r.get("gpu_busy_share")
+        lines.append(f"profile: 26M batch-16 {mode} step {r['wall_ms_per_step']} ms wall, "
+                     f"{r.get('gpu_busy_ms_per_step', '-')} ms GPU busy"
+                     + (f" ({100 * share:.0f} %, target >= 70 %)" if share is not None else "")
+                     + f", {r.get('kernels_per_step', '-')} kernels, {r['aten_ops_per_step']} aten ops")
+    m = result.get("memory") or {}
+    if m:
+        lines.append("memory: " + (f"104M peak GB {m['peak_gb']}; largest batch on an 8 GB card "
+                                   f"{m.get('largest_batch_8gb', '-')}, headroom at batch 16 "
+                                   f"{m.get('headroom_gb_at_b16', '-')} GB" if "error" not in m else f"ERROR {m['error']}"))
     for name, r in (result.get("backends") or {}).items():
         value = r.get("generation_seconds", r.get("epoch_seconds"))
         lines.append(f"backends: {name:28s} " + (f"{value:.2f} s" if value is not None else f"ERROR {r.get('error')}"))
     p = result["pipeline"]
-    lines.append("pipeline: " + (json.dumps(p) if p else "-"))
+    lines.append("guide (104M, defaults): " + (f"{p['guide_seconds']} s for pretrain 4 + SFT 4 + eval (target <= "
+                                               f"{TARGET_GUIDE_S:g} s); {json.dumps(p)}" if p and "error" not in p
+                                               else json.dumps(p) if p else "-"))
     return "\n".join(lines)
 
 
-PARTS = ("sync", "attention", "profile", "train", "eval", "backends", "pipeline", "compile")
+PARTS = ("sync", "attention", "profile", "memory", "train", "eval", "backends", "pipeline", "compile")
 OPT_IN = ("backends",)  # runs only when named in --only: it repeats eval and one training run
 
 
@@ -350,7 +431,8 @@ def main(argv=None) -> int:
     log.write_text("")
     budget = Budget(args.budget_s)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
-              "train": {}, "eval": {}, "sync": {}, "attention": {}, "profile": {}, "backends": {}, "pipeline": {}}
+              "train": {}, "eval": {}, "sync": {}, "attention": {}, "profile": {}, "memory": {}, "backends": {},
+              "pipeline": {}}
 
     def want(part: str) -> bool:
         if part in OPT_IN and part not in args.only:
@@ -390,6 +472,7 @@ def main(argv=None) -> int:
     in_process("sync", lambda: sync_check(device))
     in_process("attention", lambda: attention_check(device, args.smoke))
     in_process("profile", lambda: step_profile(device, args.smoke))
+    in_process("memory", lambda: memory_check(device, args.smoke))
     if want("train"):
         train(compiled=False)
     if want("eval"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (see scripts/gpu_check.py): one command, no network, at most --budget_s (default 420 s): 377 s on an H200.
+# The prepared GPU check (see scripts/gpu_check.py): one command, no network, at most --budget_s (default 420 s).
 #   bash scripts/gpu_check.sh            # writes out/gpu_check.json and prints a table
 # Uses .venv when it holds a CUDA build of torch, else the machine's python3.
 set -euo pipefail

@@ -265,8 +265,9 @@ def test_feature_fallback_ignores_autocast(tiny_tower, tmp_path):
 
 def test_resume_state_only_at_save_interval_and_end(demo, tmp_path, monkeypatch):
     written = []
-    real = tr.atomic_save
-    monkeypatch.setattr(tr, "atomic_save", lambda obj, path: written.append(path.name) or real(obj, path))
+    import trainer.checkpointing as ck
+    real = ck.atomic_save
+    monkeypatch.setattr(ck, "atomic_save", lambda obj, path: written.append(path.name) or real(obj, path))
     args = list(TINY) + ["--images_path", str(demo / "medical_images"), "--out_dir", str(tmp_path), "--cache_dir", "",
                          "--data_path", str(demo / "medical_vqa_train.jsonl"), "--val_path", "",
                          "--from_weight", "none", "--epochs", "3", "--batch_size", "8"]
@@ -320,9 +321,11 @@ def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
     assert run["epoch_seconds"] > 0 and run["tokens_per_s"] > 0
     assert r["eval"]["questions"] == 64 and r["eval"]["generation_seconds"] > 0
     p = r["pipeline"]
-    assert "error" not in p and len(p["epoch_seconds"]) == 2 and p["questions"] > 0
+    assert "error" not in p and len(p["sft_epoch_seconds"]) == 1 and p["questions"] > 0
+    assert sorted(p["seconds"]) == ["convert", "eval", "pretrain", "sft"] and p["guide_seconds"] > 0
     assert r["attention"]["causal"]["kernels"] and r["attention"]["masked"]["kernels"]
-    assert r["profile"]["aten_ops_per_step"] > 100 and r["profile"]["wall_ms_per_step"] > 0
+    assert r["profile"]["eager"]["aten_ops_per_step"] > 100 and r["profile"]["eager"]["wall_ms_per_step"] > 0
+    assert sorted(r["memory"]["peak_gb"]) == ["b16 eager", "b32 eager", "b8 eager"]  # numbers on CUDA only
     assert sorted(r["backends"]) == ["26M b16 eager, cudnn attention", "26M b16 eager, default",
                                      "eval, cudnn attention", "eval, default"]
     assert all("error" not in v for v in r["backends"].values())

@@ -347,7 +347,7 @@ def _sft(demo: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("fail_at", ["first_save", "second_save"])
 def test_a_failed_run_leaves_the_kept_checkpoint_and_its_metrics(fail_at, tmp_path, monkeypatch, capfd):
-    import trainer.trainer as tr
+    import trainer.checkpointing as tr
     demo = converted_demo(tmp_path, 3, 8, 2, 2)
     out = tmp_path / "out"
     assert train_main("sft", _sft(demo, out)) == 0

@@ -372,3 +372,41 @@ def test_python_api_matches_eval(pth, demo, tmp_path):
     assert vqa.answer(demo / "medical_images" / records[0]["image"], preds[0]["question"]) == answers[0]
     from webdemo.app import EXAMPLES_DIR
     assert isinstance(vqa.answer(EXAMPLES_DIR / "ct_abdomen_lesion.dcm", "Is there a lesion?"), str)  # DICOM
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_fused_projections_equal_the_split_form_and_keep_split_names(moe, tokenizer, tiny_tower, tmp_path):
+    """q/k/v and gate/up run as one matrix product each (model.language_model.FusedLinear), but
+    every state dict, checkpoint and safetensors file holds MiniMind's split names; the fused
+    layers give the split layers' outputs, and a model loaded from the split names gives
+    identical logits."""
+    import torch.nn.functional as F
+
+    model = _our_model(tokenizer, tiny_tower, moe)
+    sd = model.state_dict()
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in sd)
+    for part in ("q_proj", "k_proj", "v_proj"):
+        assert f"llm.layers.0.self_attn.{part}.weight" in sd
+    mlp = "llm.layers.0.mlp." + ("experts.0." if moe else "")
+    assert f"{mlp}gate_proj.weight" in sd and f"{mlp}up_proj.weight" in sd
+    x = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(3))
+    attn = model.llm.layers[0].self_attn
+    q, k, v = attn.qkv_proj(x).split(list(attn.qkv_proj.parts.values()), dim=-1)
+    for got, part in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")):
+        assert torch.allclose(got, F.linear(x, sd[f"llm.layers.0.self_attn.{part}.weight"]), atol=1e-6)
+    ff = model.llm.layers[0].mlp.experts[0] if moe else model.llm.layers[0].mlp
+    split = F.linear(F.silu(F.linear(x, sd[f"{mlp}gate_proj.weight"])) * F.linear(x, sd[f"{mlp}up_proj.weight"]),
+                     sd[f"{mlp}down_proj.weight"])
+    assert torch.allclose(ff(x), split, atol=1e-6)
+    # a checkpoint with the split names (as every file before the fusion) loads into the fused model
+    other = _our_model(tokenizer, tiny_tower, moe)
+    other.load_state_dict(sd)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model.llm.lm_head(model.llm(model.llm.embed_tokens(ids))),
+                           other.llm.lm_head(other.llm(other.llm.embed_tokens(ids))))
+    # a part missing is reported under its split name by the strict loader
+    from model.checkpoint import CheckpointError, load_weights
+    broken = {k: v for k, v in model.trainable_state_dict().items() if not k.endswith("layers.1.self_attn.k_proj.weight")}
+    with pytest.raises(CheckpointError, match=r"missing \(1\): llm.layers.1.self_attn.k_proj.weight"):
+        load_weights(other, broken, "test")

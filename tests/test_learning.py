@@ -177,7 +177,7 @@ def test_closed_text_prior_is_the_share_the_text_alone_answers(rows, expected):
 
 
 def test_more_epochs_advice():
-    from trainer.trainer import Validation, more_epochs_advice
+    from trainer.validation import Validation, more_epochs_advice
 
     def hist(*pairs):
         return [Validation(loss, acc, acc) for loss, acc in pairs]
@@ -201,7 +201,8 @@ def test_validation_exact_match_is_what_greedy_decoding_answers(tmp_path, tokeni
     from model.checkpoint import load_model
     from trainer.cli import main as train_main
     from trainer.config import parse_train_args
-    from trainer.trainer import Dist, evaluate
+    from trainer.distributed import Dist
+    from trainer.validation import evaluate
     raw = write_hard_release(tmp_path / "raw", seed=4, n_train=4, n_val=1, n_test=1)
     convert(read_release(raw), tmp_path / "d")
     d = tmp_path / "d"
@@ -458,14 +459,15 @@ def test_standin_llm_loads_through_from_llm(tmp_path, tokenizer, tiny_tower):
                             num_key_value_heads=1)
     load_minimind_llm(model, str(out))
     assert torch.equal(model.llm.embed_tokens.weight, sd["model.embed_tokens.weight"])
-    assert torch.equal(model.llm.layers[0].self_attn.q_proj.weight, sd["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(model.llm.state_dict()["layers.0.self_attn.q_proj.weight"],
+                       sd["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_closed_questions_at_the_prior_are_reported(tmp_path, tokenizer):
     """The trainer computes what the per-question prior scores on the validation split, and
     warns when the closed exact match ends there (the image is not used for closed questions)."""
     from dataset.vqa_dataset import VQADataset
-    from trainer.trainer import Validation, prior_advice, validation_prior
+    from trainer.validation import Validation, prior_advice, validation_prior
     d = tmp_path / "d"
     d.mkdir()
 
@@ -494,7 +496,7 @@ def test_wsd_schedule_holds_the_peak_then_decays_only_at_the_end(total):
     """--lr_schedule wsd: linear warm-up, the peak held, then a linear decay to --min_lr_ratio
     over the last --decay_ratio of the steps; a longer run changes only where the decay starts."""
     from trainer.config import TrainConfig
-    from trainer.trainer import lr_at
+    from trainer.schedule import lr_at
     cfg = TrainConfig(stage="sft", learning_rate=1e-3, lr_schedule="wsd", decay_ratio=0.2, warmup_ratio=0.05,
                       min_lr_ratio=0.1)
     lrs = [lr_at(s, total, cfg) for s in range(total)]
@@ -524,7 +526,7 @@ def test_schedule_is_chosen_per_stage_and_start(stage, argv, lm_pretrained, expe
     """--lr_schedule auto: warm-up-stable-decay for stage 2 from scratch (closed questions are
     learned late, while the rate is still high), MiniMind-V's cosine otherwise."""
     from trainer.config import parse_train_args
-    from trainer.trainer import lr_at
+    from trainer.schedule import lr_at
     cfg = parse_train_args(stage, argv)
     assert cfg.lr_schedule == (argv[1] if argv else "auto")
     cfg.resolve_learning_rate(lm_pretrained)

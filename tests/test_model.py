@@ -60,7 +60,7 @@ def test_rope_preserves_norm_and_relative_positions():
 def test_gqa_shapes(tokenizer, tiny_tower):
     model = make_tiny_model(tokenizer, tiny_tower, num_attention_heads=4, num_key_value_heads=2)
     attn = model.llm.layers[0].self_attn
-    assert attn.q_proj.out_features == 4 * 16 and attn.k_proj.out_features == 2 * 16
+    assert attn.qkv_proj.parts == {"q_proj": 4 * 16, "k_proj": 2 * 16, "v_proj": 2 * 16}
     h = model.llm(torch.randn(2, 7, 64))
     assert h.shape == (2, 7, 64)
 

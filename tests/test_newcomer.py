@@ -136,7 +136,7 @@ def test_model_card_states_the_real_data_and_epochs(source, slake):
 
 
 def test_training_records_where_its_data_came_from(tmp_path):
-    from trainer.trainer import data_source
+    from trainer.checkpointing import data_source
     (tmp_path / "manifest.json").write_text(json.dumps({"source": "release:/home/me/Slake1.0 + /data/vqa_rad"}))
     cfg = TrainConfig(data_path=str(tmp_path / "medical_vqa_train.jsonl"))
     assert data_source(cfg) == "release + vqa_rad"

@@ -20,7 +20,8 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
     from model.checkpoint import CheckpointError
     from model.runtime import DeviceError, setup_logging
     from model.vision import VisionTowerNotFound
-    from trainer.trainer import TrainingError, TrainingInterrupted, train
+    from trainer.errors import TrainingError, TrainingInterrupted
+    from trainer.trainer import train
     setup_logging()
     try:
         train(cfg)

@@ -65,7 +65,8 @@ class TrainConfig:
     # it took the hard demo set's closed questions from the prior to +26.5 / +26.9 (seeds 42 / 1; docs/learning.md)
     look_loss: float = 1.0
     dtype: str = "auto"         # auto: bfloat16 on CUDA (float16 if unsupported), float32 on CPU
-    compile: bool = False
+    compile: str = "auto"       # auto | on | graphs | off (trainer/step.py compile_choice)
+    prefetch: bool = True       # build the next step's batches on a thread while this one runs
     save_dtype: str = "float32"  # weights checkpoint precision; the resume state is always float32
     # run
     out_dir: str = "out"
@@ -86,6 +87,8 @@ class TrainConfig:
         """The same rules as the command line (RULES), plus the ones that tie flags together."""
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
+        if isinstance(self.compile, bool):  # TrainConfig(compile=True) in code, as before --compile took a mode
+            self.compile = "on" if self.compile else "off"
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise flags.FlagError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -188,7 +191,7 @@ GROUPS = {
     "learning-rate schedule": ["lr_schedule", "warmup_ratio", "min_lr_ratio", "decay_ratio"],
     "grounding and closed-question losses (Learning II; 0 = off)": ["debias", "debias_until", "rank_weight",
                                                                          "rank_margin", "patch_loss", "look_loss"],
-    "hardware": ["device", "dtype", "compile", "num_workers"],
+    "hardware": ["device", "dtype", "compile", "prefetch", "num_workers"],
     "saving and logging": ["out_dir", "save_interval", "save_dtype", "resume", "stop_at_step", "seed", "log_interval",
                            "use_wandb", "wandb_project"],
 }
@@ -225,7 +228,9 @@ HELP = {
     "save_interval": "optimizer steps between checkpoints (0 = each epoch)",
     "resume": "continue from out/<name>_resume.pth",
     "stop_at_step": "stop after this optimizer step without changing the schedule",
-    "compile": "torch.compile the language model",
+    "compile": "torch.compile the training step: on, graphs (also replayed as CUDA graphs, one per batch shape), "
+               "off, or auto (on for CUDA runs of 500+ steps; off on the CPU); a bare --compile means on",
+    "prefetch": "build the next step's batches on a worker thread while this step runs",
     "train_vision": "none | last:N | all: fine-tune the vision tower's last N (or all) blocks; the feature cache "
                     "then keeps the frozen prefix's output",
     "vision_lr": "peak learning rate of the fine-tuned vision blocks (same schedule as --learning_rate)",
@@ -259,7 +264,8 @@ HELP = {
 
 CHOICES = {"freeze_llm": ["all", "except_last", "none", "auto"], "projector": list(PROJECTORS),
            "dtype": ["auto", "bfloat16", "float16", "float32"], "save_dtype": ["float32", "bfloat16", "float16"],
-           "lr_schedule": ["auto", "cosine", "wsd", "constant"]}
+           "lr_schedule": ["auto", "cosine", "wsd", "constant"], "compile": ["auto", "on", "graphs", "off"]}
+BARE = {"compile": "on"}  # a flag given without a value (the old boolean --compile)
 
 # Allowed range of every numeric flag (argparse ``type=`` and TrainConfig.__post_init__).
 RULES = {
@@ -296,7 +302,9 @@ def parse_train_args(stage: str, argv=None, description: str | None = None) -> T
         else:
             typ = RULES.get(f.name) or {"int": int, "float": float, "str": str}[
                 f.type if isinstance(f.type, str) else f.type.__name__]
-            group.add_argument(f"--{f.name}", type=typ, default=default, help=help_text, choices=CHOICES.get(f.name))
+            bare = {"nargs": "?", "const": BARE[f.name]} if f.name in BARE else {}
+            group.add_argument(f"--{f.name}", type=typ, default=default, help=help_text, choices=CHOICES.get(f.name),
+                               **bare)
     args = ap.parse_args(argv)
     for name in PATH_FLAGS:  # typed paths count from the working directory, defaults from the repository
         setattr(args, name, user_path(getattr(args, name), preset[name], may_be_remote=name in REMOTE_FLAGS))

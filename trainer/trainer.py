@@ -9,119 +9,44 @@ computes the same update. Resume therefore reproduces the uninterrupted run.
 """
 from __future__ import annotations
 
-import contextlib
-import datetime
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
-from dataset.contract import answer_of, question_of
-from dataset.features import FeatureStore
 from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, patch_targets, read_boxes_file
 from dataset.contract import image_file, images_of, read_jsonl
-from dataset.vqa_dataset import (MODEL_INPUTS, PackedQuestions, VQADataset, annotate_closed, annotate_look,
-                                 balance_closed,
-                                 closed_text_prior, collate, paired_permutation)
-from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
-from model.checkpoint import (CheckpointError, atomic_save, build_config, checkpoint_path, ensure_finite,
-                              load_weights, locate_checkpoint, read_checkpoint, safe_load, save_checkpoint,
-                              tokenizer_from_files)
+from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_closed, annotate_look, balance_closed,
+                                 closed_text_prior)
+from model.atomic import remove_stale_temps
+from model.checkpoint import (CheckpointError, build_config, checkpoint_path, load_weights, locate_checkpoint,
+                              read_checkpoint, tokenizer_from_files)
 from model.config import DEFAULT_VISION_MODEL, VLMConfig, resolve_path
 from model.lock import LockError, output_lock
 from model.minimind_weights import load_minimind_llm
-from model.runtime import Progress, autocast, compute_dtype, configure_cuda, pick_device, seed_everything
+from model.runtime import Progress, autocast, compute_dtype, seed_everything
 from model.tokenization import ChatEncoder, load_tokenizer
 from model.vision import load_vision_tower
 from model.vlm import MedicalVLM
+from dataset.features import FeatureStore
+from trainer.checkpointing import Checkpointer, load_resume
 from trainer.config import TrainConfig
-from trainer.losses import closed_answer_loss, look_loss, patch_loss
+from trainer.distributed import Dist, init_distributed
+from trainer.errors import TrainingError, TrainingInterrupted
+from trainer.logs import MetricsLog
+from trainer.schedule import lr_at
+from trainer.step import (BatchFeed, StepPlan, compile_choice, compile_model, make_optimizer, shape_key, step_shapes,
+                          train_step)
+from trainer.validation import evaluate, more_epochs_advice, prior_advice, validation_prior, validation_shapes
 
 log = logging.getLogger("train")
 
 CLOSED_PRIOR_HINT = 0.7  # above this share the training log points at --balance_closed and image-use metrics
-# fields that must agree between a resume state and the run continuing it
-RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
-               "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
-               "balance_closed", "train_vision", "vision_lr", "pair_closed", "projector_lr_scale", "debias",
-               "rank_weight", "rank_margin", "patch_loss", "debias_until", "look_loss")
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
              "projector")
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-class TrainingInterrupted(TrainingError):
-    """Ctrl-C: the message says what was kept."""
-
-
-# Longest time a process waits for the others (rank 0 builds the feature cache while the
-# rest wait at a barrier: minutes for a large image set on a slow disk).
-DDP_TIMEOUT = datetime.timedelta(minutes=30)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.enabled:
-            tdist.barrier()
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            tdist.all_reduce(t)
-        return t
-
-
-def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), pick_device(device_flag)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_flag.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"--device {device_flag} under torchrun, but CUDA is not available here: pass "
-                            "--device cpu to train on CPU processes (gloo), or fix the CUDA install")
-    use_cuda = torch.cuda.is_available() and (device_flag == "auto" or device_flag.startswith("cuda"))
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        configure_cuda()
-    if not tdist.is_initialized():
-        # device_id binds NCCL to this GPU at once (no guessing, no hang on a wrong device)
-        tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=DDP_TIMEOUT,
-                                 device_id=device if use_cuda else None)
-    return Dist(rank, world, local_rank), device
-
-
-def data_source(cfg: TrainConfig) -> str:
-    """Where the training data came from, from the converter's manifest beside it (the model
-    card states it): e.g. 'hub:BoKelvin/SLAKE', 'release', 'demo-hard:seed=0'; 'unknown' without
-    a manifest. Local paths are dropped: a shared model must not carry them."""
-    try:
-        source = json.loads((resolve_path(cfg.data_path).parent / "manifest.json").read_text(encoding="utf-8"))["source"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unknown"
-    parts = [("release" if p.strip().startswith("release:") else p.strip()) for p in str(source).split(" + ")]
-    return " + ".join(p if "/" not in p or p.startswith("hub") else Path(p).name for p in parts)
 
 
 def check_out_dir(out_dir: Path, cfg: TrainConfig):
@@ -135,27 +60,6 @@ def check_out_dir(out_dir: Path, cfg: TrainConfig):
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrainingError(f"{flag} {folder} cannot be created ({exc.strerror or exc}): pass another {flag}") from None
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then the peak held to the end (``constant``), or down to ``min_lr_ratio``
-    of the peak: by a cosine over the rest of the run, or (``wsd``: warm-up, stable, decay) held
-    at the peak and decayed linearly over the last ``decay_ratio`` of the steps only, so the
-    run's length changes only where it ends."""
-    warm = int(cfg.warmup_ratio * total)
-    if step < warm:
-        return cfg.learning_rate * (step + 1) / warm
-    lo = cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return cfg.learning_rate
-    if cfg.schedule == "wsd":
-        decay_start = max(warm, total - round(cfg.decay_ratio * total))
-        if step < decay_start:
-            return cfg.learning_rate
-        progress = (step - decay_start + 1) / max(1, total - decay_start)
-        return cfg.learning_rate * (lo + (1 - lo) * (1 - progress))
-    progress = (step - warm) / max(1, total - warm)
-    return cfg.learning_rate * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -283,240 +187,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
     return model.to(device), tok
 
 
-class MetricsLog:
-    """The run's JSONL metrics. Rows go to a hidden working file beside the log; the log itself
-    is replaced (atomically) only when the run saves a checkpoint (``commit``), so a run that
-    fails before or between saves leaves the previous log matching the previous checkpoint.
-    A resumed run first drops the rows logged after the step it resumes from, so no step
-    appears twice."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None, wandb_run=None):
-        self.path, self.enabled, self.wandb = path, enabled, wandb_run
-        self.work = path.with_name(f".{path.name}.run")
-        self.resume_step = resume_step
-        self.started = False
-
-    def _start(self):
-        self.started = True
-        kept = []
-        if self.resume_step is not None and self.path.is_file():
-            kept = [r for r in self._read(self.path) if r.get("step", 0) <= self.resume_step]
-        atomic_write_text(self.work, "".join(json.dumps(r) + "\n" for r in kept))
-
-    def write(self, row: dict):
-        if not self.enabled:
-            return
-        if not self.started:
-            self._start()
-        with self.work.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(row, step=row.get("step"))
-
-    def commit(self):
-        """The rows so far become the log (called right after a checkpoint was saved)."""
-        if self.enabled and self.started and self.work.is_file():
-            atomic_write_text(self.path, self.work.read_text(encoding="utf-8", errors="replace"))
-
-    def close(self):
-        self.work.unlink(missing_ok=True)
-
-    @staticmethod
-    def _read(path: Path) -> list[dict]:
-        rows = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a crash
-                continue
-        return rows
-
-    def rows(self) -> list[dict]:
-        return self._read(self.work) if self.started and self.work.is_file() else []
-
-
-def plot_losses(rows: list[dict], path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")  # files only; no display on training machines
-    import matplotlib.pyplot as plt
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per answer token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _micro_batches(perm: torch.Tensor, step: int, cfg: TrainConfig, dist: Dist) -> list[torch.Tensor]:
-    g = cfg.batch_size * dist.world * cfg.accumulation_steps
-    chunk = perm[step * g:(step + 1) * g]
-    out = []
-    for m in range(cfg.accumulation_steps):
-        start = (m * dist.world + dist.rank) * cfg.batch_size
-        out.append(chunk[start:start + cfg.batch_size])
-    return out
-
-
-def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-
-
-def pad_multiple(cfg: TrainConfig) -> int:
-    """Batch widths are rounded up to this: few distinct shapes, so torch.compile compiles
-    a handful of graphs instead of one per length (and tensor cores like multiples of 8)."""
-    return 64 if cfg.compile else 8
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Host batch -> device. On CUDA the host tensors are pinned first, so the copies are
-    asynchronous and the step never waits for them."""
-    if device.type == "cuda":
-        batch = {k: v.pin_memory() for k, v in batch.items()}
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@dataclass
-class Validation:
-    """One pass over the validation set: mean loss per answer token, and exact match per
-    answer type. Exact match is teacher-forced (every answer token, end of turn included, is
-    the arg-max prediction), which is what greedy decoding would answer, at no generation cost;
-    it can keep rising while the loss rises too (confident mistakes cost more loss)."""
-    loss: float
-    closed: float | None
-    open: float | None
-
-    def exact_match_text(self) -> str:
-        return ", ".join(f"{k} {100 * v:.1f}%" for k, v in (("closed", self.closed), ("open", self.open))
-                         if v is not None)
-
-    def line(self) -> str:
-        acc = self.exact_match_text()
-        return f"validation loss {self.loss:.4f}" + (f", exact match {acc}" if acc else "")
-
-    def row(self) -> dict:
-        return {"val_loss": round(self.loss, 6),
-                **{f"val_{k}_acc": round(v, 4) for k, v in (("closed", self.closed), ("open", self.open))
-                   if v is not None}}
-
-    @property
-    def accuracy(self) -> float | None:
-        known = [v for v in (self.closed, self.open) if v is not None]
-        return sum(known) / len(known) if known else None
-
-
-def validation_prior(data: VQADataset, val: VQADataset | None) -> Validation | None:
-    """What answering every validation question with the commonest training answer for the same
-    question text scores (the per-question prior; loss unknown). A model whose closed exact match
-    stays there answers closed questions from the text alone."""
-    from evaluation.metrics import baselines
-    if val is None:
-        return None
-
-    def items(d):
-        return [{"question": question_of(s.record), "answer": answer_of(s.record), "answer_type": s.record["answer_type"]}
-                for s in d.samples if s.record.get("answer_type") in ("OPEN", "CLOSED")]
-    train_items, val_items = items(data), items(val)
-    if not train_items or not val_items:
-        return None
-    b = baselines(train_items, val_items)["majority_per_question"]
-    return Validation(float("nan"), b["closed_accuracy"], b["open_accuracy"])
-
-
-def prior_advice(last: Validation | None, prior: Validation | None, epochs: int) -> str | None:
-    """A warning when closed questions end at the per-question prior: the image is not used for them."""
-    if last is None or prior is None or last.closed is None or prior.closed is None:
-        return None
-    if last.closed > prior.closed + 0.02:
-        return None
-    return (f"closed questions end at the level of the question-text prior (validation exact match "
-            f"{100 * last.closed:.1f}% vs {100 * prior.closed:.1f}% for the commonest training answer of each question): "
-            f"the model does not use the image for them yet. Small models trained from scratch learn closed questions "
-            f"late (after about 12 epochs on the hard demo set): train longer, e.g. --epochs {max(4 * epochs, 32)}")
-
-
-@torch.no_grad()
-def evaluate(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, dist: Dist, device, amp) -> Validation:
-    model.eval()
-    # loss sum, tokens, then (exact, count) for closed and open questions; summed on the device
-    total = torch.zeros(6, device=device, dtype=torch.float64)
-    idx = list(range(dist.rank, len(data), dist.world))
-    for i in range(0, len(idx), cfg.batch_size):
-        samples = [data.samples[j] for j in idx[i:i + cfg.batch_size]]
-        batch = collate(samples, model.config.pad_token_id, model.config.image_token_id, pad_multiple(cfg))
-        closed = torch.tensor([s.record.get("answer_type") == "CLOSED" for s in samples], dtype=torch.float64)
-        rows = batch["target_pos"] // batch["input_ids"].shape[1]  # the sample each answer token belongs to
-        feats = features.get(batch["image_index"])
-        batch = to_device({**batch, "closed": closed, "rows": rows}, device)
-        with amp:
-            loss_sum, n, _, hits = model(batch["input_ids"], feats, with_hits=True,
-                                         **{k: batch[k] for k in MODEL_INPUTS if k in batch})
-        misses = torch.zeros(len(samples), device=device, dtype=torch.float64).index_add_(
-            0, batch["rows"], (~hits).double())
-        exact = (misses == 0).double()
-        closed = batch["closed"]
-        total += torch.stack([loss_sum.double(), torch.tensor(float(n), device=device, dtype=torch.float64),
-                              (exact * closed).sum(), closed.sum(), (exact * (1 - closed)).sum(), (1 - closed).sum()])
-    dist.all_sum(total)
-    model.train()
-    t = total.tolist()
-    return Validation(t[0] / max(t[1], 1), t[2] / t[3] if t[3] else None, t[4] / t[5] if t[5] else None)
-
-
-@dataclass
-class Checkpointer:
-    """The one save path of a run, with its guard: the weights are checked for NaN/Inf
-    before anything is written, so a good file is never replaced by a bad one, and the log
-    says "saved" only for files that were written."""
-    cfg: TrainConfig
-    final_path: Path
-    resume_path: Path
-    dist: Dist
-    last_saved: tuple[Path, int] | None = None
-    previous: list[Path] = field(default_factory=list)
-
-    def __post_init__(self):
-        self.previous = [p for p in (self.final_path, self.resume_path) if p.is_file()]
-
-    def kept_message(self) -> str:
-        if self.last_saved:
-            return f"the last good checkpoint {self.last_saved[0]} (step {self.last_saved[1]}) is kept"
-        if self.previous:
-            return f"nothing was saved by this run; {', '.join(map(str, self.previous))} from before is untouched"
-        return "nothing was saved"
-
-    def save(self, model, tok, opt, scaler, metrics: "MetricsLog", step: int, epoch: int, extra: dict,
-             with_resume: bool, plot: bool):
-        if self.dist.is_main:
-            try:  # save_checkpoint's own guard refuses NaN/Inf weights before anything is written
-                save_checkpoint(self.final_path, model, tok, self.cfg.stage, step, dtype=self.cfg.save_dtype,
-                                extra={"train_config": self.cfg.to_dict(), "epoch": epoch,
-                                       "data_source": data_source(self.cfg), **extra})
-            except CheckpointError as exc:
-                raise TrainingError(
-                    f"the weights became NaN/Inf at step {step} ({exc}): training diverged and this step was not "
-                    f"saved; {self.kept_message()}. Lower --learning_rate (now {self.cfg.learning_rate}), keep "
-                    "--grad_clip on, or use --dtype bfloat16 instead of float16.") from None
-            metrics.commit()
-            if with_resume:
-                atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
-                             "scaler": scaler.state_dict(), "step": step, "world": self.dist.world,
-                             "train_config": self.cfg.to_dict()}, self.resume_path)
-            if plot:
-                plot_losses(metrics.rows(), self.final_path.with_name(f"{self.final_path.stem}_loss.png"),
-                            f"{self.final_path.stem} ({self.cfg.stage})")
-        self.last_saved = (self.final_path, step)
-        self.dist.barrier()
-
-
 def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: Dist, device):
     """Training/validation samples and their frozen vision features (built once, cached)."""
     images_path = resolve_path(cfg.images_path)
@@ -604,131 +274,6 @@ def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) 
     return targets.to(device), known.to(device)
 
 
-def make_optimizer(model: MedicalVLM, cfg: TrainConfig, device, dtype):
-    if cfg.learning_rate is None:  # build_model resolves it; a config made in code may not have
-        cfg.resolve_learning_rate(cfg.lm_pretrained)
-    params = [p for p in model.parameters() if p.requires_grad]
-    vision = {id(p) for p in model.vision_tuned.parameters()} if model.vision_tuned is not None else set()
-    projector = {id(p) for p in model.projector.parameters()}
-    groups = []
-    for scale, members in ((1.0, [p for p in params if id(p) not in vision and id(p) not in projector]),
-                           (cfg.projector_lr_scale, [p for p in params if id(p) in projector]),
-                           (cfg.vision_lr / cfg.learning_rate, [p for p in params if id(p) in vision])):
-        groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
-                            betas=(0.9, 0.95), fused=True)  # fused: no per-parameter host reads of the step count
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return params, opt, scaler
-
-
-def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: Dist, total_steps: int) -> int:
-    try:
-        state = safe_load(resume_path, "resume state", "run without --resume to start fresh")
-    except CheckpointError as exc:
-        raise TrainingError(f"--resume: {exc}") from None
-    lacking = [k for k in ("model", "optimizer", "scaler", "step", "train_config") if k not in state]
-    if lacking or not isinstance(state.get("train_config"), dict):
-        raise TrainingError(f"--resume: {resume_path} is not a resume state (it lacks {lacking or ['train_config']}; "
-                            "a weights checkpoint is continued with --from_weight instead); run without --resume "
-                            "to start fresh")
-    mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
-                if state["train_config"].get(k) != getattr(cfg, k)}
-    if state.get("world") != dist.world:
-        mismatch["world size"] = (state.get("world"), dist.world)
-    if mismatch:
-        raise TrainingError(f"--resume: {resume_path} was written with different settings "
-                            f"{mismatch}; use the same flags or start fresh")
-    try:
-        ensure_finite(state["model"], str(resume_path))
-    except CheckpointError as exc:
-        raise TrainingError(f"--resume: {exc}; the file is damaged, start fresh") from None
-    try:
-        load_weights(model, state["model"], f"--resume {resume_path}")
-    except CheckpointError as exc:
-        raise TrainingError(str(exc)) from None
-    opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    log.info("resumed from %s at step %d/%d", resume_path, state["step"], total_steps)
-    if state["step"] >= total_steps:
-        log.info("nothing left to do: the run had finished")
-    return state["step"]
-
-
-def more_epochs_advice(history: list[Validation], epochs: int) -> str | None:
-    """A hint when validation was still clearly improving at the end of training: the loss
-    falling, or the exact match rising (it often keeps rising after the loss has turned up)."""
-    if len(history) < 2:
-        return None
-    before, last = history[-2], history[-1]
-    losses = [v.loss for v in history]
-    more = f"more epochs would likely help (e.g. --epochs {2 * epochs})"
-    drop = (before.loss - last.loss) / max(abs(before.loss), 1e-9)
-    if last.loss <= min(losses) and drop >= 0.01:
-        return (f"validation loss still falling ({before.loss:.4f} -> {last.loss:.4f} in the last epoch, "
-                f"-{100 * drop:.1f}%): {more}")
-    accuracies = [v.accuracy for v in history if v.accuracy is not None]
-    if last.accuracy is not None and before.accuracy is not None and last.accuracy >= max(accuracies) \
-            and last.accuracy - before.accuracy >= 0.01:
-        return (f"validation exact match still rising ({100 * before.accuracy:.1f}% -> {100 * last.accuracy:.1f}% "
-                f"in the last epoch): {more}")
-    return None
-
-
-def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
-               dist: Dist, device, amp, lr: float, patches: tuple | None = None,
-               debias: float | None = None) -> torch.Tensor:
-    """One optimizer step over the micro-batches; returns this process's share of the
-    step's mean loss as a device tensor. Nothing here waits for the device: counts come from
-    the host batches, and the global answer-token count is summed on the device."""
-    n_local = float(sum(b["targets"].shape[0] for b in batches))
-    if dist.enabled:
-        total_targets = dist.all_sum(to_device({"n": torch.tensor([n_local], dtype=torch.float32)}, device)["n"])[0]
-    else:
-        total_targets = n_local
-    for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # the tuned vision blocks follow --vision_lr
-    step_loss = torch.zeros((), device=device, dtype=torch.float32)
-    for m, batch in enumerate(batches):
-        sync = m == len(batches) - 1
-        ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
-        feats = features.get(batch["image_index"])
-        b = to_device(batch, device)
-        extra = "closed_rows" in b or "look_pos" in b or (patches is not None and b["image_index"].numel())
-        with ctx:
-            with amp:
-                out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=bool(extra))
-                loss_sum, _, aux = out[:3]
-                if "closed_rows" in b:
-                    loss_sum = loss_sum + closed_answer_loss(out[3], b["closed_rows"], b["closed_tokens"],
-                                                             b["closed_prior"],
-                                                             cfg.debias if debias is None else debias, cfg.rank_weight,
-                                                             cfg.rank_margin)
-                if "look_pos" in b:
-                    look = model.llm.layers[-1].self_attn
-                    q, k = look.kept_qk
-                    look.kept_qk = None  # not kept past this micro-batch
-                    aux = aux + cfg.look_loss * look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
-                                                          b["look_target"])
-                if patches is not None and b["image_index"].numel():
-                    index = b["image_index"]
-                    aux = aux + cfg.patch_loss * patch_loss(model.patch_head, out[4], b["image_slots"],
-                                                            patches[0].index_select(0, index),
-                                                            patches[1].index_select(0, index))
-            # DDP averages gradients over processes: scale so the result is the mean over
-            # every answer token of the global batch.
-            loss = loss_sum * dist.world / total_targets + aux / len(batches)
-            scaler.scale(loss).backward()
-        step_loss += loss_sum.detach().float()
-    if cfg.grad_clip > 0:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return step_loss / total_targets
-
-
 def train(cfg: TrainConfig) -> dict:
     """Runs one stage; rank 0 holds ``out_dir/.<name>.lock`` for the whole run, so a second run
     writing the same checkpoint and metrics is refused instead of interleaving with this one."""
@@ -797,8 +342,18 @@ def _train(cfg: TrainConfig) -> dict:
     params, opt, scaler = make_optimizer(model, cfg, device, dtype)
     start_step = load_resume(cfg, resume_path, model, opt, scaler, dist, total_steps) if cfg.resume else 0
 
-    if cfg.compile:
-        model.llm.compile()
+    compiled, why = compile_choice(cfg, device, total_steps)
+    log.info("compile: %s (%s)", compiled, why)
+    epoch0 = packed.epoch_samples(0) if packed is not None else data.samples
+    shapes = step_shapes(epoch0, cfg) if compiled != "off" else None
+    val_shapes = validation_shapes(val, cfg) if compiled != "off" and val is not None else None
+    if shapes is not None:
+        compile_model(model, compiled, out_dir / "compile_cache")
+        log.info("compiled step shapes: %s, batch %d (a longer batch keeps its own shape)", shapes.describe(),
+                 cfg.batch_size)
+    graphs = compiled == "graphs"
+    feed = BatchFeed(StepPlan(data.samples, packed, cfg, dist, steps_per_epoch, model.config.pad_token_id,
+                              model.config.image_token_id, shapes, pin=device.type == "cuda"), overlap=cfg.prefetch)
     ddp = model
     if dist.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -827,28 +382,32 @@ def _train(cfg: TrainConfig) -> dict:
     window_loss = torch.zeros((), device=device, dtype=torch.float32)
     window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
     last_val, val_history = None, []
-    epoch_seconds: list[float] = []  # training steps only: validation and saving excluded
-    t_epoch, paused = time.perf_counter(), 0.0
+    epoch_seconds: list[float] = []  # training steps only: validation, saving and compiling excluded
+    compile_seconds: list[float] = []  # per epoch: the steps that compiled a new shape (a sync before and after)
+    seen_shapes: set = set()
+    t_epoch, paused, compiling = time.perf_counter(), 0.0, 0.0
     step = start_step
-    samples_epoch, samples = -1, data.samples
-    perm_epoch, perm = -1, None
-    pad_to = pad_multiple(cfg)
     try:
         while step < end_step:
-            epoch = step // steps_per_epoch
-            if packed is not None and epoch != samples_epoch:
-                samples, samples_epoch = packed.epoch_samples(epoch), epoch
-            if epoch != perm_epoch:  # one order per epoch, from (seed, epoch) alone
-                perm = paired_permutation(samples, cfg.seed, epoch) if cfg.pair_closed else \
-                    _epoch_perm(len(samples), cfg.seed, epoch)
-                perm_epoch = epoch
-            micro = [[samples[i] for i in m.tolist()] for m in _micro_batches(perm, step % steps_per_epoch, cfg, dist)]
-            batches = [collate(m, model.config.pad_token_id, model.config.image_token_id, pad_to) for m in micro]
+            batches, n_tokens = feed.get(step, step + 1 if step + 1 < end_step else None)
+            new_shape = shapes is not None and shape_key(batches) not in seen_shapes
+            if new_shape:
+                seen_shapes.add(shape_key(batches))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_compile = time.perf_counter()
             lr = lr_at(step, total_steps, cfg)
             debias = cfg.debias if step < cfg.debias_until * total_steps else 0.0
             window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp, lr,
-                                      patches, debias)
-            window_tokens += sum(len(s.input_ids) for m in micro for s in m)
+                                      patches, debias, graphs)
+            if new_shape:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - t_compile
+                compiling += seconds
+                log.info("compiled the step for batches of width %d in %.1f s (%d shape(s) so far)",
+                         batches[0]["input_ids"].shape[1], seconds, len(seen_shapes))
+            window_tokens += n_tokens
             window_steps += 1
             step += 1
 
@@ -873,15 +432,18 @@ def _train(cfg: TrainConfig) -> dict:
             if epoch_end:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                epoch_seconds.append(t_pause - t_epoch - paused)
+                epoch_seconds.append(t_pause - t_epoch - paused - compiling)
+                compile_seconds.append(compiling)
                 metrics.write({"step": step, "epoch": step // steps_per_epoch,
-                               "epoch_seconds": round(epoch_seconds[-1], 3)})
+                               "epoch_seconds": round(epoch_seconds[-1], 3),
+                               **({"compile_seconds": round(compiling, 3)} if shapes is not None else {})})
             if epoch_end and val is not None:
-                last_val = evaluate(model, val, features, cfg, dist, device, amp)
+                last_val = evaluate(model, val, features, cfg, dist, device, amp, val_shapes, graphs)
                 val_history.append(last_val)
                 metrics.write({"step": step, "epoch": step // steps_per_epoch, **last_val.row()})
             if epoch_end:
                 bar.write(f"epoch {step // steps_per_epoch}/{cfg.epochs} done in {epoch_seconds[-1]:.1f} s"
+                          + (f" (+ {compiling:.1f} s compiling)" if compiling else "")
                           + (f": {last_val.line()}" if last_val is not None else ""))
             if want_save:
                 with_resume = step == end_step or bool(cfg.save_interval and step % cfg.save_interval == 0)
@@ -889,13 +451,14 @@ def _train(cfg: TrainConfig) -> dict:
                            last_val.row() if last_val is not None else {"val_loss": None},
                            with_resume=with_resume, plot=epoch_end or step == end_step)
             if epoch_end:
-                t_epoch, paused = time.perf_counter(), 0.0
+                t_epoch, paused, compiling = time.perf_counter(), 0.0, 0.0
             else:
                 paused += time.perf_counter() - t_pause
     except KeyboardInterrupt:
         resume = f"; continue with --resume from {resume_path}" if resume_path.is_file() else ""
         raise TrainingInterrupted(f"interrupted at step {step}/{total_steps}: {saver.kept_message()}{resume}") from None
     finally:
+        feed.close()
         bar.close()
         metrics.close()
     if wandb_run is not None:
@@ -910,6 +473,7 @@ def _train(cfg: TrainConfig) -> dict:
             log.warning("%s", advice)
     return {"checkpoint": final_path if saver.last_saved else None, "resume": resume_path, "metrics": metrics.path,
             "steps": step, "total_steps": total_steps, "val_loss": last_val.loss if last_val else None,
-            "validation": last_val, "epoch_seconds": epoch_seconds,
-            "samples": n_seq, "tokens": sum(len(s_.input_ids) for s_ in samples) if packed else data.num_tokens(),
+            "validation": last_val, "epoch_seconds": epoch_seconds, "compile": compiled,
+            "compile_seconds": compile_seconds, "step_shapes": len(seen_shapes),
+            "samples": n_seq, "tokens": sum(len(s_.input_ids) for s_ in epoch0) if packed else data.num_tokens(),
             "questions": len(data), "trainable_params": model.parameter_summary()["trainable"]}

@@ -1,0 +1,114 @@
+"""The run's one save path (Checkpointer, with its NaN/Inf guard) and ``--resume``."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from model.checkpoint import CheckpointError, atomic_save, ensure_finite, load_weights, safe_load, save_checkpoint
+from model.config import resolve_path
+from trainer.config import TrainConfig
+from trainer.distributed import Dist
+from trainer.errors import TrainingError
+from trainer.logs import MetricsLog, plot_losses
+
+log = logging.getLogger("train")
+
+# fields that must agree between a resume state and the run continuing it
+RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
+               "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
+               "balance_closed", "train_vision", "vision_lr", "pair_closed", "projector_lr_scale", "debias",
+               "rank_weight", "rank_margin", "patch_loss", "debias_until", "look_loss")
+
+
+def data_source(cfg: TrainConfig) -> str:
+    """Where the training data came from, from the converter's manifest beside it (the model
+    card states it): e.g. 'hub:BoKelvin/SLAKE', 'release', 'demo-hard:seed=0'; 'unknown' without
+    a manifest. Local paths are dropped: a shared model must not carry them."""
+    try:
+        source = json.loads((resolve_path(cfg.data_path).parent / "manifest.json").read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+    parts = [("release" if p.strip().startswith("release:") else p.strip()) for p in str(source).split(" + ")]
+    return " + ".join(p if "/" not in p or p.startswith("hub") else Path(p).name for p in parts)
+
+
+@dataclass
+class Checkpointer:
+    """The one save path of a run, with its guard: the weights are checked for NaN/Inf
+    before anything is written, so a good file is never replaced by a bad one, and the log
+    says "saved" only for files that were written."""
+    cfg: TrainConfig
+    final_path: Path
+    resume_path: Path
+    dist: Dist
+    last_saved: tuple[Path, int] | None = None
+    previous: list[Path] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.previous = [p for p in (self.final_path, self.resume_path) if p.is_file()]
+
+    def kept_message(self) -> str:
+        if self.last_saved:
+            return f"the last good checkpoint {self.last_saved[0]} (step {self.last_saved[1]}) is kept"
+        if self.previous:
+            return f"nothing was saved by this run; {', '.join(map(str, self.previous))} from before is untouched"
+        return "nothing was saved"
+
+    def save(self, model, tok, opt, scaler, metrics: MetricsLog, step: int, epoch: int, extra: dict,
+             with_resume: bool, plot: bool):
+        if self.dist.is_main:
+            try:  # save_checkpoint's own guard refuses NaN/Inf weights before anything is written
+                save_checkpoint(self.final_path, model, tok, self.cfg.stage, step, dtype=self.cfg.save_dtype,
+                                extra={"train_config": self.cfg.to_dict(), "epoch": epoch,
+                                       "data_source": data_source(self.cfg), **extra})
+            except CheckpointError as exc:
+                raise TrainingError(
+                    f"the weights became NaN/Inf at step {step} ({exc}): training diverged and this step was not "
+                    f"saved; {self.kept_message()}. Lower --learning_rate (now {self.cfg.learning_rate}), keep "
+                    "--grad_clip on, or use --dtype bfloat16 instead of float16.") from None
+            metrics.commit()
+            if with_resume:
+                atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
+                             "scaler": scaler.state_dict(), "step": step, "world": self.dist.world,
+                             "train_config": self.cfg.to_dict()}, self.resume_path)
+            if plot:
+                plot_losses(metrics.rows(), self.final_path.with_name(f"{self.final_path.stem}_loss.png"),
+                            f"{self.final_path.stem} ({self.cfg.stage})")
+        self.last_saved = (self.final_path, step)
+        self.dist.barrier()
+
+
+def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: Dist, total_steps: int) -> int:
+    try:
+        state = safe_load(resume_path, "resume state", "run without --resume to start fresh")
+    except CheckpointError as exc:
+        raise TrainingError(f"--resume: {exc}") from None
+    lacking = [k for k in ("model", "optimizer", "scaler", "step", "train_config") if k not in state]
+    if lacking or not isinstance(state.get("train_config"), dict):
+        raise TrainingError(f"--resume: {resume_path} is not a resume state (it lacks {lacking or ['train_config']}; "
+                            "a weights checkpoint is continued with --from_weight instead); run without --resume "
+                            "to start fresh")
+    mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
+                if state["train_config"].get(k) != getattr(cfg, k)}
+    if state.get("world") != dist.world:
+        mismatch["world size"] = (state.get("world"), dist.world)
+    if mismatch:
+        raise TrainingError(f"--resume: {resume_path} was written with different settings "
+                            f"{mismatch}; use the same flags or start fresh")
+    try:
+        ensure_finite(state["model"], str(resume_path))
+    except CheckpointError as exc:
+        raise TrainingError(f"--resume: {exc}; the file is damaged, start fresh") from None
+    try:
+        load_weights(model, state["model"], f"--resume {resume_path}")
+    except CheckpointError as exc:
+        raise TrainingError(str(exc)) from None
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    log.info("resumed from %s at step %d/%d", resume_path, state["step"], total_steps)
+    if state["step"] >= total_steps:
+        log.info("nothing left to do: the run had finished")
+    return state["step"]

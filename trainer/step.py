@@ -1,0 +1,239 @@
+"""One optimizer step, and how its batches are made and run.
+
+* ``StepPlan``: which samples each step of an epoch trains on (a permutation per epoch from
+  the seed and the epoch alone), collated into a few fixed shapes (``dataset.StepShapes``)
+  when the step is compiled, and built for step s+1 on a worker thread while step s runs
+  (``BatchFeed``, pinned memory and ``non_blocking`` copies on CUDA).
+* ``compile_choice``: ``--compile auto|on|graphs|off``. The default eager step of a 26M model
+  at batch 16 is bound by kernel launches on a GPU (27.9 ms of wall time for 6.8 ms of GPU work
+  on an H200, 1,316 kernels); compiling fuses most of them and ``graphs`` also replays the
+  step as CUDA graphs, one per shape.
+* ``train_step``: forward, losses, backward and the optimizer step, with no host-device sync.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from dataset.features import FeatureStore
+from dataset.vqa_dataset import MODEL_INPUTS, Batch, StepShapes, collate, paired_permutation, plan_shapes
+from trainer.config import TrainConfig
+from trainer.distributed import Dist
+from trainer.losses import closed_answer_loss, look_loss, patch_loss
+
+log = logging.getLogger("train")
+
+# --compile auto compiles on CUDA from this many optimizer steps: a cold compile of the step costs
+# about 20-30 s (first epochs of the H200 runs in docs/benchmarks.md), and a compiled 26M batch-16
+# step saved ~10 ms there (4.8 s instead of 7.6 s per 307-step epoch), so ~2,000 steps pay a cold
+# compile back; the inductor cache under out/ makes every later run start warm (a few seconds),
+# which is why far fewer steps already pay: the guide's 4 SFT epochs are 1,228 steps.
+AUTO_COMPILE_MIN_STEPS = 500
+COMPILE_MODES = {"on": None, "graphs": "reduce-overhead"}  # torch.compile's mode per --compile choice
+
+
+def compile_choice(cfg: TrainConfig, device: torch.device, total_steps: int) -> tuple[str, str]:
+    """('off' | 'on' | 'graphs', why) for this run."""
+    if cfg.compile == "off":
+        return "off", "--compile off"
+    if cfg.compile == "graphs" and device.type != "cuda":
+        return "on", "--compile graphs needs CUDA; compiling without CUDA graphs on the " + device.type
+    if cfg.compile in COMPILE_MODES:
+        return cfg.compile, f"--compile {cfg.compile}"
+    if device.type != "cuda":
+        return "off", "--compile auto: not on the CPU (compiling takes minutes there and saves little)"
+    if total_steps < AUTO_COMPILE_MIN_STEPS:
+        return "off", (f"--compile auto: {total_steps} steps are too few to pay back the compilation "
+                       f"(from {AUTO_COMPILE_MIN_STEPS}); --compile on forces it")
+    return "on", (f"--compile auto: {total_steps} steps on CUDA pay back the compilation (about 20-30 s cold, "
+                  "seconds from the cache); --compile off to skip it")
+
+
+def compile_model(model: torch.nn.Module, choice: str, cache_dir: Path | None, backend: str = "inductor") -> None:
+    """Compiles the model's forward in place (its state dict keeps its names) with static
+    shapes: one graph per StepShapes width, nothing dynamic to guard on. The inductor cache
+    goes under ``cache_dir`` (unless TORCHINDUCTOR_CACHE_DIR is set), so stage 2 and reruns
+    start warm."""
+    if cache_dir is not None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    import torch._dynamo
+    # training shapes (<= 4 widths) plus validation's (its widths and a shorter last batch)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    # (tests trace with backend="aot_eager": the same graphs, forward and backward, without a C++ compiler)
+    model.compile(backend=backend, dynamic=False, **({"mode": COMPILE_MODES[choice]} if backend == "inductor" else {}))
+
+
+def make_optimizer(model, cfg: TrainConfig, device, dtype):
+    if cfg.learning_rate is None:  # build_model resolves it; a config made in code may not have
+        cfg.resolve_learning_rate(cfg.lm_pretrained)
+    params = [p for p in model.parameters() if p.requires_grad]
+    vision = {id(p) for p in model.vision_tuned.parameters()} if model.vision_tuned is not None else set()
+    projector = {id(p) for p in model.projector.parameters()}
+    groups = []
+    for scale, members in ((1.0, [p for p in params if id(p) not in vision and id(p) not in projector]),
+                           (cfg.projector_lr_scale, [p for p in params if id(p) in projector]),
+                           (cfg.vision_lr / cfg.learning_rate, [p for p in params if id(p) in vision])):
+        groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
+                            betas=(0.9, 0.95), fused=True)  # fused: no per-parameter host reads of the step count
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return params, opt, scaler
+
+
+def micro_batches(perm: torch.Tensor, step: int, cfg: TrainConfig, dist: Dist) -> list[torch.Tensor]:
+    g = cfg.batch_size * dist.world * cfg.accumulation_steps
+    chunk = perm[step * g:(step + 1) * g]
+    out = []
+    for m in range(cfg.accumulation_steps):
+        start = (m * dist.world + dist.rank) * cfg.batch_size
+        out.append(chunk[start:start + cfg.batch_size])
+    return out
+
+
+def epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+def pad_multiple(cfg: TrainConfig) -> int:
+    """Eager batch widths are rounded up to this (tensor cores like multiples of 8); a
+    compiled step uses the run's StepShapes instead."""
+    return 8
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Host batch -> device. On CUDA the host tensors are pinned (BatchFeed pins them on its
+    thread), so the copies are asynchronous and the step never waits for them."""
+    if device.type == "cuda":
+        batch = {k: v if v.is_pinned() else v.pin_memory() for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class StepPlan:
+    """The batches of every optimizer step: ``batches(step)`` -> (micro-batches, tokens), the
+    same for any process layout, resume point or thread that asks (a function of the seed, the
+    epoch and the step alone)."""
+
+    def __init__(self, samples: list, packed, cfg: TrainConfig, dist: Dist, steps_per_epoch: int, pad_id: int,
+                 image_id: int, shapes: StepShapes | None, pin: bool):
+        self.samples, self.packed, self.cfg, self.dist = samples, packed, cfg, dist
+        self.steps_per_epoch, self.pad_id, self.image_id = steps_per_epoch, pad_id, image_id
+        self.shapes, self.pin = shapes, pin
+        self._epoch: tuple[int, list, torch.Tensor] | None = None
+        self._lock = threading.Lock()
+
+    def epoch(self, epoch: int) -> tuple[list, torch.Tensor]:
+        with self._lock:
+            if self._epoch is None or self._epoch[0] != epoch:
+                samples = self.packed.epoch_samples(epoch) if self.packed is not None else self.samples
+                perm = paired_permutation(samples, self.cfg.seed, epoch) if self.cfg.pair_closed else \
+                    epoch_perm(len(samples), self.cfg.seed, epoch)
+                self._epoch = (epoch, samples, perm)
+            return self._epoch[1], self._epoch[2]
+
+    def batches(self, step: int) -> tuple[list[Batch], int]:
+        samples, perm = self.epoch(step // self.steps_per_epoch)
+        micro = [[samples[i] for i in m.tolist()]
+                 for m in micro_batches(perm, step % self.steps_per_epoch, self.cfg, self.dist)]
+        batches = [collate(m, self.pad_id, self.image_id, pad_multiple(self.cfg), self.shapes) for m in micro]
+        if self.pin:
+            for b in batches:
+                for k, v in b.items():
+                    b[k] = v.pin_memory()
+        return batches, sum(len(s.input_ids) for m in micro for s in m)
+
+
+def step_shapes(samples: list, cfg: TrainConfig) -> StepShapes:
+    return plan_shapes(samples, cfg.batch_size)
+
+
+def shape_key(batches: list[Batch]) -> tuple:
+    """What a compiled step specialises on: every tensor's shape (and which are present)."""
+    return tuple(tuple(sorted((k, tuple(v.shape)) for k, v in b.items())) for b in batches)
+
+
+class BatchFeed:
+    """Step s+1's batches are built on a worker thread while step s runs on the device (the
+    host is otherwise idle then, waiting for kernels or for the next launch). Same batches,
+    same order as building them in the loop; ``overlap=False`` does exactly that."""
+
+    def __init__(self, plan: StepPlan, overlap: bool):
+        self.plan = plan
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="collate") if overlap else None
+        self.pending = None
+
+    def get(self, step: int, next_step: int | None) -> tuple[list[Batch], int]:
+        if self.pending is not None and self.pending[0] == step:
+            out = self.pending[1].result()
+        else:
+            out = self.plan.batches(step)
+        self.pending = None
+        if self.pool is not None and next_step is not None:
+            self.pending = (next_step, self.pool.submit(self.plan.batches, next_step))
+        return out
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
+               dist: Dist, device, amp, lr: float, patches: tuple | None = None,
+               debias: float | None = None, graphs: bool = False) -> torch.Tensor:
+    """One optimizer step over the micro-batches; returns this process's share of the
+    step's mean loss as a device tensor. Nothing here waits for the device: counts come from
+    the host batches, and the global answer-token count is summed on the device."""
+    n_local = float(sum(b.n_targets for b in batches))  # padding slots of a fixed shape excluded
+    if dist.enabled:
+        total_targets = dist.all_sum(to_device({"n": torch.tensor([n_local], dtype=torch.float32)}, device)["n"])[0]
+    else:
+        total_targets = n_local
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # the tuned vision blocks follow --vision_lr
+    step_loss = torch.zeros((), device=device, dtype=torch.float32)
+    for m, batch in enumerate(batches):
+        sync = m == len(batches) - 1
+        ctx = ddp.no_sync() if dist.enabled and not sync else contextlib.nullcontext()
+        feats = features.get(batch["image_index"])
+        b = to_device(batch, device)
+        if graphs:  # a new iteration for the CUDA graphs: the last replay's outputs are consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        extra = "closed_rows" in b or "look_pos" in b or (patches is not None and b["image_index"].numel())
+        with ctx:
+            with amp:
+                out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=bool(extra))
+                loss_sum, _, aux = out[:3]
+                if "closed_rows" in b:
+                    loss_sum = loss_sum + closed_answer_loss(out[3], b["closed_rows"], b["closed_tokens"],
+                                                             b["closed_prior"],
+                                                             cfg.debias if debias is None else debias, cfg.rank_weight,
+                                                             cfg.rank_margin)
+                if "look_pos" in b:
+                    look = model.llm.layers[-1].self_attn
+                    q, k = look.kept_qk
+                    look.kept_qk = None  # not kept past this micro-batch
+                    aux = aux + cfg.look_loss * look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
+                                                          b["look_target"], b["look_weight"])
+                if patches is not None and b["image_index"].numel():
+                    index = b["image_index"]
+                    aux = aux + cfg.patch_loss * patch_loss(model.patch_head, out[4], b["image_slots"],
+                                                            patches[0].index_select(0, index),
+                                                            patches[1].index_select(0, index))
+            # DDP averages gradients over processes: scale so the result is the mean over
+            # every answer token of the global batch.
+            loss = loss_sum * dist.world / total_targets + aux / len(batches)
+            scaler.scale(loss).backward()
+        step_loss += loss_sum.detach().float()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return step_loss / total_targets
