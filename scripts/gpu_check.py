@@ -143,15 +143,15 @@ def training_step(device: str, size: dict, tower: str, questions: list[str], mic
     params, opt, scaler = tr.make_optimizer(model, cfg, dev, dtype)
     amp = autocast(dev, dtype)
     per = len(samples) // micro_batches
-    shapes = None
-    if compiled != "off":  # as the trainer does: fixed shapes, the forward compiled in place
+    shapes, runner = None, model
+    if compiled != "off":  # as the trainer does: fixed shapes, the forward compiled
         shapes = plan_shapes(samples, per)
-        tr.compile_model(model, compiled if dev.type == "cuda" else "on", None)
+        runner = tr.compile_model(model, compiled if dev.type == "cuda" else "on", None)
     batches = [collate(samples[i * per:(i + 1) * per], tok.pad_token_id, enc.image_id, tr.pad_multiple(cfg), shapes)
                for i in range(micro_batches)]
 
     def step():
-        return tr.train_step(model, model, batches, feats, opt, scaler, params, cfg, Dist(), dev, amp, 1e-4,
+        return tr.train_step(runner, model, batches, feats, opt, scaler, params, cfg, Dist(), dev, amp, 1e-4,
                              graphs=compiled == "graphs" and dev.type == "cuda")
     return dev, step, batches
 

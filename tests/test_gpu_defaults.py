@@ -117,7 +117,7 @@ def test_compiled_step_has_no_graph_breaks_and_compiles_once_per_shape(tokenizer
     torch._dynamo.reset()
     counters.clear()
     model = make_tiny_model(tokenizer, tiny_tower).train()
-    step_mod.compile_model(model, "on", None, backend="aot_eager")  # no C++ compile time
+    runner = step_mod.compile_model(model, "on", None, backend="aot_eager")  # no C++ compile time
     pool = _tiny_batch(tokenizer, list(range(1, 80, 3)), [i % 2 == 0 for i in range(27)])
     shapes = plan_shapes(pool, 4)
     feats = tiny_tower(tiny_tower.preprocess([random_image(0)])).expand(4, -1, -1)
@@ -126,7 +126,7 @@ def test_compiled_step_has_no_graph_breaks_and_compiles_once_per_shape(tokenizer
     for _ in range(24):
         b = collate(rng.sample(pool, 4), tokenizer.pad_token_id, model.config.image_token_id, 8, shapes)
         keys.add(shape_key([b]))
-        out = model(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=True)
+        out = runner(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=True)
         q, k = model.llm.layers[-1].self_attn.kept_qk
         loss = out[0] / b.n_targets + look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
                                                 b["look_target"], b["look_weight"])
@@ -171,7 +171,7 @@ def test_compiled_training_run_logs_compile_time_apart(demo, tmp_path, monkeypat
     real = step_mod.compile_model
 
     def aot_eager(model, choice, cache_dir):
-        real(model, choice, cache_dir, backend="aot_eager")
+        return real(model, choice, cache_dir, backend="aot_eager")
     monkeypatch.setattr("trainer.trainer.compile_model", aot_eager)
     torch._dynamo.reset()
     counters.clear()
@@ -210,3 +210,39 @@ def test_compile_flag_takes_a_mode_or_nothing():
     assert TrainConfig(compile=True).compile == "on" and TrainConfig(compile=False).compile == "off"
     with pytest.raises(SystemExit):
         parse_train_args("sft", ["--compile", "fast"])
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_step(demo, tmp_path, monkeypatch, capfd):
+    """--compile auto compiles every long CUDA run: if the compiler fails, the run goes on
+    eager with a warning and trains exactly as --compile off would."""
+    class Broken(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *a, **k):
+            raise RuntimeError("inductor: no working C++ compiler")
+    monkeypatch.setattr("trainer.trainer.compile_model", lambda model, choice, cache_dir: Broken(model))
+    assert train_main("sft", _args(demo, tmp_path / "eager", "--compile", "off")) == 0
+    capfd.readouterr()
+    assert train_main("sft", _args(demo, tmp_path / "broken", "--compile", "on")) == 0
+    err = capfd.readouterr().err
+    assert "compiling the training step failed (RuntimeError: inductor: no working C++ compiler)" in err
+    assert err.count("training continues without compiling") == 1
+    broken, eager = _losses(tmp_path / "broken"), _losses(tmp_path / "eager")
+    assert [s for s, _ in broken] == [s for s, _ in eager]
+    assert [loss for _, loss in broken] == pytest.approx([loss for _, loss in eager], rel=1e-5)  # padded shapes
+
+
+@pytest.mark.parametrize("user_setting", [None, "torch-default", "/data/my_inductor_cache"])
+def test_inductor_cache_goes_under_out_unless_the_user_chose_one(user_setting, tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    value = {None: None, "torch-default": default_cache_dir()}.get(user_setting, user_setting)
+    if value is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", value)
+    step_mod.compile_model(torch.nn.Linear(2, 2), "on", tmp_path / "out" / "compile_cache", backend="eager")
+    import os
+    want = user_setting if user_setting and user_setting.startswith("/data") else str(tmp_path / "out" / "compile_cache")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == want

@@ -55,18 +55,23 @@ def compile_choice(cfg: TrainConfig, device: torch.device, total_steps: int) -> 
                   "seconds from the cache); --compile off to skip it")
 
 
-def compile_model(model: torch.nn.Module, choice: str, cache_dir: Path | None, backend: str = "inductor") -> None:
-    """Compiles the model's forward in place (its state dict keeps its names) with static
-    shapes: one graph per StepShapes width, nothing dynamic to guard on. The inductor cache
-    goes under ``cache_dir`` (unless TORCHINDUCTOR_CACHE_DIR is set), so stage 2 and reruns
-    start warm."""
-    if cache_dir is not None:
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+def compile_model(model: torch.nn.Module, choice: str, cache_dir: Path | None,
+                  backend: str = "inductor") -> torch.nn.Module:
+    """The model (or its DDP wrapper) compiled with static shapes: one graph per StepShapes
+    width, nothing dynamic to guard on. The weights and the state dict stay the model's own.
+    The inductor cache goes under ``cache_dir`` (unless TORCHINDUCTOR_CACHE_DIR is set), so
+    stage 2 and reruns start warm. Tests trace with ``backend="aot_eager"``: the same graphs,
+    forward and backward, without a C++ compiler."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    # torch writes its default into the variable when anything asks for the cache folder (importing
+    # transformers does), so a user's own setting is one that differs from that default
+    if cache_dir is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
     import torch._dynamo
     # training shapes (<= 4 widths) plus validation's (its widths and a shorter last batch)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-    # (tests trace with backend="aot_eager": the same graphs, forward and backward, without a C++ compiler)
-    model.compile(backend=backend, dynamic=False, **({"mode": COMPILE_MODES[choice]} if backend == "inductor" else {}))
+    return torch.compile(model, backend=backend, dynamic=False,
+                         **({"mode": COMPILE_MODES[choice]} if backend == "inductor" else {}))
 
 
 def make_optimizer(model, cfg: TrainConfig, device, dtype):

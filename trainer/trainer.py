@@ -347,10 +347,6 @@ def _train(cfg: TrainConfig) -> dict:
     epoch0 = packed.epoch_samples(0) if packed is not None else data.samples
     shapes = step_shapes(epoch0, cfg) if compiled != "off" else None
     val_shapes = validation_shapes(val, cfg) if compiled != "off" and val is not None else None
-    if shapes is not None:
-        compile_model(model, compiled, out_dir / "compile_cache")
-        log.info("compiled step shapes: %s, batch %d (a longer batch keeps its own shape)", shapes.describe(),
-                 cfg.batch_size)
     graphs = compiled == "graphs"
     feed = BatchFeed(StepPlan(data.samples, packed, cfg, dist, steps_per_epoch, model.config.pad_token_id,
                               model.config.image_token_id, shapes, pin=device.type == "cuda"), overlap=cfg.prefetch)
@@ -359,6 +355,11 @@ def _train(cfg: TrainConfig) -> dict:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
             find_unused_parameters=False, broadcast_buffers=False)  # every parameter gets a gradient
+    plain = ddp  # what training falls back to if compiling fails
+    if shapes is not None:
+        ddp = compile_model(ddp, compiled, out_dir / "compile_cache")
+        log.info("compiled step shapes: %s, batch %d (a longer batch keeps its own shape)", shapes.describe(),
+                 cfg.batch_size)
 
     wandb_run = None
     if cfg.use_wandb and dist.is_main:
@@ -398,8 +399,21 @@ def _train(cfg: TrainConfig) -> dict:
                 t_compile = time.perf_counter()
             lr = lr_at(step, total_steps, cfg)
             debias = cfg.debias if step < cfg.debias_until * total_steps else 0.0
-            window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp, lr,
-                                      patches, debias, graphs)
+            try:
+                window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp,
+                                          lr, patches, debias, graphs)
+            except Exception as exc:  # noqa: BLE001 (only a step that compiles is retried, and it is logged)
+                if not new_shape or ddp is plain:
+                    raise
+                # --compile auto turns compiling on for every CUDA run: a compiler failure must not end
+                # the run, and the eager step computes the same update (nothing was stepped yet)
+                log.warning("compiling the training step failed (%s: %s): training continues without compiling "
+                            "(same results, slower); --compile off skips the attempt", type(exc).__name__,
+                            (str(exc).strip().splitlines() or [""])[0][:300])
+                opt.zero_grad(set_to_none=True)
+                ddp, graphs, compiled = plain, False, f"{compiled} (failed: eager)"
+                window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp,
+                                          lr, patches, debias, graphs)
             if new_shape:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -438,7 +452,10 @@ def _train(cfg: TrainConfig) -> dict:
                                "epoch_seconds": round(epoch_seconds[-1], 3),
                                **({"compile_seconds": round(compiling, 3)} if shapes is not None else {})})
             if epoch_end and val is not None:
-                last_val = evaluate(model, val, features, cfg, dist, device, amp, val_shapes, graphs)
+                # the compiled forward (eval mode compiles its own graphs, once per validation shape)
+                fast = ddp is not plain and not dist.enabled  # (under torchrun: the plain model, as before)
+                last_val = evaluate(ddp if fast else model, val, features, cfg, dist, device, amp,
+                                    val_shapes if fast else None, graphs and fast)
                 val_history.append(last_val)
                 metrics.write({"step": step, "epoch": step // steps_per_epoch, **last_val.row()})
             if epoch_end:

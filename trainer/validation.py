@@ -9,6 +9,7 @@ import torch
 from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
 from dataset.vqa_dataset import MODEL_INPUTS, StepShapes, VQADataset, collate, plan_shapes
+from model.runtime import unwrap
 from model.tokenization import IGNORE_INDEX
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
@@ -106,13 +107,14 @@ def evaluate(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, 
              shapes: StepShapes | None = None, graphs: bool = False) -> Validation:
     """``shapes``: fixed batch shapes for a compiled model (``validation_shapes``); padding
     answer-token slots count as neither loss nor misses."""
+    config = unwrap(model).config  # model may be the compiled wrapper
     model.eval()
     # loss sum, tokens, then (exact, count) for closed and open questions; summed on the device
     total = torch.zeros(6, device=device, dtype=torch.float64)
     idx = list(range(dist.rank, len(data), dist.world))
     for i in range(0, len(idx), cfg.batch_size):
         samples = [data.samples[j] for j in idx[i:i + cfg.batch_size]]
-        batch = collate(samples, model.config.pad_token_id, model.config.image_token_id, pad_multiple(cfg),
+        batch = collate(samples, config.pad_token_id, config.image_token_id, pad_multiple(cfg),
                         shapes)
         n_targets = float(batch.n_targets)
         closed = torch.tensor([s.record.get("answer_type") == "CLOSED" for s in samples], dtype=torch.float64)
