@@ -20,6 +20,9 @@ from model.config import resolve_path, user_path
 
 log = logging.getLogger("eval")
 MODES = {0: "pretrain", 1: "sft"}
+# evaluation.relevance.METHODS, the first being its DEFAULT_RELEVANCE (listed here so --help needs no torch;
+# a test holds them equal)
+RELEVANCE_METHODS = ("look", "rollout", "grad_x_input", "attn_grad")
 
 
 def parse_args(argv=None):
@@ -46,6 +49,16 @@ def parse_args(argv=None):
                     help="also decode with answers restricted to the training split's: closed questions to its "
                          "closed answers ('closed'), and open ones to its answer vocabulary ('all'); both results "
                          "are reported")
+    ap.add_argument("--relevance", choices=[*RELEVANCE_METHODS, "all"], default=RELEVANCE_METHODS[0],
+                    help="how the pointing game and --overlays find where the model looked: look (the head "
+                         "--look_loss trains), rollout (attention rollout), grad_x_input, attn_grad (attention x "
+                         "its gradient); all: score every method (docs/evaluation.md)")
+    ap.add_argument("--overlays", type=flags.non_negative_int, default=0,
+                    help="write the relevance map over the scan for this many questions (spread over the split) "
+                         "to out/eval/<name>/overlays/")
+    ap.add_argument("--abstain_below", type=flags.float_range(0, 1), default=None,
+                    help="also report coverage and accuracy on closed questions when answers below this "
+                         "probability are withheld ('not sure')")
     ap.add_argument("--temperature", type=flags.float_range(0, 10), default=0.0, help="0 = greedy")
     ap.add_argument("--top_p", type=flags.float_range(0, 1, lo_open=True), default=1.0,
                     help="nucleus sampling (with --temperature > 0)")
@@ -131,7 +144,8 @@ def main(argv=None) -> int:
                                  resolve_path(args.train_path) if args.train_path else None,
                                  resolve_path(args.out_dir) / "eval" / name, device, args.batch_size,
                                  args.max_new_tokens, resolve_path(args.cache_dir) if args.cache_dir else None,
-                                 constrain=args.constrain)
+                                 constrain=args.constrain, relevance=args.relevance, overlays=args.overlays,
+                                 abstain_below=args.abstain_below)
     except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError, DeviceError) as exc:
         log.error("error: %s", exc)
         return 2  # a user-caused error: one named message, exit code 2

@@ -167,15 +167,31 @@ def grounded_questions(table: dict[str, dict], keys: list[str]) -> dict[str, lis
     return out
 
 
+def named_boxes(text: str, names: list[str]) -> list[int]:
+    """Indices of the box names a question mentions (whole words, plurals too)."""
+    text = text.lower()
+    return [j for j, n in enumerate(names) if re.search(rf"\b{re.escape(n.lower())}(s|es)?\b", text)]
+
+
+def pointing_group(text: str, names: list[str]) -> str | None:
+    """What a question points at, by the box names it mentions: 'kind x side' (a finding or organ
+    and a sided organ: "Is there a cyst in the left lung?"), 'side' (sided organs only: "How many
+    findings are in the left kidney?") or 'kind' (no side: "How many cysts are in the image?",
+    "Is the liver healthy?"); None when it names no box."""
+    found = [names[j].lower() for j in named_boxes(text, names)]
+    if not found:
+        return None
+    sided = [n for n in found if n.split()[0] in ("left", "right")]
+    return "kind x side" if sided and len(sided) < len(found) else "side" if sided else "kind"
+
+
 def look_mask(text: str, names: list[str], image_targets: torch.Tensor) -> torch.Tensor | None:
     """[patches] bool: where a question should look in its image, from the box names it mentions
     ("cyst", "left lung"; plurals too): the patches the named boxes share when they overlap, else
     those of the largest named box (the region to search); None when it names no box of the
     image. ``image_targets`` [patches, names] from ``patch_targets``. One rule for the training
     signal (--look_loss) and the evaluation's pointing game."""
-    text = text.lower()
-    sets = [image_targets[:, j] > 0 for j, n in enumerate(names)
-            if re.search(rf"\b{re.escape(n.lower())}(s|es)?\b", text)]
+    sets = [image_targets[:, j] > 0 for j in named_boxes(text, names)]
     sets = [m for m in sets if m.any()]
     if not sets:
         return None

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from dataset.boxes import BOXES_FILE, grid_side, image_keys, look_mask, patch_targets, read_boxes_file
+from dataset.boxes import BOXES_FILE, grid_side, image_keys, look_mask, patch_targets, pointing_group, read_boxes_file
 from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
@@ -18,9 +21,10 @@ from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
-from model.generation import GenerationConfig, generate, look_maps, stream_generate
+from evaluation.relevance import DEFAULT_RELEVANCE, METHODS as RELEVANCE_METHODS, model_view, overlay, relevance_maps
+from model.generation import GenerationConfig, generate, stream_generate
 from model.runtime import autocast, compute_dtype, progress
-from evaluation.scoring import calibration, candidate_log_likelihoods
+from evaluation.scoring import ABSTAIN_THRESHOLDS, abstention, calibration, candidate_log_likelihoods
 from model.tokenization import ChatEncoder, clean_question
 
 log = logging.getLogger("eval")
@@ -28,9 +32,13 @@ log = logging.getLogger("eval")
 
 def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, train_path: Path | None,
                    out_dir: Path, device: torch.device, batch_size: int = 64, max_new_tokens: int = 32,
-                   cache_dir: Path | None = None, feature_cache_gb: float = 4.0, constrain: str = "none") -> dict:
+                   cache_dir: Path | None = None, feature_cache_gb: float = 4.0, constrain: str = "none",
+                   relevance: str = DEFAULT_RELEVANCE, overlays: int = 0, abstain_below: float | None = None) -> dict:
     """Writes predictions.jsonl and metrics.json. ``constrain`` closed|all: a second pass with
-    answer-constrained decoding (model/constrain.py), reported beside the free one."""
+    answer-constrained decoding (model/constrain.py), reported beside the free one.
+    ``relevance``: the relevance-map method of the pointing game ('all' scores every method);
+    ``overlays``: how many questions get an overlay PNG of that map in ``out_dir/overlays``;
+    ``abstain_below``: one more coverage/accuracy row for closed answers withheld below it."""
     model, tok = ckpt.model, ckpt.tokenizer
     records = read_jsonl(data_path, require_vqa=True,
                          hint="run `python convert_slake_dataset.py` first, or pass --data_path")
@@ -110,12 +118,19 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         metrics["constrained"] = {"mode": constrain, **{k: cm[k] for k in (
             "closed_accuracy", "open_accuracy", "open_recall", "overall_accuracy")}}
     if train is not None:
-        calib = closed_confidence(model, tok, train, items, pending, features, batch_size)
+        calib = closed_confidence(model, tok, train, items, pending, features, batch_size, abstain_below)
         if calib:
             metrics["calibration"] = calib
-    pointing = pointing_game(model, records, rec_paths, pending, features, images_path, data_path, batch_size)
+    methods = RELEVANCE_METHODS if relevance == "all" else (relevance,)
+    if relevance == "all":  # the chosen default first: it stays the headline number
+        methods = (DEFAULT_RELEVANCE,) + tuple(m for m in methods if m != DEFAULT_RELEVANCE)
+    pointing = pointing_game(model, tok, items, records, rec_paths, pending, features, images_path, data_path,
+                             batch_size, methods)
     if pointing:
         metrics["pointing"] = pointing
+    if overlays:
+        metrics["overlays"] = write_overlays(model, tok, items, pending, features, image_paths,
+                                             out_dir / "overlays", overlays, methods[0])
     metrics.update(checkpoint=str(ckpt.path), stage=ckpt.stage, data=str(data_path), images=str(images_path))
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("predictions.jsonl", "metrics.json"):
@@ -139,7 +154,8 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
 MAX_CANDIDATES = 8  # closed answer sets larger than this are not scored (SLAKE's is Yes / No)
 
 
-def closed_confidence(model, tok, train: list[dict], items: list[dict], pending, features, batch_size: int) -> dict:
+def closed_confidence(model, tok, train: list[dict], items: list[dict], pending, features, batch_size: int,
+                      abstain_below: float | None = None) -> dict:
     """Scores every closed test question's candidate answers (the training split's closed
     answers) in batched teacher-forced passes (evaluation.scoring): each item gets ``answer_probs``,
     and the returned metrics hold the candidates' accuracy, ECE, Brier score, the reliability
@@ -171,7 +187,9 @@ def closed_confidence(model, tok, train: list[dict], items: list[dict], pending,
             best = max(range(len(shown)), key=lambda j: row[j])
             probs.append(row[best])
             correct.append(normalize(shown[best]) == normalize(items[i]["answer"]))
-    return {"candidates": shown, **calibration(probs, correct)}
+    thresholds = ABSTAIN_THRESHOLDS + ((abstain_below,) if abstain_below is not None else ())
+    return {"candidates": shown, **calibration(probs, correct, thresholds=thresholds),
+            **({"abstain_below": abstention(probs, correct, abstain_below)} if abstain_below is not None else {})}
 
 
 def plot_reliability(calib: dict, path: Path):
@@ -194,13 +212,15 @@ def plot_reliability(calib: dict, path: Path):
     plt.close(fig)
 
 
-def pointing_game(model, records, rec_paths, pending, features, images_path: Path, data_path: Path,
-                  batch_size: int) -> dict | None:
+def pointing_game(model, tok, items, records, rec_paths, pending, features, images_path: Path, data_path: Path,
+                  batch_size: int, methods: tuple[str, ...] = (DEFAULT_RELEVANCE,)) -> dict | None:
     """Where the model looks, checked against the dataset's own boxes (medical_boxes.json beside
     the questions): for each question that names an organ or finding boxed in its image, a hit
-    when the most attended patch of the answer (model.generation.look_maps) lies where the
-    question points (dataset.boxes.look_mask). Beside it two maps that do not look: uniform (the
-    expected hit rate of a random patch) and the image centre."""
+    when the answer's relevance map (evaluation.relevance, ``methods[0]``; every method of
+    ``methods`` is scored) peaks where the question points (dataset.boxes.look_mask). Beside it
+    two maps that do not look: uniform (the expected hit rate of a random patch) and the image
+    centre; and the same per question group (dataset.boxes.pointing_group: kind x side, side,
+    kind). The gradient methods explain the model's own (greedy) answer."""
     table = read_boxes_file(data_path.parent / BOXES_FILE)
     grid = grid_side(model.config.image_tokens)
     if not table or grid is None:
@@ -215,23 +235,83 @@ def pointing_game(model, records, rec_paths, pending, features, images_path: Pat
     work = []
     for entry, key in chosen:
         if known[keys[key]]:
-            mask = look_mask(question_of(records[entry[0]]), names, targets[keys[key]])
+            text = question_of(records[entry[0]])
+            mask = look_mask(text, names, targets[keys[key]])
             if mask is not None:
-                work.append((entry, mask))
+                work.append((entry, mask, pointing_group(text, names)))
     if not work:
         return None
-    hits = []
-    for start in range(0, len(work), batch_size):
-        chunk = work[start:start + batch_size]
-        index = torch.tensor([j for (_, _, imgs), _ in chunk for j in imgs], dtype=torch.long)
-        with generation_autocast(features.device):
-            maps = look_maps(model, [p for (_, p, _), _ in chunk], features.get(index), model.config.pad_token_id)
-        top = maps.argmax(-1).cpu()
-        hits += [bool(mask[t]) for (_, mask), t in zip(chunk, top.tolist())]
     centre = (grid // 2) * grid + grid // 2
-    return {"count": len(work), "hit_rate": sum(hits) / len(hits),
-            "uniform": sum(float(m.float().mean()) for _, m in work) / len(work),
-            "centre": sum(bool(m[centre]) for _, m in work) / len(work)}
+    eos = model.config.eos_token_id
+    rates = {}
+    for method in methods:
+        hits = []
+        for start in range(0, len(work), batch_size):
+            chunk = work[start:start + batch_size]
+            index = torch.tensor([j for (_, _, imgs), _, _ in chunk for j in imgs], dtype=torch.long)
+            answers = [tok(items[i]["prediction"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                       + [eos] for (i, _, _), _, _ in chunk]
+            with generation_autocast(features.device):
+                maps = relevance_maps(model, [p for (_, p, _), _, _ in chunk], features.get(index), method, answers)
+            top = maps.argmax(-1).cpu()
+            hits += [bool(mask[t]) for (_, mask, _), t in zip(chunk, top.tolist())]
+        rates[method] = hits
+
+    def score(members: list[int], method: str) -> dict:
+        return {"count": len(members), "hit_rate": sum(rates[method][j] for j in members) / len(members),
+                "uniform": sum(float(work[j][1].float().mean()) for j in members) / len(members),
+                "centre": sum(bool(work[j][1][centre]) for j in members) / len(members)}
+    everyone = list(range(len(work)))
+    groups = {}
+    for j, (_, _, group) in enumerate(work):
+        groups.setdefault(group, []).append(j)
+    out = {"method": methods[0], **score(everyone, methods[0]),
+           "by_group": {g: score(m, methods[0]) for g, m in sorted(groups.items())}}
+    if len(methods) > 1:
+        out["methods"] = {m: {"hit_rate": score(everyone, m)["hit_rate"],
+                              "by_group": {g: score(mm, m)["hit_rate"] for g, mm in sorted(groups.items())}}
+                          for m in methods}
+    return out
+
+
+def write_overlays(model, tok, items, pending, features, image_paths: list[Path], folder: Path, n: int,
+                   method: str) -> int:
+    """Overlays of the answer's relevance map on the scan (as the tower sees it) for ``n``
+    questions spread evenly over the test split: ``<folder>/<qid>.png``, titled with the
+    question, the answer and the expected answer. Returns how many were written."""
+    single = [entry for entry in pending if len(entry[2]) == 1]
+    if n <= 0 or not single:
+        return 0
+    picked = [single[j] for j in sorted({round(k * (len(single) - 1) / max(n - 1, 1)) for k in range(min(n, len(single)))})]
+    folder.mkdir(parents=True, exist_ok=True)
+    eos = model.config.eos_token_id
+    for i, prompt, imgs in picked:
+        answer = tok(items[i]["prediction"], add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
+        with generation_autocast(features.device):
+            rel = relevance_maps(model, [prompt], features.get(torch.tensor(imgs)), method, [answer])[0].cpu()
+        view = overlay(model_view(model.vision_tower, load_image(image_paths[imgs[0]])), rel)
+        caption = f"{items[i]['question']}\nanswer: {items[i]['prediction'] or '(none)'} | expected: {items[i]['answer']}"
+        with atomic_open(folder / f"{_safe_name(items[i]['qid'])}.png", "wb") as f:
+            captioned(view, caption).save(f, format="PNG")
+    return len(picked)
+
+
+def _safe_name(qid) -> str:
+    return re.sub(r"[^\w.-]", "_", str(qid))[:80] or "question"
+
+
+def captioned(image: Image.Image, text: str, width: int = 448) -> Image.Image:
+    """The image scaled to ``width`` with ``text`` (wrapped) on a white band below it."""
+    from PIL import ImageDraw
+    scaled = image.resize((width, round(image.height * width / image.width)), Image.BILINEAR)
+    lines = [chunk for line in text.splitlines() for chunk in textwrap.wrap(line, 60) or [""]]
+    band = 16 * len(lines) + 8
+    out = Image.new("RGB", (width, scaled.height + band), "white")
+    out.paste(scaled, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for k, line in enumerate(lines):
+        draw.text((6, scaled.height + 4 + 16 * k), line, fill="black")
+    return out
 
 
 def _generate_all(model, tok, pending, features, gen_cfg, batch_size, device, trie=None,
@@ -286,11 +366,22 @@ def format_table(m: dict) -> str:
                      f"{_pct(c['accuracy']).strip()}, calibration error {_pct(c['ece']).strip()}, Brier {c['brier']:.3f}; "
                      f"on the 50 % it is surest of: {_pct(c['accuracy_at_coverage']['50%']).strip()} "
                      "(reliability.png)")
+    if m.get("calibration", {}).get("abstain_below"):
+        a = m["calibration"]["abstain_below"]
+        lines.append(f"answering 'not sure' below {a['threshold']:g}: {_pct(a['coverage']).strip()} of the closed "
+                     f"questions answered, {_pct(a['accuracy']).strip()} of those right")
     if m.get("pointing"):
         p = m["pointing"]
-        lines.append(f"where it looked: for {p['count']} questions that name a boxed organ or finding, the answer's "
-                     f"attention peaks inside it {_pct(p['hit_rate']).strip()} of the time (a uniform map: "
-                     f"{_pct(p['uniform']).strip()}, the image centre: {_pct(p['centre']).strip()})")
+        lines.append(f"where it looked ({p['method']}): for {p['count']} questions that name a boxed organ or finding, "
+                     f"the answer's relevance map peaks inside it {_pct(p['hit_rate']).strip()} of the time (a uniform "
+                     f"map: {_pct(p['uniform']).strip()}, the image centre: {_pct(p['centre']).strip()}); by question: "
+                     + ", ".join(f"{g} {_pct(r['hit_rate']).strip()} (uniform {_pct(r['uniform']).strip()}, n={r['count']})"
+                                 for g, r in p["by_group"].items()))
+        for method, r in p.get("methods", {}).items():
+            lines.append(f"  {method:13s} {_pct(r['hit_rate'])} " + ", ".join(
+                f"{g} {_pct(v).strip()}" for g, v in r["by_group"].items()))
+    if m.get("overlays"):
+        lines.append(f"overlays of where it looked: {m['overlays']} PNG(s) in overlays/")
     return "\n".join(lines)
 
 

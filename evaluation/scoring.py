@@ -36,9 +36,22 @@ def candidate_log_likelihoods(model, prompts: list[list[int]], image_features: t
     return per_row.view(len(prompts), k)
 
 
-def calibration(probs: list[float], correct: list[bool], bins: int = 10) -> dict:
+ABSTAIN_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def abstention(probs: list[float], correct: list[bool], threshold: float) -> dict:
+    """Answering only when the top probability is at least ``threshold`` ('not sure' below it):
+    the share of questions still answered (coverage) and the accuracy on those."""
+    kept = [c for p, c in zip(probs, correct) if p >= threshold]
+    return {"threshold": threshold, "coverage": len(kept) / len(probs) if probs else 0.0,
+            "accuracy": sum(kept) / len(kept) if kept else None}
+
+
+def calibration(probs: list[float], correct: list[bool], bins: int = 10,
+                thresholds: tuple[float, ...] = ABSTAIN_THRESHOLDS) -> dict:
     """Expected calibration error (equal-width bins of the top probability), the Brier score
-    of the top answer, the reliability table and accuracy at the most confident 25/50/75/100 %."""
+    of the top answer, the reliability table, accuracy at the most confident 25/50/75/100 %, and
+    coverage and accuracy when abstaining below each of ``thresholds``."""
     n = len(probs)
     if not n:
         return {}
@@ -59,4 +72,5 @@ def calibration(probs: list[float], correct: list[bool], bins: int = 10) -> dict
         coverage[f"{int(share * 100)}%"] = sum(correct[i] for i in top) / len(top)
     brier = sum((p - float(c)) ** 2 for p, c in zip(probs, correct)) / n
     return {"count": n, "accuracy": sum(correct) / n, "ece": ece, "brier": brier, "reliability": table,
-            "accuracy_at_coverage": coverage}
+            "accuracy_at_coverage": coverage,
+            "abstain": [abstention(probs, correct, t) for t in sorted(set(thresholds))]}

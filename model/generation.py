@@ -132,27 +132,3 @@ def stream_generate(model: MedicalVLM, prompt: list[int], image_features: torch.
         if tok == eos_id:
             return
         yield tok
-
-
-@torch.inference_mode()
-def look_maps(model: MedicalVLM, prompts: list[list[int]], image_features: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """[B, image tokens]: where the model looks when it starts to answer: the attention of head
-    0 of the last layer (the head --look_loss trains) from each prompt's last position over the
-    tokens of its first image. One extra forward pass per batch; generation is untouched."""
-    device = next(model.parameters()).device
-    ids, key_mask = _left_pad(prompts, pad_id, device)
-    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-    b, t = ids.shape
-    look = model.llm.layers[-1].self_attn
-    look.keep_qk = True
-    try:
-        model.llm(model.embed(ids, image_features), positions, _attention_mask(key_mask, t))
-        q, k = look.kept_qk
-    finally:
-        look.keep_qk, look.kept_qk = False, None
-    n = model.config.image_tokens
-    slots = (ids == model.config.image_token_id).long().argmax(1)  # each row's first image token
-    index = slots[:, None] + torch.arange(n, device=device)
-    keys = k.gather(1, index[..., None].expand(b, n, k.shape[-1])).float()
-    scores = (keys @ q[:, -1].float().unsqueeze(-1)).squeeze(-1) / k.shape[-1] ** 0.5
-    return torch.softmax(scores, dim=-1)

@@ -122,6 +122,10 @@ class Attention(nn.Module):
         # --look_loss (training only): the rotated queries/keys of head 0 are kept for one forward
         self.keep_qk = False
         self.kept_qk: tuple[torch.Tensor, torch.Tensor] | None = None
+        # evaluation.relevance only: attention computed explicitly and its weights [B, heads, T, T] kept
+        # (SDPA never returns them); the fast path below is untouched when this is off
+        self.explain = False
+        self.weights: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
         b, t, _ = x.shape
@@ -138,6 +142,8 @@ class Attention(nn.Module):
         # exact. ``cache is None`` rather than ``t > 1`` keeps this a Python bool when the
         # length is symbolic under torch.compile (a symbolic bool breaks the graph).
         is_causal = attn_mask is None and cache is None
+        if self.explain:
+            return self.o_proj(self._explicit(q, k, v, attn_mask).transpose(1, 2).reshape(b, t, -1))
         gqa = self.n_kv != self.n_heads
         if attn_mask is not None and gqa:
             # With a mask flash is out, and the memory-efficient kernel refuses enable_gqa
@@ -149,6 +155,18 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+
+    def _explicit(self, q, k, v, attn_mask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v, written out (evaluation.relevance): the same result as
+        SDPA, with the weights kept in ``self.weights`` (gradients flow through them)."""
+        k, v = self._all_heads(k), self._all_heads(v)
+        t, s = q.shape[2], k.shape[2]
+        if attn_mask is None:  # causal, the last t of s positions querying
+            attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        scores = (q @ k.transpose(-1, -2)).float() / self.head_dim ** 0.5
+        weights = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
+        self.weights = weights
+        return weights.to(v.dtype) @ v
 
     def _all_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, kv_heads, T, D] -> [B, heads, T, D], each K/V head shared by its query group."""

@@ -109,14 +109,15 @@ def tiny_tower_image_id(model):
     return model.config.image_token_id
 
 
-def test_compiled_step_has_no_graph_breaks_and_compiles_once_per_shape(tokenizer, tiny_tower):
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_compiled_step_has_no_graph_breaks_and_compiles_once_per_shape(moe, tokenizer, tiny_tower):
     """The whole forward (embedding, image merge, layers, answer logits, loss, the look head's
     queries and keys) is one graph per StepShapes width: 0 breaks, and no recompilation when
     the shapes repeat. aot_eager traces forward and backward as inductor would, without the
     C++ compile time."""
     torch._dynamo.reset()
     counters.clear()
-    model = make_tiny_model(tokenizer, tiny_tower).train()
+    model = make_tiny_model(tokenizer, tiny_tower, use_moe=moe).train()
     runner = step_mod.compile_model(model, "on", None, backend="aot_eager")  # no C++ compile time
     pool = _tiny_batch(tokenizer, list(range(1, 80, 3)), [i % 2 == 0 for i in range(27)])
     shapes = plan_shapes(pool, 4)
@@ -128,7 +129,7 @@ def test_compiled_step_has_no_graph_breaks_and_compiles_once_per_shape(tokenizer
         keys.add(shape_key([b]))
         out = runner(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=True)
         q, k = model.llm.layers[-1].self_attn.kept_qk
-        loss = out[0] / b.n_targets + look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
+        loss = out[0] / b.n_targets + out[2] + look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
                                                 b["look_target"], b["look_weight"])
         loss.backward()
     assert dict(counters["graph_break"]) == {}

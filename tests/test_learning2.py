@@ -411,17 +411,17 @@ def test_look_targets_survive_shared_prefix_packing(tokenizer, tmp_path):
 
 
 def test_look_maps_are_head_zero_attention_and_ignore_padding(tokenizer, tiny_tower):
-    from model.generation import look_maps
+    from evaluation.relevance import relevance_maps
     model = make_tiny_model(tokenizer, tiny_tower, spread=0.2)
     enc = ChatEncoder(tokenizer, model.config.image_tokens)
     prompts = [enc.encode([{"role": "user", "content": f"<image>\n{q}"}], add_generation_prompt=True).input_ids
                for q in ("Is there a cyst in the left lung?", "Where?")]
     feats = torch.randn(2, model.config.image_tokens, model.config.vision_hidden_size,
                         generator=torch.Generator().manual_seed(1))
-    both = look_maps(model, prompts, feats, model.config.pad_token_id)
+    both = relevance_maps(model, prompts, feats, "look")
     assert both.shape == (2, model.config.image_tokens) and torch.allclose(both.sum(-1), torch.ones(2), atol=1e-5)
-    for i in range(2):  # alone (no padding) = in the left-padded batch
-        alone = look_maps(model, [prompts[i]], feats[i:i + 1], model.config.pad_token_id)
+    for i in range(2):  # alone (no padding) = in the padded batch
+        alone = relevance_maps(model, [prompts[i]], feats[i:i + 1], "look")
         assert torch.allclose(alone[0], both[i], atol=1e-5)
     # and it is what head 0 computes: softmax(q_last . k_image / sqrt(d))
     ids = torch.tensor([prompts[0]])
