@@ -27,7 +27,11 @@ def parse_args(argv=None):
     ap.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     ap.add_argument("--device", default="auto", help=flags.DEVICE_HELP)
     ap.add_argument("--vision_model", help="load the vision tower from here (weights must match)")
+    ap.add_argument("--train_path", default="dataset/medical_vqa_train.jsonl",
+                    help="the training split whose answers the confidence panel scores as alternatives "
+                         "(without it: Yes / No for closed questions, none for open ones)")
     args = ap.parse_args(argv)
+    args.train_path = user_path(args.train_path, ap.get_default("train_path"))
     args.model_path = user_path(args.model_path, ap.get_default("model_path"), may_be_remote=True)
     args.vision_model = user_path(args.vision_model, None, may_be_remote=True)
     return args
@@ -39,6 +43,7 @@ def stage_of(path: Path) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # before the heavy imports: --help and flag mistakes answer at once
+    from dataset.contract import DataError
     from model.checkpoint import CheckpointError, read_checkpoint
     from model.runtime import DeviceError, pick_device, setup_logging
     from model.vision import VisionTowerNotFound
@@ -56,9 +61,14 @@ def main(argv=None) -> int:
     try:
         paths = checkpoints_in(args.model_path)
         read_checkpoint(paths[0], stage_hint=stage_of(paths[0]))  # fail fast, with the stage to run
-        session = Session(paths, pick_device(args.device), args.vision_model)
+        from model.config import resolve_path
+        train = resolve_path(args.train_path)
+        if not train.is_file():
+            log.info("no training split at %s: alternatives are scored over Yes / No for closed questions only "
+                     "(pass --train_path)", train)
+        session = Session(paths, pick_device(args.device), args.vision_model, train)
         app, theme, css = build_app(session)
-    except (FileNotFoundError, CheckpointError, VisionTowerNotFound, DeviceError) as exc:
+    except (FileNotFoundError, CheckpointError, VisionTowerNotFound, DeviceError, DataError) as exc:
         log.error("error: %s", exc)
         return 2  # a user-caused error: one named message, exit code 2
     except KeyboardInterrupt:

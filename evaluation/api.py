@@ -4,6 +4,9 @@
     vqa = MedicalVQA.load("out/medical_vlm_768.pth")          # or a model folder / hub id
     vqa.answer("scan.dcm", "Which organ is abnormal?")
     vqa.answer_many([("a.png", "Is this normal?"), ("b.jpg", "What modality is this?")])
+    why = vqa.answer("scan.dcm", "Is there a cyst in the left lung?", explain=True)
+    why.probability, why.alternatives, why.relevance, why.overlay.save("where.png")
+    vqa.answer("scan.dcm", "Is the liver healthy?", abstain_below=0.8)   # "not sure" below 80 %
 
 Same precision and decoding as ``eval_vlm.py``: features computed and rounded as in the
 cache, the device's generation dtype, greedy decoding, batched with left padding.
@@ -18,6 +21,8 @@ from PIL import Image
 from dataset.contract import answer_of, read_jsonl
 from dataset.features import run_tower
 from dataset.images import as_image
+from evaluation.explain import Explanation, answer_sets, explain
+from evaluation.relevance import DEFAULT_RELEVANCE
 from evaluation.runner import generation_autocast
 from model.checkpoint import LoadedCheckpoint, load_model
 from model.config import IMAGE_PLACEHOLDER, resolve_path
@@ -45,6 +50,7 @@ class MedicalVQA:
         self.encoder = ChatEncoder(self.tokenizer, self.model.config.image_tokens)
         self.max_new_tokens = max_new_tokens
         self.trie = None
+        self.sets: dict[str, list[str]] | None = None  # answer sets for explanations (candidates())
 
     @classmethod
     def load(cls, source: str | Path = "out/medical_vlm_768.pth", device: str = "auto",
@@ -64,12 +70,53 @@ class MedicalVQA:
         train = read_jsonl(resolve_path(train_path), require_vqa=True)
         self.trie = build_answer_trie(self.tokenizer, [(answer_of(r), r["answer_type"]) for r in train],
                                       self.model.config.eos_token_id, mode)
+        self.sets = answer_sets([{"answer": answer_of(r), "answer_type": r["answer_type"]} for r in train])
         return self
 
-    def answer(self, image: str | Path | Image.Image, question: str, answer_type: str | None = None) -> str:
+    def candidates(self, train_path: str | Path = "dataset/medical_vqa_train.jsonl") -> "MedicalVQA":
+        """The answer sets explanations score alternatives from: the training split's closed and
+        open answers (without it, closed questions are scored over Yes / No and open answers get
+        their own probability only). ``constrain`` loads them too. Returns self."""
+        train = read_jsonl(resolve_path(train_path), require_vqa=True)
+        self.sets = answer_sets([{"answer": answer_of(r), "answer_type": r["answer_type"]} for r in train])
+        return self
+
+    def answer(self, image: str | Path | Image.Image, question: str, answer_type: str | None = None,
+               explain: bool = False, abstain_below: float | None = None,
+               relevance: str = DEFAULT_RELEVANCE) -> str | Explanation:
         """The answer to one question about one image (a path to PNG/JPEG/DICOM, a PIL image or a
-        numpy array; all normalised as files are: dataset.images.as_image)."""
-        return self.answer_many([(image, question)], answer_types=[answer_type])[0]
+        numpy array; all normalised as files are: dataset.images.as_image). ``explain=True``
+        returns an ``Explanation`` (evaluation/explain.py): the probability, the alternatives,
+        where it looked (``relevance``: a map over the patch grid, by the ``relevance`` method) and
+        that map over the scan. ``abstain_below``: "not sure" when the answer's probability is
+        lower (closed questions: over the answer set; open ones: of its tokens)."""
+        if abstain_below is not None and not 0.0 <= abstain_below <= 1.0:
+            raise ValueError(f"abstain_below must be a probability in [0, 1], got {abstain_below!r}")
+        if not explain and abstain_below is None:
+            return self.answer_many([(image, question)], answer_types=[answer_type])[0]
+        return self.explain_many([(image, question)], [answer_type], abstain_below, relevance)[0] if explain \
+            else self.explain_many([(image, question)], [answer_type], abstain_below, relevance)[0].answer
+
+    def explain_many(self, items: list[tuple[str | Path | Image.Image, str]],
+                     answer_types: list[str | None] | None = None, abstain_below: float | None = None,
+                     relevance: str = DEFAULT_RELEVANCE) -> list[Explanation]:
+        """``answer(..., explain=True)`` for several (image, question) pairs: the answers are
+        generated in batches as by ``answer_many``, then each is explained (one scoring pass of
+        its candidates, one relevance pass)."""
+        answer_types = answer_types or [None] * len(items)
+        types = [t or guess_answer_type(q) for t, (_, q) in zip(answer_types, items)]
+        answers = self.answer_many(items, answer_types=types)
+        tower = self.model.vision_tower
+        out = []
+        for n, ((im, q), answer, kind) in enumerate(zip(items, answers, types)):
+            image = as_image(im, f"image {n}")
+            prompt = self.encoder.encode([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{clean_question(q)}"}],
+                                         add_generation_prompt=True).input_ids
+            feats = run_tower(tower, tower.preprocess([image]), self.device, self.model.cache_layers())
+            with generation_autocast(self.device):
+                out.append(explain(self.model, self.tokenizer, tower, image, prompt, feats, answer, kind, self.sets,
+                                   relevance, abstain_below))
+        return out
 
     @torch.no_grad()
     def answer_many(self, items: list[tuple[str | Path | Image.Image, str]], batch_size: int = 64,

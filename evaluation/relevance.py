@@ -111,13 +111,14 @@ def model_view(tower, image: Image.Image) -> Image.Image:
 
 
 def overlay(view: Image.Image, relevance, alpha: float = 0.6) -> Image.Image:
-    """A relevance map ([grid * grid] patches, any scale) laid over ``view`` as a red heat map:
-    the most relevant patch at ``alpha`` opacity, irrelevant ones clear."""
+    """A relevance map ([grid * grid] patches, any scale) laid over ``view`` as a red heat map,
+    scaled between the map's least and most relevant patch (what it looked at *most*): the top
+    patch at ``alpha`` opacity, the least relevant clear."""
     rel = torch.as_tensor(relevance, dtype=torch.float32).flatten()
     grid = int(round(rel.numel() ** 0.5))
     if grid * grid != rel.numel():
         raise ValueError(f"a relevance map needs a square patch grid, got {rel.numel()} values")
-    heat = (rel / rel.max().clamp(min=1e-12)).view(grid, grid).numpy()
+    heat = ((rel - rel.min()) / (rel.max() - rel.min()).clamp(min=1e-12)).view(grid, grid).numpy()
     heat = Image.fromarray((heat * 255).astype(np.uint8), "L").resize(view.size, Image.BILINEAR)
     h = np.asarray(heat, dtype=np.float32)[..., None] / 255 * alpha
     base = np.asarray(view.convert("RGB"), dtype=np.float32)

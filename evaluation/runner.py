@@ -385,18 +385,24 @@ def format_table(m: dict) -> str:
     return "\n".join(lines)
 
 
+def chat_prompt(ckpt: LoadedCheckpoint, images: list, history: list[dict], question: str) -> list[int]:
+    """The token ids a chat turn generates from: earlier turns, then ``question`` (with the
+    image placeholder(s) when it opens the conversation)."""
+    question = clean_question(question)
+    msgs = list(history)
+    if not msgs:
+        question = IMAGE_PLACEHOLDER * len(images) + "\n" + question if images else question
+    msgs.append({"role": "user", "content": question})
+    return ChatEncoder(ckpt.tokenizer, ckpt.model.config.image_tokens).encode(msgs, add_generation_prompt=True).input_ids
+
+
 def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], question: str,
                   gen_cfg: GenerationConfig) -> Iterator[str]:
     """Streams the answer text (growing string) to ``question`` about ``images`` (PIL), with
     earlier turns in ``history`` ([{"role", "content"}], the first user turn holding the
     image placeholder(s)). Used by eval_vlm.py's single-question mode and the web demo."""
     model, tok = ckpt.model, ckpt.tokenizer
-    question = clean_question(question)
-    msgs = list(history)
-    if not msgs:
-        question = IMAGE_PLACEHOLDER * len(images) + "\n" + question if images else question
-    msgs.append({"role": "user", "content": question})
-    prompt = ChatEncoder(tok, model.config.image_tokens).encode(msgs, add_generation_prompt=True).input_ids
+    prompt = chat_prompt(ckpt, images, history, question)
     device = next(model.parameters()).device
     feats = None
     if images:

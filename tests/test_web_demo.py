@@ -47,7 +47,9 @@ def test_session_streams_and_validates(tokenizer, tiny_tower, tmp_path, monkeypa
     assert err == "" and img.size == (224, 224)
     replies = list(s.respond("What modality is used to take this image?", [], img, None, 0.0, 1.0, 12))
     texts = [r.chat[-1]["content"] for r in replies]
-    assert 6 <= len(replies) <= 1 + 12  # the empty turn, then an update per token (whole characters only)
+    # the empty turn, an update per token (whole characters only), then the answer with its explanation
+    assert 6 <= len(replies) <= 2 + 12 and replies[-1].explanation is not None
+    assert all(r.explanation is None for r in replies[:-1])
     assert texts[0] == "" and len(texts[-1]) > len(texts[3]) > 0
     assert all(texts[-1].startswith(t) for t in texts)
     chat = replies[-1].chat
@@ -75,6 +77,17 @@ def test_folder_and_missing_checkpoint(checkpoint, tmp_path, capsys):
     assert "python train_sft_vlm.py" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert web_demo_vlm.main(["--model_path", str(tmp_path / "empty")]) == 2
+
+
+def _pixel_difference(a: bytes, b: bytes) -> float:
+    """Mean absolute difference (0-255) of two PNG screenshots, the second resized to the first."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    x = Image.open(io.BytesIO(a)).convert("RGB")
+    y = Image.open(io.BytesIO(b)).convert("RGB").resize(x.size)
+    return float(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).mean())
 
 
 def _free_port() -> int:
@@ -123,11 +136,23 @@ def test_browser_end_to_end(checkpoint, tmp_path):
             expect(page.get_by_text("Research model — not for diagnosis")).to_be_visible(timeout=30000)
             expect(page.locator("#model-card")).to_contain_text("RANDOM vision tower")
 
-            def upload(path):
+            def preview_src() -> str | None:
+                img = page.locator("#preview img")
+                return img.first.get_attribute("src") if img.count() else None
+
+            def upload(path, expect_preview=True):
+                """Uploads and waits until the preview shows *this* file (the old preview stays on
+                screen until the new one replaces it: asking before that would ask about no image)."""
+                before = preview_src()
                 clear_file = page.locator("#upload button[aria-label=Clear]")
                 if clear_file.count():
                     clear_file.click()
                 page.locator("input[type=file]").first.set_input_files(str(path))
+                if expect_preview:
+                    deadline = time.time() + 30
+                    while preview_src() in (None, before) and time.time() < deadline:
+                        time.sleep(0.2)
+                    assert preview_src() not in (None, before), "the preview did not change"
 
             upload(EXAMPLES_DIR / "ct_chest_lesions.png")
             expect(page.locator("#preview img")).to_be_visible(timeout=30000)
@@ -138,6 +163,21 @@ def test_browser_end_to_end(checkpoint, tmp_path):
             expect(bot).not_to_have_text("", timeout=60000)
             first_answer = bot.inner_text().strip()
             assert first_answer
+            # the confidence panel, then "where it looked" over the scan (issue #21)
+            expect(page.locator("#confidence .bar")).to_be_visible(timeout=60000)
+            expect(page.locator("#confidence")).to_contain_text("%")
+            plain = page.locator("#preview img").screenshot()
+            page.locator("#show-look input[type=checkbox]").check()
+            deadline = time.time() + 30
+            while True:  # the preview is swapped for the overlay
+                shown = page.locator("#preview img").screenshot()
+                if _pixel_difference(plain, shown) > 10 or time.time() > deadline:
+                    break
+                time.sleep(0.5)
+            assert _pixel_difference(plain, shown) > 10, "the overlay looks like the plain image"
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "web_demo_overlay.png").write_bytes(shown)
+            page.locator("#show-look input[type=checkbox]").uncheck()
 
             page.locator("#clear").click()
             upload(EXAMPLES_DIR / "ct_abdomen_lesion.dcm")
@@ -150,7 +190,7 @@ def test_browser_end_to_end(checkpoint, tmp_path):
 
             bad = tmp_path / "scan.png"
             bad.write_text("this is not an image")
-            upload(bad)
+            upload(bad, expect_preview=False)
             expect(page.locator("#error")).to_contain_text("Cannot use this file", timeout=30000)
             page.locator("#question textarea").fill("Is it normal?")
             page.locator("#ask").click()

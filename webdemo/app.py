@@ -12,8 +12,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataset.contract import answer_of, read_jsonl
+from dataset.features import run_tower
 from dataset.images import ImageReadError, load_image
-from evaluation.runner import answer_stream
+from evaluation.api import guess_answer_type
+from evaluation.explain import Explanation, answer_sets, explain
+from evaluation.runner import answer_stream, chat_prompt, generation_autocast
 from model.checkpoint import LoadedCheckpoint, load_model, locate_checkpoint
 from model.pretrained import is_pretrained_dir
 from model.config import IMAGE_PLACEHOLDER, resolve_path
@@ -70,16 +74,38 @@ def model_card(ckpt: LoadedCheckpoint) -> str:
 class Reply:
     chat: list[dict]
     error: str = ""
+    explanation: Explanation | None = None
+
+
+def confidence_html(e: Explanation | None) -> str:
+    """The answer's probability as a bar, and the alternatives under it."""
+    if e is None:
+        return ""
+    pct = 100 * e.probability
+    colour = "#2e7d32" if pct >= 80 else "#f9a825" if pct >= 50 else "#c62828"
+    what = "over the possible answers" if e.scored_over == "candidates" else "of its words"
+    head = (f"<b>Not sure</b>: the model's answer <i>{html.escape(e.model_answer)}</i> has {pct:.0f}% "
+            f"(below the threshold)" if e.abstained else f"<b>{html.escape(e.answer)}</b>: {pct:.0f}% {what}")
+    alts = "".join(f"<li>{html.escape(a)}: {100 * p:.0f}%</li>" for a, p in e.alternatives[:4])
+    return (f'<div class="confidence"><div>{head}</div>'
+            f'<div class="bar" role="meter" aria-valuenow="{pct:.0f}" aria-valuemin="0" aria-valuemax="100">'
+            f'<div style="width:{pct:.1f}%;background:{colour}"></div></div>'
+            + (f'<div>Alternatives:</div><ul class="alternatives">{alts}</ul>' if alts else "") + "</div>")
 
 
 class Session:
     """Model loading and the chat logic, independent of Gradio."""
 
-    def __init__(self, paths: list[Path], device, vision_model: str | None = None):
+    def __init__(self, paths: list[Path], device, vision_model: str | None = None, train_path: Path | None = None):
         self.paths = paths
         self.device = device
         self.vision_model = vision_model
         self._loaded: LoadedCheckpoint | None = None
+        # the answers alternatives are scored from (closed: Yes / No without a training split)
+        self.sets = None
+        if train_path is not None and train_path.is_file():
+            self.sets = answer_sets([{"answer": answer_of(r), "answer_type": r["answer_type"]}
+                                     for r in read_jsonl(train_path, require_vqa=True)])
 
     def model(self, path: str | Path | None = None) -> LoadedCheckpoint:
         path = resolve_path(path) if path else resolve_path(self.paths[0])
@@ -102,8 +128,18 @@ class Session:
         except ImageReadError as exc:
             return None, f"Cannot use this file: {exc.args[0].split(': ', 1)[-1]}"
 
+    def explain(self, ckpt: LoadedCheckpoint, image, history: list[dict], question: str, answer: str,
+                abstain_below: float | None) -> Explanation:
+        model = ckpt.model
+        prompt = chat_prompt(ckpt, [image], history, question)
+        tower = model.vision_tower
+        feats = run_tower(tower, tower.preprocess([image]), self.device, model.cache_layers())
+        with generation_autocast(self.device):
+            return explain(model, ckpt.tokenizer, tower, image, prompt, feats, answer, guess_answer_type(question),
+                           self.sets, abstain_below=abstain_below)
+
     def respond(self, question: str, chat: list[dict], image, ckpt_path, temperature: float, top_p: float,
-                max_new_tokens: int) -> Iterator[Reply]:
+                max_new_tokens: int, abstain_below: float = 0.0) -> Iterator[Reply]:
         chat = [{"role": m["role"], "content": text_of(m["content"])} for m in (chat or [])]
         if image is None:
             yield Reply(chat, "Upload an image (PNG, JPEG or DICOM) or pick an example first.")
@@ -123,10 +159,15 @@ class Session:
         turn = chat + [{"role": "user", "content": question}]
         answer = ""
         yield Reply(turn + [{"role": "assistant", "content": answer}])
-        for answer in answer_stream(self.model(ckpt_path), [image], history, question, cfg):
+        ckpt = self.model(ckpt_path)
+        for answer in answer_stream(ckpt, [image], history, question, cfg):
             yield Reply(turn + [{"role": "assistant", "content": answer}])
         if not answer:
             yield Reply(turn + [{"role": "assistant", "content": "(no answer)"}])
+            return
+        why = self.explain(ckpt, image, history, question, answer, abstain_below or None)
+        shown = f"not sure (the model's answer: {answer}, {100 * why.probability:.0f}%)" if why.abstained else answer
+        yield Reply(turn + [{"role": "assistant", "content": shown}], explanation=why)
 
 
 def _error_html(msg: str) -> str:
@@ -153,12 +194,18 @@ def build_app(session: Session):
                     gr.Examples(examples, inputs=upload, label="Examples")
                 preview = gr.Image(label="Preview (DICOM shown after windowing)", interactive=False,
                                    type="pil", elem_id="preview", height=280)
+                show_look = gr.Checkbox(False, label="Show where the model looked (after an answer)",
+                                        elem_id="show-look")
+                with gr.Accordion("Confidence", open=False):
+                    abstain = gr.Slider(0.0, 1.0, value=0.0, step=0.05, elem_id="abstain",
+                                        label="Answer 'not sure' below this probability (0 = always answer)")
                 with gr.Accordion("Sampling", open=False):
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                     max_new = gr.Slider(1, 256, value=64, step=1, label="Max new tokens")
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
+                confidence = gr.HTML(elem_id="confidence")
                 error = gr.HTML(elem_id="error")
                 question = gr.Textbox(label="Question", placeholder="e.g. Which organ is abnormal?",
                                       elem_id="question", lines=1, max_length=MAX_QUESTION_CHARS)
@@ -166,23 +213,36 @@ def build_app(session: Session):
                     send = gr.Button("Ask", variant="primary", elem_id="ask")
                     clear = gr.Button("Clear conversation", elem_id="clear")
 
+        overlay_state = gr.State(None)
+
         def on_upload(path):
             img, err = Session.read_upload(path)
-            return img, img, [], _error_html(err)
+            return img, img, [], _error_html(err), None, ""
 
-        def on_ask(q, chat, img, path, t, p, n):
-            for reply in session.respond(q, chat, img, path, t, p, n):
-                yield reply.chat, _error_html(reply.error), ("" if not reply.error else q)
+        def on_ask(q, chat, img, path, t, p, n, a, show):
+            for reply in session.respond(q, chat, img, path, t, p, n, a):
+                why = reply.explanation
+                look = why.overlay if why is not None else None
+                yield (reply.chat, _error_html(reply.error), ("" if not reply.error else q), confidence_html(why),
+                       look if why is not None else gr.update(), look if (show and look is not None) else
+                       (img if why is not None else gr.update()))
+
+        def on_show(show, img, look):
+            return look if show and look is not None else img
 
         def on_checkpoint(path):
             return model_card(session.model(path)), []
 
-        upload.change(on_upload, upload, [preview, image_state, chatbot, error])
-        ask_inputs = [question, chatbot, image_state, ckpt, temperature, top_p, max_new]
-        send.click(on_ask, ask_inputs, [chatbot, error, question])
-        question.submit(on_ask, ask_inputs, [chatbot, error, question])
-        clear.click(lambda: ([], ""), None, [chatbot, error])
+        upload.change(on_upload, upload, [preview, image_state, chatbot, error, overlay_state, confidence])
+        ask_inputs = [question, chatbot, image_state, ckpt, temperature, top_p, max_new, abstain, show_look]
+        ask_outputs = [chatbot, error, question, confidence, overlay_state, preview]
+        send.click(on_ask, ask_inputs, ask_outputs)
+        question.submit(on_ask, ask_inputs, ask_outputs)
+        show_look.change(on_show, [show_look, image_state, overlay_state], preview)
+        clear.click(lambda img: ([], "", "", None, img), image_state, [chatbot, error, confidence, overlay_state, preview])
         ckpt.change(on_checkpoint, ckpt, [card, chatbot])
     app.queue(default_concurrency_limit=1, max_size=64)
-    css = ".demo-error{color:#b00020;font-weight:600;padding:6px 0}"
+    css = (".demo-error{color:#b00020;font-weight:600;padding:6px 0}"
+           ".confidence .bar{height:10px;background:#e0e0e0;border-radius:5px;margin:4px 0;max-width:320px}"
+           ".confidence .bar div{height:10px;border-radius:5px}.confidence ul{margin:2px 0 0 18px}")
     return app, theme, css
