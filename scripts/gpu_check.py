@@ -5,23 +5,23 @@ Run from the repository root on a machine with a GPU (no network needed):
     python -m scripts.gpu_check --smoke       # the same steps, tiny, on the CPU (tested in CI)
 Prints a table and writes out/gpu_check.json (and $OUT/gpu_check.json when $OUT is set).
 
-Parts, each in its own process with its own time limit, so one failure or hang never
-loses the others' numbers:
+Parts, in this order, each with its own time limit (the benchmarks in their own process), so one
+failure or hang never loses the others' numbers:
   sync      one training step under torch.cuda.set_sync_debug_mode("warn"): syncs counted
   attention which SDPA kernel the 104M layer shape runs, causal (training) and masked (packing, eval)
   profile   10 training steps of the 26M model at batch 16 under torch.profiler, eager and captured
             (--compile graphs): kernels per step, GPU busy time and its share of the wall time
-  memory    peak memory of the 104M step at batch 8/16/32 (and 16 captured); the largest batch
-            that fits an 8 GB card
   train     bench_train at the guide's default flags (batch 16), eager, 26M and 104M
             (epoch seconds after the feature cache, tokens/s, MFU, peak memory)
+  compile   bench_train at batch 16 with --compile graphs and on (26M, 104M), then 104M batch 64
+            graphs (the best flags); each run compiles for tens of seconds
   eval      bench_eval: 1,061 test questions, 104M
-  pipeline  the guide for 104M with every default: convert --demo, pretrain 4 epochs, SFT 4
-            epochs, eval_vlm.py --model_mode 1 (wall time per stage, cache and compile included)
   backends  (only with --only backends) bench_eval and the 26M batch-16 epoch, each also with the
             cuDNN attention kernel allowed
-  compile   bench_train at batch 16 with --compile graphs and on (26M, 104M), then 104M batch 64
-            graphs (the best flags); last, because each run compiles for tens of seconds
+  memory    peak memory of the 104M step at batch 8/16/32 (and 16 captured); the largest batch
+            that fits an 8 GB card
+  pipeline  the guide for 104M with every default: convert --demo, pretrain 4 epochs, SFT 4
+            epochs, eval_vlm.py --model_mode 1 (wall time per stage, cache and compile included)
 --only / --skip pick parts by these names.
 --budget_s (default 420) caps the whole run: each part's limit is cut to the time left and parts
 that no longer fit are skipped and marked so, so a lent GPU's minutes leave room for a rerun.
@@ -54,7 +54,7 @@ def train_runs(smoke: bool, compiled: bool) -> list[tuple[str, list[str], int]]:
     if smoke:
         return [] if compiled else [("smoke b16 eager", SMOKE_SIZE + ["--batch_size", "16"], 300)]
     if compiled:
-        return [(f"{size} b{b} {mode}", SIZES[size] + ["--batch_size", str(b), "--compile", mode, "--epochs", "3"], 150)
+        return [(f"{size} b{b} {mode}", SIZES[size] + ["--batch_size", str(b), "--compile", mode, "--epochs", "2"], 150)
                 for size, b, mode in (("26M", 16, "graphs"), ("104M", 16, "graphs"), ("26M", 16, "on"),
                                       ("104M", 16, "on"), ("104M", 64, "graphs"))]
     return [(f"{size} b16 eager", SIZES[size] + ["--batch_size", "16"], 150) for size in ("26M", "104M")]
@@ -472,9 +472,11 @@ def main(argv=None) -> int:
     in_process("sync", lambda: sync_check(device))
     in_process("attention", lambda: attention_check(device, args.smoke))
     in_process("profile", lambda: step_profile(device, args.smoke))
-    in_process("memory", lambda: memory_check(device, args.smoke))
+    # the default-flag rows first (eager, then captured and compiled): issue #20's main question
     if want("train"):
         train(compiled=False)
+    if want("compile"):
+        train(compiled=True)
     if want("eval"):
         result["eval"] = run_json(["-m", "scripts.bench_eval", *eval_flags, "--device", device],
                                   budget.limit(240), log)
@@ -491,14 +493,13 @@ def main(argv=None) -> int:
                 result["backends"][key] = run_json([*cmd, *extra, "--device", device], budget.limit(150), log)
                 print(key, json.dumps(result["backends"][key]), flush=True)
                 save()
+    in_process("memory", lambda: memory_check(device, args.smoke))
     if want("pipeline"):
         try:
             result["pipeline"] = pipeline(args.smoke, device, log, budget)
         except (subprocess.TimeoutExpired, OSError, KeyError, ValueError) as exc:
             result["pipeline"] = {"error": f"{exc.__class__.__name__}: {exc}"}
         save()
-    if want("compile"):
-        train(compiled=True)
     print(table(result))
     print(f"wrote {out} (log {log})")
     return 0
