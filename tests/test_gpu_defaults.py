@@ -213,23 +213,28 @@ def test_compile_flag_takes_a_mode_or_nothing():
         parse_train_args("sft", ["--compile", "fast"])
 
 
-def test_a_compiler_failure_falls_back_to_the_eager_step(demo, tmp_path, monkeypatch, capfd):
-    """--compile auto compiles every long CUDA run: if the compiler fails, the run goes on
-    eager with a warning and trains exactly as --compile off would."""
-    class Broken(torch.nn.Module):
+@pytest.mark.parametrize("fails_in", ["train", "eval"])
+def test_a_compiler_failure_falls_back_to_the_eager_step(fails_in, demo, tmp_path, monkeypatch, capfd):
+    """--compile auto compiles every long CUDA run: if the compiler fails (on the first training
+    step, or on the first validation pass), the run goes on eager with a warning and trains
+    exactly as --compile off would."""
+    class Broken(torch.nn.Module):  # like torch.compile's wrapper: the model is its _orig_mod
         def __init__(self, inner):
             super().__init__()
-            self.inner = inner
+            self._orig_mod = inner
 
         def forward(self, *a, **k):
+            if fails_in == "eval" and self.training:
+                return self._orig_mod(*a, **k)
             raise RuntimeError("inductor: no working C++ compiler")
     monkeypatch.setattr("trainer.trainer.compile_model", lambda model, choice, cache_dir: Broken(model))
     assert train_main("sft", _args(demo, tmp_path / "eager", "--compile", "off")) == 0
     capfd.readouterr()
     assert train_main("sft", _args(demo, tmp_path / "broken", "--compile", "on")) == 0
     err = capfd.readouterr().err
-    assert "compiling the training step failed (RuntimeError: inductor: no working C++ compiler)" in err
-    assert err.count("training continues without compiling") == 1
+    what = "the training step" if fails_in == "train" else "the validation pass"
+    assert f"compiling {what} failed (RuntimeError: inductor: no working C++ compiler)" in err
+    assert err.count("continue without compiling" if fails_in == "eval" else "continues without compiling") == 1
     broken, eager = _losses(tmp_path / "broken"), _losses(tmp_path / "eager")
     assert [s for s, _ in broken] == [s for s, _ in eager]
     assert [loss for _, loss in broken] == pytest.approx([loss for _, loss in eager], rel=1e-5)  # padded shapes

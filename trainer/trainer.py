@@ -454,8 +454,17 @@ def _train(cfg: TrainConfig) -> dict:
             if epoch_end and val is not None:
                 # the compiled forward (eval mode compiles its own graphs, once per validation shape)
                 fast = ddp is not plain and not dist.enabled  # (under torchrun: the plain model, as before)
-                last_val = evaluate(ddp if fast else model, val, features, cfg, dist, device, amp,
-                                    val_shapes if fast else None, graphs and fast)
+                try:
+                    last_val = evaluate(ddp if fast else model, val, features, cfg, dist, device, amp,
+                                        val_shapes if fast else None, graphs and fast)
+                except Exception as exc:  # noqa: BLE001 (as for the training step: only a compiled pass)
+                    if not fast:
+                        raise
+                    log.warning("compiling the validation pass failed (%s: %s): training and validation continue "
+                                "without compiling (same results, slower); --compile off skips the attempt",
+                                type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300])
+                    ddp, graphs, compiled = plain, False, f"{compiled} (failed: eager)"
+                    last_val = evaluate(model, val, features, cfg, dist, device, amp)
                 val_history.append(last_val)
                 metrics.write({"step": step, "epoch": step // steps_per_epoch, **last_val.row()})
             if epoch_end:
