@@ -56,6 +56,10 @@ def parse_args(argv=None):
     ap.add_argument("--overlays", type=flags.non_negative_int, default=0,
                     help="write the relevance map over the scan for this many questions (spread over the split) "
                          "to out/eval/<name>/overlays/")
+    ap.add_argument("--explain", action="store_true",
+                    help="give every prediction in predictions.jsonl its probability and top alternatives "
+                         "(one scoring pass per question; closed: over the training split's closed answers, "
+                         "open: the product of its token probabilities)")
     ap.add_argument("--abstain_below", type=flags.float_range(0, 1), default=None,
                     help="also report coverage and accuracy on closed questions when answers below this "
                          "probability are withheld ('not sure')")
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
                                  resolve_path(args.out_dir) / "eval" / name, device, args.batch_size,
                                  args.max_new_tokens, resolve_path(args.cache_dir) if args.cache_dir else None,
                                  constrain=args.constrain, relevance=args.relevance, overlays=args.overlays,
-                                 abstain_below=args.abstain_below)
+                                 abstain_below=args.abstain_below, explain_answers=args.explain)
     except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError, DeviceError) as exc:
         log.error("error: %s", exc)
         return 2  # a user-caused error: one named message, exit code 2

@@ -76,11 +76,10 @@ def _first_token_logprobs(model, prompt: list[int], features: torch.Tensor) -> t
     return torch.log_softmax(model(ids, features, logits_to_keep=1)[0, -1].float(), -1)
 
 
-def explain(model, tok, tower, image: Image.Image, prompt: list[int], features: torch.Tensor, answer: str,
-            question_type: str, sets: dict[str, list[str]] | None = None, method: str = DEFAULT_RELEVANCE,
-            abstain_below: float | None = None) -> Explanation:
-    """The explanation of ``answer`` (the model's answer to ``prompt`` about ``image``, whose
-    tower features are ``features`` [1, tokens, width])."""
+def score_answer(model, tok, prompt: list[int], features: torch.Tensor, answer: str, question_type: str,
+                 sets: dict[str, list[str]] | None = None) -> tuple[float, list[tuple[str, float]], str]:
+    """(probability of ``answer``, the alternatives with theirs (likeliest first), what the
+    probability is over: 'candidates' or 'tokens'); see the module docstring."""
     eos = model.config.eos_token_id
     sets = sets or {}
     closed = question_type == "CLOSED"
@@ -95,14 +94,23 @@ def explain(model, tok, tower, image: Image.Image, prompt: list[int], features: 
     cands = [answer] + [a for a in pool if a is not mine and normalize(a) != normalize(answer)]
     ll = candidate_log_likelihoods(model, [prompt], features, [_ids(tok, a, eos) for a in cands])[0].float().cpu()
     probs = torch.softmax(ll, -1) if closed else ll.exp()
-    probability = float(probs[0])
     alternatives = sorted(((a, float(p)) for a, p in zip(cands[1:], probs[1:].tolist())), key=lambda x: -x[1])
+    return float(probs[0]), alternatives, "candidates" if closed else "tokens"
+
+
+def explain(model, tok, tower, image: Image.Image, prompt: list[int], features: torch.Tensor, answer: str,
+            question_type: str, sets: dict[str, list[str]] | None = None, method: str = DEFAULT_RELEVANCE,
+            abstain_below: float | None = None) -> Explanation:
+    """The explanation of ``answer`` (the model's answer to ``prompt`` about ``image``, whose
+    tower features are ``features`` [1, tokens, width])."""
+    eos = model.config.eos_token_id
+    probability, alternatives, scored_over = score_answer(model, tok, prompt, features, answer, question_type, sets)
     rel = relevance_maps(model, [prompt], features, method, [_ids(tok, answer, eos)])[0].float().cpu()
     grid = int(round(rel.numel() ** 0.5))
     square = grid * grid == rel.numel()  # a tower without a square patch grid gets the flat map and no overlay
     abstained = abstain_below is not None and probability < abstain_below
     return Explanation(answer=NOT_SURE if abstained else answer, probability=probability, alternatives=alternatives,
-                       scored_over="candidates" if closed else "tokens", relevance=(rel.view(grid, grid) if square else rel).numpy(),
+                       scored_over=scored_over, relevance=(rel.view(grid, grid) if square else rel).numpy(),
                        method=method, overlay=overlay(model_view(tower, image), rel) if square else None,
                        model_answer=answer,
                        abstained=abstained, question_type=question_type)

@@ -21,6 +21,7 @@ from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
+from evaluation.explain import answer_sets, score_answer
 from evaluation.relevance import DEFAULT_RELEVANCE, METHODS as RELEVANCE_METHODS, model_view, overlay, relevance_maps
 from model.generation import GenerationConfig, generate, stream_generate
 from model.runtime import autocast, compute_dtype, progress
@@ -33,12 +34,15 @@ log = logging.getLogger("eval")
 def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, train_path: Path | None,
                    out_dir: Path, device: torch.device, batch_size: int = 64, max_new_tokens: int = 32,
                    cache_dir: Path | None = None, feature_cache_gb: float = 4.0, constrain: str = "none",
-                   relevance: str = DEFAULT_RELEVANCE, overlays: int = 0, abstain_below: float | None = None) -> dict:
+                   relevance: str = DEFAULT_RELEVANCE, overlays: int = 0, abstain_below: float | None = None,
+                   explain_answers: bool = False) -> dict:
     """Writes predictions.jsonl and metrics.json. ``constrain`` closed|all: a second pass with
     answer-constrained decoding (model/constrain.py), reported beside the free one.
     ``relevance``: the relevance-map method of the pointing game ('all' scores every method);
     ``overlays``: how many questions get an overlay PNG of that map in ``out_dir/overlays``;
-    ``abstain_below``: one more coverage/accuracy row for closed answers withheld below it."""
+    ``abstain_below``: one more coverage/accuracy row for closed answers withheld below it;
+    ``explain_answers``: every prediction gets its probability and top alternatives
+    (evaluation.explain.score_answer: one scoring pass per question)."""
     model, tok = ckpt.model, ckpt.tokenizer
     records = read_jsonl(data_path, require_vqa=True,
                          hint="run `python convert_slake_dataset.py` first, or pass --data_path")
@@ -121,6 +125,18 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         calib = closed_confidence(model, tok, train, items, pending, features, batch_size, abstain_below)
         if calib:
             metrics["calibration"] = calib
+    if explain_answers:
+        t1 = time.perf_counter()
+        sets = answer_sets(train) if train is not None else None
+        with generation_autocast(device):
+            for i, prompt, imgs in progress(pending, desc="scoring answers", unit="question"):
+                if len(imgs) != 1:
+                    continue
+                p, alts, over = score_answer(model, tok, prompt, features.get(torch.tensor(imgs)),
+                                             items[i]["prediction"], items[i]["answer_type"], sets)
+                items[i].update(probability=round(p, 6), alternatives=[[a, round(q, 6)] for a, q in alts[:3]],
+                                scored_over=over)
+        metrics["explain_seconds"] = round(time.perf_counter() - t1, 3)
     methods = RELEVANCE_METHODS if relevance == "all" else (relevance,)
     if relevance == "all":  # the chosen default first: it stays the headline number
         methods = (DEFAULT_RELEVANCE,) + tuple(m for m in methods if m != DEFAULT_RELEVANCE)
@@ -143,6 +159,7 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
              "correct_constrained": exact_match(i["prediction_constrained"], i["answer"])}
             if "prediction_constrained" in i else {}),
          **({"answer_probs": i["answer_probs"]} if "answer_probs" in i else {}),
+         **({k: i[k] for k in ("probability", "alternatives", "scored_over")} if "probability" in i else {}),
          **({"error": i["error"]} if i["error"] else {})}) + "\n" for i in items))
     if metrics.get("calibration"):
         remove_stale_temps(out_dir / "reliability.png")

@@ -197,7 +197,7 @@ def test_evaluation_compares_methods_and_writes_overlays(tmp_path, tokenizer, ti
     path = save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower)
     m = evaluate_split(load_model(path), d / "medical_vqa_test.jsonl", d / "medical_images",
                        d / "medical_vqa_train.jsonl", tmp_path / "eval", torch.device("cpu"), cache_dir=None,
-                       relevance="all", overlays=3, abstain_below=0.7)
+                       relevance="all", overlays=3, abstain_below=0.7, explain_answers=True)
     p = m["pointing"]
     assert p["method"] == DEFAULT_RELEVANCE and set(p["methods"]) == set(METHODS)
     assert p["methods"][DEFAULT_RELEVANCE]["hit_rate"] == p["hit_rate"]
@@ -213,6 +213,17 @@ def test_evaluation_compares_methods_and_writes_overlays(tmp_path, tokenizer, ti
     table = format_table(m)
     assert "where it looked (look)" in table and "kind x side" in table and "answering 'not sure' below 0.7" in table
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["pointing"]["methods"].keys() == set(METHODS)
+    preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all("probability" in r and 0 <= r["probability"] <= 1 for r in preds)
+    for r in preds:
+        if r["answer_type"] == "CLOSED":  # a distribution over the closed set (and the answer, when outside it)
+            assert r["scored_over"] == "candidates"
+            assert r["probability"] + sum(p for _, p in r["alternatives"]) == pytest.approx(1.0, abs=1e-4)
+            if r["prediction"] in r["answer_probs"]:
+                assert r["probability"] == pytest.approx(r["answer_probs"][r["prediction"]], abs=1e-4)
+        else:
+            assert r["scored_over"] == "tokens" and len(r["alternatives"]) == 3
+            assert all(p <= 1 for _, p in r["alternatives"])
 
 
 def test_web_demo_answer_comes_with_confidence_and_overlay(tokenizer, tiny_tower, tmp_path):
