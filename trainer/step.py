@@ -74,6 +74,42 @@ def compile_model(model: torch.nn.Module, choice: str, cache_dir: Path | None,
                          **({"mode": COMPILE_MODES[choice]} if backend == "inductor" else {}))
 
 
+class StepRunner:
+    """What runs the forward: the compiled model when --compile chose to compile, else the plain
+    one (the model or its DDP wrapper). ``shapes`` / ``val_shapes``: the fixed batch shapes of
+    training and validation when compiled. If the compiler fails, ``fall_back`` logs it and the
+    run goes on with the plain model: same update, slower."""
+
+    def __init__(self, plain: torch.nn.Module, cfg: TrainConfig, device: torch.device, total_steps: int,
+                 samples: list, val_samples: list | None, cache_dir: Path | None):
+        self.plain = self.run = plain
+        self.choice, why = compile_choice(cfg, device, total_steps)
+        log.info("compile: %s (%s)", self.choice, why)
+        self.shapes = self.val_shapes = None
+        if self.choice != "off":
+            self.shapes = plan_shapes(samples, cfg.batch_size)
+            if val_samples:  # validation computes the language-model loss only: no look slots
+                plan = plan_shapes(val_samples, cfg.batch_size)
+                self.val_shapes = StepShapes(plan.widths, plan.targets, 0)
+            self.run = compile_model(plain, self.choice, cache_dir)
+            log.info("compiled step shapes: %s, batch %d (a longer batch keeps its own shape)",
+                     self.shapes.describe(), cfg.batch_size)
+
+    @property
+    def compiled(self) -> bool:
+        return self.run is not self.plain
+
+    @property
+    def graphs(self) -> bool:
+        return self.compiled and self.choice == "graphs"
+
+    def fall_back(self, what: str, exc: Exception):
+        log.warning("compiling %s failed (%s: %s): training and validation continue without compiling (same "
+                    "results, slower); --compile off skips the attempt", what, type(exc).__name__,
+                    (str(exc).strip().splitlines() or [""])[0][:300])
+        self.run, self.choice = self.plain, f"{self.choice} (failed: eager)"
+
+
 def make_optimizer(model, cfg: TrainConfig, device, dtype):
     if cfg.learning_rate is None:  # build_model resolves it; a config made in code may not have
         cfg.resolve_learning_rate(cfg.lm_pretrained)
@@ -152,10 +188,6 @@ class StepPlan:
                 for k, v in b.items():
                     b[k] = v.pin_memory()
         return batches, sum(len(s.input_ids) for m in micro for s in m)
-
-
-def step_shapes(samples: list, cfg: TrainConfig) -> StepShapes:
-    return plan_shapes(samples, cfg.batch_size)
 
 
 def shape_key(batches: list[Batch]) -> tuple:

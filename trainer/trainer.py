@@ -38,9 +38,8 @@ from trainer.distributed import Dist, init_distributed
 from trainer.errors import TrainingError, TrainingInterrupted
 from trainer.logs import MetricsLog
 from trainer.schedule import lr_at
-from trainer.step import (BatchFeed, StepPlan, compile_choice, compile_model, make_optimizer, shape_key, step_shapes,
-                          train_step)
-from trainer.validation import evaluate, more_epochs_advice, prior_advice, validation_prior, validation_shapes
+from trainer.step import BatchFeed, StepPlan, StepRunner, make_optimizer, shape_key, train_step
+from trainer.validation import evaluate, more_epochs_advice, prior_advice, validation_prior
 
 log = logging.getLogger("train")
 
@@ -342,24 +341,17 @@ def _train(cfg: TrainConfig) -> dict:
     params, opt, scaler = make_optimizer(model, cfg, device, dtype)
     start_step = load_resume(cfg, resume_path, model, opt, scaler, dist, total_steps) if cfg.resume else 0
 
-    compiled, why = compile_choice(cfg, device, total_steps)
-    log.info("compile: %s (%s)", compiled, why)
     epoch0 = packed.epoch_samples(0) if packed is not None else data.samples
-    shapes = step_shapes(epoch0, cfg) if compiled != "off" else None
-    val_shapes = validation_shapes(val, cfg) if compiled != "off" and val is not None else None
-    graphs = compiled == "graphs"
-    feed = BatchFeed(StepPlan(data.samples, packed, cfg, dist, steps_per_epoch, model.config.pad_token_id,
-                              model.config.image_token_id, shapes, pin=device.type == "cuda"), overlap=cfg.prefetch)
     ddp = model
     if dist.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
             find_unused_parameters=False, broadcast_buffers=False)  # every parameter gets a gradient
-    plain = ddp  # what training falls back to if compiling fails
-    if shapes is not None:
-        ddp = compile_model(ddp, compiled, out_dir / "compile_cache")
-        log.info("compiled step shapes: %s, batch %d (a longer batch keeps its own shape)", shapes.describe(),
-                 cfg.batch_size)
+    runner = StepRunner(ddp, cfg, device, total_steps, epoch0, val.samples if val is not None else None,
+                        out_dir / "compile_cache")
+    feed = BatchFeed(StepPlan(data.samples, packed, cfg, dist, steps_per_epoch, model.config.pad_token_id,
+                              model.config.image_token_id, runner.shapes, pin=device.type == "cuda"),
+                     overlap=cfg.prefetch)
 
     wandb_run = None
     if cfg.use_wandb and dist.is_main:
@@ -391,7 +383,7 @@ def _train(cfg: TrainConfig) -> dict:
     try:
         while step < end_step:
             batches, n_tokens = feed.get(step, step + 1 if step + 1 < end_step else None)
-            new_shape = shapes is not None and shape_key(batches) not in seen_shapes
+            new_shape = runner.compiled and shape_key(batches) not in seen_shapes
             if new_shape:
                 seen_shapes.add(shape_key(batches))
                 if device.type == "cuda":
@@ -400,20 +392,17 @@ def _train(cfg: TrainConfig) -> dict:
             lr = lr_at(step, total_steps, cfg)
             debias = cfg.debias if step < cfg.debias_until * total_steps else 0.0
             try:
-                window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp,
-                                          lr, patches, debias, graphs)
+                window_loss += train_step(runner.run, model, batches, features, opt, scaler, params, cfg, dist,
+                                          device, amp, lr, patches, debias, runner.graphs)
             except Exception as exc:  # noqa: BLE001 (only a step that compiles is retried, and it is logged)
-                if not new_shape or ddp is plain:
+                if not new_shape:
                     raise
-                # --compile auto turns compiling on for every CUDA run: a compiler failure must not end
-                # the run, and the eager step computes the same update (nothing was stepped yet)
-                log.warning("compiling the training step failed (%s: %s): training continues without compiling "
-                            "(same results, slower); --compile off skips the attempt", type(exc).__name__,
-                            (str(exc).strip().splitlines() or [""])[0][:300])
+                # --compile auto turns compiling on for every long CUDA run: a compiler failure must not
+                # end the run, and the eager step computes the same update (nothing was stepped yet)
+                runner.fall_back("the training step", exc)
                 opt.zero_grad(set_to_none=True)
-                ddp, graphs, compiled = plain, False, f"{compiled} (failed: eager)"
-                window_loss += train_step(ddp, model, batches, features, opt, scaler, params, cfg, dist, device, amp,
-                                          lr, patches, debias, graphs)
+                window_loss += train_step(runner.run, model, batches, features, opt, scaler, params, cfg, dist,
+                                          device, amp, lr, patches, debias, runner.graphs)
             if new_shape:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -450,20 +439,18 @@ def _train(cfg: TrainConfig) -> dict:
                 compile_seconds.append(compiling)
                 metrics.write({"step": step, "epoch": step // steps_per_epoch,
                                "epoch_seconds": round(epoch_seconds[-1], 3),
-                               **({"compile_seconds": round(compiling, 3)} if shapes is not None else {})})
+                               **({"compile_seconds": round(compiling, 3)} if runner.shapes is not None else {})})
             if epoch_end and val is not None:
-                # the compiled forward (eval mode compiles its own graphs, once per validation shape)
-                fast = ddp is not plain and not dist.enabled  # (under torchrun: the plain model, as before)
+                # the compiled forward (eval mode compiles its own graphs, once per validation shape);
+                # under torchrun the plain model, as before
+                fast = runner.compiled and not dist.enabled
                 try:
-                    last_val = evaluate(ddp if fast else model, val, features, cfg, dist, device, amp,
-                                        val_shapes if fast else None, graphs and fast)
+                    last_val = evaluate(runner.run if fast else model, val, features, cfg, dist, device, amp,
+                                        runner.val_shapes if fast else None, runner.graphs and fast)
                 except Exception as exc:  # noqa: BLE001 (as for the training step: only a compiled pass)
                     if not fast:
                         raise
-                    log.warning("compiling the validation pass failed (%s: %s): training and validation continue "
-                                "without compiling (same results, slower); --compile off skips the attempt",
-                                type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300])
-                    ddp, graphs, compiled = plain, False, f"{compiled} (failed: eager)"
+                    runner.fall_back("the validation pass", exc)
                     last_val = evaluate(model, val, features, cfg, dist, device, amp)
                 val_history.append(last_val)
                 metrics.write({"step": step, "epoch": step // steps_per_epoch, **last_val.row()})
@@ -499,7 +486,7 @@ def _train(cfg: TrainConfig) -> dict:
             log.warning("%s", advice)
     return {"checkpoint": final_path if saver.last_saved else None, "resume": resume_path, "metrics": metrics.path,
             "steps": step, "total_steps": total_steps, "val_loss": last_val.loss if last_val else None,
-            "validation": last_val, "epoch_seconds": epoch_seconds, "compile": compiled,
+            "validation": last_val, "epoch_seconds": epoch_seconds, "compile": runner.choice,
             "compile_seconds": compile_seconds, "step_shapes": len(seen_shapes),
             "samples": n_seq, "tokens": sum(len(s_.input_ids) for s_ in epoch0) if packed else data.num_tokens(),
             "questions": len(data), "trainable_params": model.parameter_summary()["trainable"]}

@@ -8,7 +8,7 @@ import torch
 
 from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
-from dataset.vqa_dataset import MODEL_INPUTS, StepShapes, VQADataset, collate, plan_shapes
+from dataset.vqa_dataset import MODEL_INPUTS, StepShapes, VQADataset, collate
 from model.runtime import unwrap
 from model.tokenization import IGNORE_INDEX
 from trainer.config import TrainConfig
@@ -95,17 +95,10 @@ def more_epochs_advice(history: list[Validation], epochs: int) -> str | None:
     return None
 
 
-def validation_shapes(val: VQADataset, cfg: TrainConfig) -> StepShapes:
-    """Fixed shapes for validation batches under a compiled model (no look slots: validation
-    computes the language-model loss only)."""
-    plan = plan_shapes(val.samples, cfg.batch_size)
-    return StepShapes(plan.widths, plan.targets, 0)
-
-
 @torch.no_grad()
 def evaluate(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, dist: Dist, device, amp,
              shapes: StepShapes | None = None, graphs: bool = False) -> Validation:
-    """``shapes``: fixed batch shapes for a compiled model (``validation_shapes``); padding
+    """``shapes``: fixed batch shapes for a compiled model (trainer.step.StepRunner); padding
     answer-token slots count as neither loss nor misses."""
     config = unwrap(model).config  # model may be the compiled wrapper
     model.eval()
