@@ -258,3 +258,20 @@ def test_candidate_ranking_agrees_with_constrained_greedy_decoding(tmp_path):
     scored = [r for r in rows if "answer_probs" in r]
     agree = [max(r["answer_probs"], key=r["answer_probs"].get) == r["prediction_constrained"] for r in scored]
     assert len(scored) >= 20 and sum(agree) / len(agree) >= 0.9, f"{sum(agree)} of {len(agree)} agree"
+
+
+def test_web_demo_answer_stands_when_its_explanation_fails(tokenizer, tiny_tower, tmp_path, monkeypatch):
+    from model.checkpoint import save_checkpoint
+    from webdemo.app import EXAMPLES_DIR, Session
+    path = save_checkpoint(tmp_path / "medical_vlm_64.pth", make_tiny_model(tokenizer, tiny_tower, spread=0.1),
+                           tokenizer, "sft", 0)
+    s = Session([path], "cpu")
+    img, _ = s.read_upload(str(EXAMPLES_DIR / "ct_chest_lesions.png"))
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr("webdemo.app.explain", broken)
+    replies = list(s.respond("Is there a lesion?", [], img, None, 0.0, 1.0, 8))
+    last = replies[-1]
+    assert last.explanation is None and last.chat[-1]["content"] == replies[-2].chat[-1]["content"] != ""
+    assert "could not be computed" in last.error

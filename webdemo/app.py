@@ -165,7 +165,13 @@ class Session:
         if not answer:
             yield Reply(turn + [{"role": "assistant", "content": "(no answer)"}])
             return
-        why = self.explain(ckpt, image, history, question, answer, abstain_below or None)
+        try:
+            why = self.explain(ckpt, image, history, question, answer, abstain_below or None)
+        except Exception:  # noqa: BLE001 (the answer stands without its explanation; the log has why)
+            log.exception("could not explain the answer %r", answer)
+            yield Reply(turn + [{"role": "assistant", "content": answer}],
+                        "The answer's confidence and map could not be computed (see the server log).")
+            return
         shown = f"not sure (the model's answer: {answer}, {100 * why.probability:.0f}%)" if why.abstained else answer
         yield Reply(turn + [{"role": "assistant", "content": shown}], explanation=why)
 
