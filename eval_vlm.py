@@ -58,8 +58,8 @@ def parse_args(argv=None):
                          "to out/eval/<name>/overlays/")
     ap.add_argument("--explain", action="store_true",
                     help="give every prediction in predictions.jsonl its probability and top alternatives "
-                         "(one scoring pass per question; closed: over the training split's closed answers, "
-                         "open: the product of its token probabilities)")
+                         "(batched scoring passes; closed: over the training split's closed answers, open: the "
+                         "product of its token probabilities)")
     ap.add_argument("--abstain_below", type=flags.float_range(0, 1), default=None,
                     help="also report coverage and accuracy on closed questions when answers below this "
                          "probability are withheld ('not sure')")

@@ -27,7 +27,7 @@ from PIL import Image
 
 from dataset.answers import normalize
 from evaluation.relevance import DEFAULT_RELEVANCE, model_view, overlay, relevance_maps
-from evaluation.scoring import candidate_log_likelihoods
+from evaluation.scoring import next_token_log_probs, pair_log_likelihoods
 
 NOT_SURE = "not sure"
 DEFAULT_CLOSED = ("Yes", "No")  # SLAKE's closed answers, when no training split is loaded
@@ -70,32 +70,50 @@ def _ids(tok, text: str, eos: int) -> list[int]:
     return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
 
 
-@torch.inference_mode()
-def _first_token_logprobs(model, prompt: list[int], features: torch.Tensor) -> torch.Tensor:
-    ids = torch.tensor([prompt], device=features.device)
-    return torch.log_softmax(model(ids, features, logits_to_keep=1)[0, -1].float(), -1)
+def score_answers(model, tok, prompts: list[list[int]], features: torch.Tensor, answers: list[str],
+                  question_types: list[str], sets: dict[str, list[str]] | None = None,
+                  chunk: int = 8) -> list[tuple[float, list[tuple[str, float]], str]]:
+    """For each question: (probability of its answer, the alternatives with theirs, likeliest
+    first, and what the probability is over: 'candidates' or 'tokens'); see the module
+    docstring. ``features`` [n, tokens, width]: each prompt's image. Scored ``chunk`` questions
+    (with all their candidates) per teacher-forced pass."""
+    eos = model.config.eos_token_id
+    sets = sets or {}
+    out = []
+    for start in range(0, len(prompts), chunk):
+        ps, fs = prompts[start:start + chunk], features[start:start + chunk]
+        kinds, given = question_types[start:start + chunk], answers[start:start + chunk]
+        open_pool = list(sets.get("OPEN") or [])
+        first = None
+        if open_pool and any(k != "CLOSED" for k in kinds):  # the likeliest open answers by their first token
+            first = next_token_log_probs(model, ps, fs).cpu()
+            heads = torch.tensor([_ids(tok, a, eos)[0] for a in open_pool])
+        cand_lists = []
+        for j, (kind, answer) in enumerate(zip(kinds, given)):
+            if kind == "CLOSED":
+                pool = list(sets.get("CLOSED") or DEFAULT_CLOSED)
+            elif first is not None:
+                order = torch.argsort(first[j][heads], descending=True)[:OPEN_CANDIDATES].tolist()
+                pool = [open_pool[k] for k in order]
+            else:
+                pool = []
+            cand_lists.append([answer] + [a for a in pool if normalize(a) != normalize(answer)])
+        pairs = [(j, _ids(tok, a, eos)) for j, cands in enumerate(cand_lists) for a in cands]
+        ll = pair_log_likelihoods(model, ps, fs, pairs).float().cpu()
+        at = 0
+        for kind, cands in zip(kinds, cand_lists):
+            row, at = ll[at:at + len(cands)], at + len(cands)
+            closed = kind == "CLOSED"
+            probs = torch.softmax(row, -1) if closed else row.exp()
+            alts = sorted(((a, float(p)) for a, p in zip(cands[1:], probs[1:].tolist())), key=lambda x: -x[1])
+            out.append((float(probs[0]), alts, "candidates" if closed else "tokens"))
+    return out
 
 
 def score_answer(model, tok, prompt: list[int], features: torch.Tensor, answer: str, question_type: str,
                  sets: dict[str, list[str]] | None = None) -> tuple[float, list[tuple[str, float]], str]:
-    """(probability of ``answer``, the alternatives with theirs (likeliest first), what the
-    probability is over: 'candidates' or 'tokens'); see the module docstring."""
-    eos = model.config.eos_token_id
-    sets = sets or {}
-    closed = question_type == "CLOSED"
-    if closed:
-        pool = list(sets.get("CLOSED") or DEFAULT_CLOSED)
-    else:
-        pool = list(sets.get("OPEN") or [])
-        if pool:  # the likeliest by their first token: the set can be hundreds of answers
-            first = _first_token_logprobs(model, prompt, features)
-            pool = sorted(pool, key=lambda a: -float(first[_ids(tok, a, eos)[0]]))[:OPEN_CANDIDATES]
-    mine = next((a for a in pool if normalize(a) == normalize(answer)), None)
-    cands = [answer] + [a for a in pool if a is not mine and normalize(a) != normalize(answer)]
-    ll = candidate_log_likelihoods(model, [prompt], features, [_ids(tok, a, eos) for a in cands])[0].float().cpu()
-    probs = torch.softmax(ll, -1) if closed else ll.exp()
-    alternatives = sorted(((a, float(p)) for a, p in zip(cands[1:], probs[1:].tolist())), key=lambda x: -x[1])
-    return float(probs[0]), alternatives, "candidates" if closed else "tokens"
+    """``score_answers`` for one question (``features`` [1, tokens, width])."""
+    return score_answers(model, tok, [prompt], features, [answer], [question_type], sets)[0]
 
 
 def explain(model, tok, tower, image: Image.Image, prompt: list[int], features: torch.Tensor, answer: str,

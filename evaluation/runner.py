@@ -21,7 +21,7 @@ from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
-from evaluation.explain import answer_sets, score_answer
+from evaluation.explain import answer_sets, score_answers
 from evaluation.relevance import DEFAULT_RELEVANCE, METHODS as RELEVANCE_METHODS, model_view, overlay, relevance_maps
 from model.generation import GenerationConfig, generate, stream_generate
 from model.runtime import autocast, compute_dtype, progress
@@ -128,14 +128,29 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     if explain_answers:
         t1 = time.perf_counter()
         sets = answer_sets(train) if train is not None else None
+        todo = []
+        for i, prompt, imgs in pending:
+            if len(imgs) != 1:
+                continue
+            scored = items[i].get("answer_probs", {})  # closed: already scored over the set (calibration)
+            mine = next((a for a in scored if normalize(a) == normalize(items[i]["prediction"])), None)
+            if mine is not None:
+                alts = sorted(((a, q) for a, q in scored.items() if a != mine), key=lambda x: -x[1])
+                items[i].update(probability=scored[mine], alternatives=[[a, q] for a, q in alts[:3]],
+                                scored_over="candidates")
+            else:
+                todo.append((i, prompt, imgs[0]))
+        step = 32
         with generation_autocast(device):
-            for i, prompt, imgs in progress(pending, desc="scoring answers", unit="question"):
-                if len(imgs) != 1:
-                    continue
-                p, alts, over = score_answer(model, tok, prompt, features.get(torch.tensor(imgs)),
-                                             items[i]["prediction"], items[i]["answer_type"], sets)
-                items[i].update(probability=round(p, 6), alternatives=[[a, round(q, 6)] for a, q in alts[:3]],
-                                scored_over=over)
+            for start in progress(range(0, len(todo), step), desc="scoring answers", unit="batch"):
+                chunk = todo[start:start + step]
+                found = score_answers(model, tok, [p for _, p, _ in chunk],
+                                      features.get(torch.tensor([j for _, _, j in chunk])),
+                                      [items[i]["prediction"] for i, _, _ in chunk],
+                                      [items[i]["answer_type"] for i, _, _ in chunk], sets)
+                for (i, _, _), (p, alts, over) in zip(chunk, found):
+                    items[i].update(probability=round(p, 6), alternatives=[[a, round(q, 6)] for a, q in alts[:3]],
+                                    scored_over=over)
         metrics["explain_seconds"] = round(time.perf_counter() - t1, 3)
     methods = RELEVANCE_METHODS if relevance == "all" else (relevance,)
     if relevance == "all":  # the chosen default first: it stays the headline number

@@ -10,19 +10,18 @@ from model.tokenization import IGNORE_INDEX
 
 
 @torch.inference_mode()
-def candidate_log_likelihoods(model, prompts: list[list[int]], image_features: torch.Tensor | None,
-                              candidates: list[list[int]]) -> torch.Tensor:
-    """[len(prompts), len(candidates)]: log p(candidate tokens | prompt, image) for every pair.
-    ``image_features`` [n_images, tokens, width] in prompt order (one image per prompt, as in
-    evaluation); every candidate is a token sequence ending with the end-of-turn token."""
+def pair_log_likelihoods(model, prompts: list[list[int]], image_features: torch.Tensor | None,
+                         pairs: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """[len(pairs)]: log p(answer tokens | prompts[i], image i) for every (i, answer tokens) pair,
+    all in one teacher-forced pass. ``image_features`` [n_images, tokens, width] in prompt order
+    (one image per prompt, as in evaluation); every answer ends with the end-of-turn token."""
     from dataset.vqa_dataset import MODEL_INPUTS, Sample, collate
     device = next(model.parameters()).device
-    k = len(candidates)
     samples = []
-    for i, p in enumerate(prompts):
+    for i, c in pairs:
+        p = prompts[i]
         n_img = p.count(model.config.image_token_id) // max(model.config.image_tokens, 1)
-        for c in candidates:
-            samples.append(Sample(list(p) + list(c), [IGNORE_INDEX] * len(p) + list(c), [i] * n_img, {}))
+        samples.append(Sample(list(p) + list(c), [IGNORE_INDEX] * len(p) + list(c), [i] * n_img, {}))
     batch = collate(samples, model.config.pad_token_id, model.config.image_token_id)
     feats = None
     if image_features is not None and len(batch["image_index"]):
@@ -32,8 +31,33 @@ def candidate_log_likelihoods(model, prompts: list[list[int]], image_features: t
                                return_logits=True)
     token_lp = torch.log_softmax(logits.float(), -1).gather(1, b["targets"][:, None]).squeeze(1)
     rows = b["target_pos"] // b["input_ids"].shape[1]
-    per_row = torch.zeros(len(samples), device=device).index_add_(0, rows, token_lp)
-    return per_row.view(len(prompts), k)
+    return torch.zeros(len(samples), device=device).index_add_(0, rows, token_lp)
+
+
+def candidate_log_likelihoods(model, prompts: list[list[int]], image_features: torch.Tensor | None,
+                              candidates: list[list[int]]) -> torch.Tensor:
+    """[len(prompts), len(candidates)]: log p(candidate tokens | prompt, image) for every pair."""
+    pairs = [(i, c) for i in range(len(prompts)) for c in candidates]
+    return pair_log_likelihoods(model, prompts, image_features, pairs).view(len(prompts), len(candidates))
+
+
+@torch.inference_mode()
+def next_token_log_probs(model, prompts: list[list[int]], image_features: torch.Tensor | None) -> torch.Tensor:
+    """[len(prompts), vocab]: the log-probabilities of each prompt's next token (right-padded
+    batch; causal attention keeps the padding out of every real position)."""
+    from dataset.vqa_dataset import Sample, collate
+    device = next(model.parameters()).device
+    samples = [Sample(list(p), [IGNORE_INDEX] * len(p), [i] * (p.count(model.config.image_token_id)
+                                                             // max(model.config.image_tokens, 1)), {})
+               for i, p in enumerate(prompts)]
+    batch = collate(samples, model.config.pad_token_id, model.config.image_token_id)
+    feats = None
+    if image_features is not None and len(batch["image_index"]):
+        feats = image_features.index_select(0, batch["image_index"].to(image_features.device))
+    ids = batch["input_ids"].to(device)
+    h = model.llm(model.embed(ids, feats, batch["image_slots"].to(device)))
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    return torch.log_softmax(model.llm.lm_head(h[torch.arange(len(prompts), device=device), last]).float(), -1)
 
 
 ABSTAIN_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

@@ -275,3 +275,15 @@ def test_web_demo_answer_stands_when_its_explanation_fails(tokenizer, tiny_tower
     last = replies[-1]
     assert last.explanation is None and last.chat[-1]["content"] == replies[-2].chat[-1]["content"] != ""
     assert "could not be computed" in last.error
+
+
+def test_batched_scoring_equals_one_question_at_a_time(tokenizer, tiny_tower):
+    from evaluation.explain import score_answer, score_answers
+    model, prompts, feats, _ = _setup(tokenizer, tiny_tower)
+    sets = {"CLOSED": ["Yes", "No"], "OPEN": ["Liver", "Left Lung", "CT", "2", "Heart"]}
+    answers, kinds = ["Yes", "2", "Liver"], ["CLOSED", "OPEN", "OPEN"]
+    together = score_answers(model, tokenizer, prompts, feats, answers, kinds, sets, chunk=3)
+    for i in range(3):
+        p, alts, over = score_answer(model, tokenizer, prompts[i], feats[i:i + 1], answers[i], kinds[i], sets)
+        assert together[i][2] == over and together[i][0] == pytest.approx(p, rel=1e-4)
+        assert [a for a, _ in together[i][1]] == [a for a, _ in alts]

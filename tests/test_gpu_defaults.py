@@ -252,3 +252,31 @@ def test_inductor_cache_goes_under_out_unless_the_user_chose_one(user_setting, t
     import os
     want = user_setting if user_setting and user_setting.startswith("/data") else str(tmp_path / "out" / "compile_cache")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == want
+
+
+def test_the_graphs_step_marks_iterations_and_trains_like_the_plain_one(tokenizer, tiny_tower, monkeypatch):
+    """--compile graphs marks each iteration for CUDA graph trees (a no-op off CUDA); the step
+    it runs computes the plain step's loss."""
+    import trainer.step as tr
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    pool = _tiny_batch(tokenizer, [3, 9, 20, 5], [True, False, True, False])
+    feats = type("F", (), {"get": staticmethod(lambda index: tiny_tower(tiny_tower.preprocess([random_image(0)]))
+                                                .expand(len(index), -1, -1))})()
+    losses = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = make_tiny_model(tokenizer, tiny_tower).train()
+        cfg = TrainConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          accumulation_steps=2)
+        params, opt, scaler = tr.make_optimizer(model, cfg, torch.device("cpu"), torch.float32)
+        shapes = plan_shapes(pool, 2)
+        batches = [collate(pool[:2], tokenizer.pad_token_id, model.config.image_token_id, 8, shapes),
+                   collate(pool[2:], tokenizer.pad_token_id, model.config.image_token_id, 8, shapes)]
+        runner = tr.compile_model(model, "on", None, backend="aot_eager")
+        losses.append(float(tr.train_step(runner, model, batches, feats, opt, scaler, params, cfg, Dist(),
+                                          torch.device("cpu"), torch.autocast("cpu", enabled=False), 1e-3,
+                                          graphs=graphs)))
+    assert calls == [1, 1]  # one mark per micro-batch, only in graphs mode
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch._dynamo.reset()
