@@ -341,8 +341,7 @@ def plan_shapes(samples: list[Sample], batch_size: int, buckets: int = 4, multip
     lengths = sorted(len(s.input_ids) for s in samples)
     lo, hi = lengths[0], lengths[-1]
     up = lambda n: -(-n // multiple) * multiple  # noqa: E731
-    widths = sorted({up(round(lo + (hi - lo) * (i + 1) / buckets)) for i in range(buckets)} | {up(hi)})
-    widths = [w for w in widths if w >= up(lo)][-buckets:]
+    widths = sorted({up(round(lo + (hi - lo) * (i + 1) / buckets)) for i in range(buckets)})  # the last is up(hi)
     per_target = sorted((sum(t != IGNORE_INDEX for t in s.labels) for s in samples), reverse=True)
     per_look = sorted((len(s.look_entries()) for s in samples), reverse=True)
     patches = next((t.shape[0] for s in samples for _, t in s.look_entries()), 0)
@@ -395,21 +394,16 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
     per_row = (nxt != IGNORE_INDEX).sum(1)
     first = per_row.cumsum(0) - per_row  # where each row's first answer token sits in the target list
     looking = [(i, pos, target) for i, s in enumerate(samples) for pos, target in s.look_entries()]
-    if not looking and shapes is not None and shapes.looks and images.numel():
-        looking = [(0, 1, torch.zeros(shapes.look_patches))]  # a weight-0 entry keeps the step's shape
-    if looking:
+    # a fixed step shape pads the list with weight-0 slots: position 0 looking at the batch's first image
+    extra = max(0, shapes.looks - len(looking)) if shapes is not None and images.numel() else 0
+    if looking or extra:
         first_image = torch.tensor([0] + [len(s.images) for s in samples[:-1]]).cumsum(0)
         # the position that predicts the question's first answer token looks at the row's (first) image
-        batch["look_pos"] = torch.tensor([i * width + pos - 1 for i, pos, _ in looking])
-        batch["look_image"] = first_image[[i for i, _, _ in looking]]
-        batch["look_target"] = torch.stack([t for _, _, t in looking])
-        batch["look_weight"] = torch.tensor([float(t.sum() > 0) for _, _, t in looking])
-        extra = shapes.looks - len(looking) if shapes is not None else 0
-        if extra > 0:  # weight-0 slots: position 0 looking at the batch's first image
-            for key in ("look_pos", "look_image", "look_weight"):
-                batch[key] = torch.cat([batch[key], batch[key].new_zeros(extra)])
-            batch["look_target"] = torch.cat([batch["look_target"], batch["look_target"].new_zeros(
-                extra, batch["look_target"].shape[1])])
+        batch["look_pos"] = torch.tensor([i * width + pos - 1 for i, pos, _ in looking] + [0] * extra)
+        batch["look_image"] = first_image[[i for i, _, _ in looking] + [0] * extra]
+        batch["look_target"] = torch.stack([t for _, _, t in looking]
+                                           + ([torch.zeros(shapes.look_patches)] * extra if extra else []))
+        batch["look_weight"] = torch.tensor([1.0] * len(looking) + [0.0] * extra)
     closed = [i for i, s in enumerate(samples) if s.closed_pair is not None]
     if closed:
         batch["closed_rows"] = first[closed]

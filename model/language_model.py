@@ -155,7 +155,6 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-
     def _explicit(self, q, k, v, attn_mask) -> torch.Tensor:
         """softmax(q k^T / sqrt(d) + mask) v, written out (evaluation.relevance): the same result as
         SDPA, with the weights kept in ``self.weights`` (gradients flow through them)."""

@@ -147,7 +147,7 @@ def training_step(device: str, size: dict, tower: str, questions: list[str], mic
     if compiled != "off":  # as the trainer does: fixed shapes, the forward compiled
         shapes = plan_shapes(samples, per)
         runner = tr.compile_model(model, compiled if dev.type == "cuda" else "on", None)
-    batches = [collate(samples[i * per:(i + 1) * per], tok.pad_token_id, enc.image_id, tr.pad_multiple(cfg), shapes)
+    batches = [collate(samples[i * per:(i + 1) * per], tok.pad_token_id, enc.image_id, tr.PAD_MULTIPLE, shapes)
                for i in range(micro_batches)]
 
     def step():

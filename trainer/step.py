@@ -142,10 +142,9 @@ def epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
 
 
-def pad_multiple(cfg: TrainConfig) -> int:
-    """Eager batch widths are rounded up to this (tensor cores like multiples of 8); a
-    compiled step uses the run's StepShapes instead."""
-    return 8
+# eager batch widths are rounded up to this (tensor cores like multiples of 8); a compiled step
+# uses the run's StepShapes instead
+PAD_MULTIPLE = 8
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -182,7 +181,7 @@ class StepPlan:
         samples, perm = self.epoch(step // self.steps_per_epoch)
         micro = [[samples[i] for i in m.tolist()]
                  for m in micro_batches(perm, step % self.steps_per_epoch, self.cfg, self.dist)]
-        batches = [collate(m, self.pad_id, self.image_id, pad_multiple(self.cfg), self.shapes) for m in micro]
+        batches = [collate(m, self.pad_id, self.image_id, PAD_MULTIPLE, self.shapes) for m in micro]
         if self.pin:
             for b in batches:
                 for k, v in b.items():

@@ -341,17 +341,18 @@ def _train(cfg: TrainConfig) -> dict:
     params, opt, scaler = make_optimizer(model, cfg, device, dtype)
     start_step = load_resume(cfg, resume_path, model, opt, scaler, dist, total_steps) if cfg.resume else 0
 
-    epoch0 = packed.epoch_samples(0) if packed is not None else data.samples
     ddp = model
     if dist.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if device.type == "cuda" else None,
             find_unused_parameters=False, broadcast_buffers=False)  # every parameter gets a gradient
+    plan = StepPlan(data.samples, packed, cfg, dist, steps_per_epoch, model.config.pad_token_id,
+                    model.config.image_token_id, None, pin=device.type == "cuda")
+    epoch0 = plan.epoch(0)[0]  # (packed once; the plan keeps it for the first epoch)
     runner = StepRunner(ddp, cfg, device, total_steps, epoch0, val.samples if val is not None else None,
                         out_dir / "compile_cache")
-    feed = BatchFeed(StepPlan(data.samples, packed, cfg, dist, steps_per_epoch, model.config.pad_token_id,
-                              model.config.image_token_id, runner.shapes, pin=device.type == "cuda"),
-                     overlap=cfg.prefetch)
+    plan.shapes = runner.shapes
+    feed = BatchFeed(plan, overlap=cfg.prefetch)
 
     wandb_run = None
     if cfg.use_wandb and dist.is_main:
@@ -383,17 +384,21 @@ def _train(cfg: TrainConfig) -> dict:
     try:
         while step < end_step:
             batches, n_tokens = feed.get(step, step + 1 if step + 1 < end_step else None)
-            new_shape = runner.compiled and shape_key(batches) not in seen_shapes
+            key = shape_key(batches) if runner.compiled else None
+            new_shape = key is not None and key not in seen_shapes
             if new_shape:
-                seen_shapes.add(shape_key(batches))
+                seen_shapes.add(key)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t_compile = time.perf_counter()
             lr = lr_at(step, total_steps, cfg)
             debias = cfg.debias if step < cfg.debias_until * total_steps else 0.0
+
+            def one_step():
+                return train_step(runner.run, model, batches, features, opt, scaler, params, cfg, dist, device,
+                                  amp, lr, patches, debias, runner.graphs)
             try:
-                window_loss += train_step(runner.run, model, batches, features, opt, scaler, params, cfg, dist,
-                                          device, amp, lr, patches, debias, runner.graphs)
+                window_loss += one_step()
             except Exception as exc:  # noqa: BLE001 (only a step that compiles is retried, and it is logged)
                 if not new_shape:
                     raise
@@ -401,8 +406,7 @@ def _train(cfg: TrainConfig) -> dict:
                 # end the run, and the eager step computes the same update (nothing was stepped yet)
                 runner.fall_back("the training step", exc)
                 opt.zero_grad(set_to_none=True)
-                window_loss += train_step(runner.run, model, batches, features, opt, scaler, params, cfg, dist,
-                                          device, amp, lr, patches, debias, runner.graphs)
+                window_loss += one_step()
             if new_shape:
                 if device.type == "cuda":
                     torch.cuda.synchronize()

@@ -13,7 +13,7 @@ from model.runtime import unwrap
 from model.tokenization import IGNORE_INDEX
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
-from trainer.step import pad_multiple, to_device
+from trainer.step import PAD_MULTIPLE, to_device
 
 
 @dataclass
@@ -107,7 +107,7 @@ def evaluate(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, 
     idx = list(range(dist.rank, len(data), dist.world))
     for i in range(0, len(idx), cfg.batch_size):
         samples = [data.samples[j] for j in idx[i:i + cfg.batch_size]]
-        batch = collate(samples, config.pad_token_id, config.image_token_id, pad_multiple(cfg),
+        batch = collate(samples, config.pad_token_id, config.image_token_id, PAD_MULTIPLE,
                         shapes)
         n_targets = float(batch.n_targets)
         closed = torch.tensor([s.record.get("answer_type") == "CLOSED" for s in samples], dtype=torch.float64)
