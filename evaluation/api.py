@@ -94,44 +94,41 @@ class MedicalVQA:
             raise ValueError(f"abstain_below must be a probability in [0, 1], got {abstain_below!r}")
         if not explain and abstain_below is None:
             return self.answer_many([(image, question)], answer_types=[answer_type])[0]
-        return self.explain_many([(image, question)], [answer_type], abstain_below, relevance)[0] if explain \
-            else self.explain_many([(image, question)], [answer_type], abstain_below, relevance)[0].answer
+        why = self.explain_many([(image, question)], [answer_type], abstain_below, relevance)[0]
+        return why if explain else why.answer
 
     def explain_many(self, items: list[tuple[str | Path | Image.Image, str]],
                      answer_types: list[str | None] | None = None, abstain_below: float | None = None,
-                     relevance: str = DEFAULT_RELEVANCE) -> list[Explanation]:
+                     relevance: str = DEFAULT_RELEVANCE, batch_size: int = 64) -> list[Explanation]:
         """``answer(..., explain=True)`` for several (image, question) pairs: the answers are
-        generated in batches as by ``answer_many``, then each is explained (one scoring pass of
-        its candidates, one relevance pass)."""
-        answer_types = answer_types or [None] * len(items)
-        types = [t or guess_answer_type(q) for t, (_, q) in zip(answer_types, items)]
-        answers = self.answer_many(items, answer_types=types)
-        tower = self.model.vision_tower
+        generated in batches as by ``answer_many``, then each is explained from the same images
+        and features (one scoring pass of its candidates, one relevance pass)."""
         out = []
-        for n, ((im, q), answer, kind) in enumerate(zip(items, answers, types)):
-            image = as_image(im, f"image {n}")
-            prompt = self.encoder.encode([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{clean_question(q)}"}],
-                                         add_generation_prompt=True).input_ids
-            feats = run_tower(tower, tower.preprocess([image]), self.device, self.model.cache_layers())
+        for kinds, images, prompts, feats, answers in self._chunks(items, batch_size, answer_types):
             with generation_autocast(self.device):
-                out.append(explain(self.model, self.tokenizer, tower, image, prompt, feats, answer, kind, self.sets,
-                                   relevance, abstain_below))
+                for j, (image, prompt, answer, kind) in enumerate(zip(images, prompts, answers, kinds)):
+                    out.append(explain(self.model, self.tokenizer, self.model.vision_tower, image, prompt,
+                                       feats[j:j + 1], answer, kind, self.sets, relevance, abstain_below))
         return out
 
-    @torch.no_grad()
     def answer_many(self, items: list[tuple[str | Path | Image.Image, str]], batch_size: int = 64,
                     answer_types: list[str | None] | None = None) -> list[str]:
         """Answers for (image, question) pairs, generated in batches. ``answer_types`` (CLOSED /
         OPEN, or None to guess from the question's first word) matter only when constrained."""
+        return [a for *_, answers in self._chunks(items, batch_size, answer_types) for a in answers]
+
+    @torch.no_grad()
+    def _chunks(self, items, batch_size: int, answer_types: list[str | None] | None):
+        """Per batch of items: (answer types, images, prompts, tower features, answers)."""
         for i, (_, q) in enumerate(items):
             if not isinstance(q, str):
                 raise TypeError(f"question {i} must be a string, got {type(q).__name__}")
         answer_types = answer_types or [None] * len(items)
         types = [t or guess_answer_type(q) for t, (_, q) in zip(answer_types, items)]
-        answers: list[str] = []
         tower = self.model.vision_tower
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
+            kinds = types[start:start + batch_size]
             images = [as_image(im, f"image {start + i}") for i, (im, _) in enumerate(chunk)]
             prompts = [self.encoder.encode([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{clean_question(q)}"}],
                                            add_generation_prompt=True).input_ids for _, q in chunk]
@@ -139,6 +136,6 @@ class MedicalVQA:
             with generation_autocast(self.device):
                 outs = generate(self.model, prompts, feats, GenerationConfig(max_new_tokens=self.max_new_tokens),
                                 self.model.config.eos_token_id, self.model.config.pad_token_id, trie=self.trie,
-                                answer_sets=types[start:start + batch_size] if self.trie is not None else None)
-            answers += [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outs]
-        return answers
+                                answer_sets=kinds if self.trie is not None else None)
+            yield kinds, images, prompts, feats, [self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                                                  for ids in outs]

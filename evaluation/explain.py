@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from dataset.answers import normalize
+from model.tokenization import answer_ids
 from evaluation.relevance import DEFAULT_RELEVANCE, model_view, overlay, relevance_maps
 from evaluation.scoring import next_token_log_probs, pair_log_likelihoods
 
@@ -66,10 +67,6 @@ def answer_sets(records: list[dict]) -> dict[str, list[str]]:
             for kind, table in counts.items()}
 
 
-def _ids(tok, text: str, eos: int) -> list[int]:
-    return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
-
-
 def score_answers(model, tok, prompts: list[list[int]], features: torch.Tensor, answers: list[str],
                   question_types: list[str], sets: dict[str, list[str]] | None = None,
                   chunk: int = 8) -> list[tuple[float, list[tuple[str, float]], str]]:
@@ -79,15 +76,15 @@ def score_answers(model, tok, prompts: list[list[int]], features: torch.Tensor, 
     (with all their candidates) per teacher-forced pass."""
     eos = model.config.eos_token_id
     sets = sets or {}
+    open_pool = list(sets.get("OPEN") or [])
+    heads = torch.tensor([answer_ids(tok, a, eos)[0] for a in open_pool], dtype=torch.long)  # first tokens
     out = []
     for start in range(0, len(prompts), chunk):
         ps, fs = prompts[start:start + chunk], features[start:start + chunk]
         kinds, given = question_types[start:start + chunk], answers[start:start + chunk]
-        open_pool = list(sets.get("OPEN") or [])
         first = None
         if open_pool and any(k != "CLOSED" for k in kinds):  # the likeliest open answers by their first token
             first = next_token_log_probs(model, ps, fs).cpu()
-            heads = torch.tensor([_ids(tok, a, eos)[0] for a in open_pool])
         cand_lists = []
         for j, (kind, answer) in enumerate(zip(kinds, given)):
             if kind == "CLOSED":
@@ -98,7 +95,7 @@ def score_answers(model, tok, prompts: list[list[int]], features: torch.Tensor, 
             else:
                 pool = []
             cand_lists.append([answer] + [a for a in pool if normalize(a) != normalize(answer)])
-        pairs = [(j, _ids(tok, a, eos)) for j, cands in enumerate(cand_lists) for a in cands]
+        pairs = [(j, answer_ids(tok, a, eos)) for j, cands in enumerate(cand_lists) for a in cands]
         ll = pair_log_likelihoods(model, ps, fs, pairs).float().cpu()
         at = 0
         for kind, cands in zip(kinds, cand_lists):
@@ -123,7 +120,7 @@ def explain(model, tok, tower, image: Image.Image, prompt: list[int], features: 
     tower features are ``features`` [1, tokens, width])."""
     eos = model.config.eos_token_id
     probability, alternatives, scored_over = score_answer(model, tok, prompt, features, answer, question_type, sets)
-    rel = relevance_maps(model, [prompt], features, method, [_ids(tok, answer, eos)])[0].float().cpu()
+    rel = relevance_maps(model, [prompt], features, method, [answer_ids(tok, answer, eos)])[0].float().cpu()
     grid = int(round(rel.numel() ** 0.5))
     square = grid * grid == rel.numel()  # a tower without a square patch grid gets the flat map and no overlay
     abstained = abstain_below is not None and probability < abstain_below

@@ -26,7 +26,7 @@ from evaluation.relevance import DEFAULT_RELEVANCE, METHODS as RELEVANCE_METHODS
 from model.generation import GenerationConfig, generate, stream_generate
 from model.runtime import autocast, compute_dtype, progress
 from evaluation.scoring import ABSTAIN_THRESHOLDS, abstention, calibration, candidate_log_likelihoods
-from model.tokenization import ChatEncoder, clean_question
+from model.tokenization import ChatEncoder, answer_ids, clean_question
 
 log = logging.getLogger("eval")
 
@@ -42,7 +42,7 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     ``overlays``: how many questions get an overlay PNG of that map in ``out_dir/overlays``;
     ``abstain_below``: one more coverage/accuracy row for closed answers withheld below it;
     ``explain_answers``: every prediction gets its probability and top alternatives
-    (evaluation.explain.score_answer: one scoring pass per question)."""
+    (evaluation.explain.score_answers, batched; closed questions reuse the calibration's scores)."""
     model, tok = ckpt.model, ckpt.tokenizer
     records = read_jsonl(data_path, require_vqa=True,
                          hint="run `python convert_slake_dataset.py` first, or pass --data_path")
@@ -200,8 +200,7 @@ def closed_confidence(model, tok, train: list[dict], items: list[dict], pending,
     if not 2 <= len(counts) <= MAX_CANDIDATES:
         return {}
     shown = sorted((max(f, key=lambda a: (f[a], a)) for f in counts.values()), key=lambda a: normalize(a))
-    cands = [tok(a, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [model.config.eos_token_id]
-             for a in shown]
+    cands = [answer_ids(tok, a, model.config.eos_token_id) for a in shown]
     closed = [entry for entry in pending if items[entry[0]]["answer_type"] == "CLOSED" and len(entry[2]) == 1]
     if not closed:
         return {}
@@ -274,17 +273,16 @@ def pointing_game(model, tok, items, records, rec_paths, pending, features, imag
     if not work:
         return None
     centre = (grid // 2) * grid + grid // 2
-    eos = model.config.eos_token_id
+    answers = [answer_ids(tok, items[i]["prediction"], model.config.eos_token_id) for (i, _, _), _, _ in work]
     rates = {}
     for method in methods:
         hits = []
         for start in range(0, len(work), batch_size):
             chunk = work[start:start + batch_size]
             index = torch.tensor([j for (_, _, imgs), _, _ in chunk for j in imgs], dtype=torch.long)
-            answers = [tok(items[i]["prediction"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                       + [eos] for (i, _, _), _, _ in chunk]
             with generation_autocast(features.device):
-                maps = relevance_maps(model, [p for (_, p, _), _, _ in chunk], features.get(index), method, answers)
+                maps = relevance_maps(model, [p for (_, p, _), _, _ in chunk], features.get(index), method,
+                                      answers[start:start + batch_size])
             top = maps.argmax(-1).cpu()
             hits += [bool(mask[t]) for (_, mask, _), t in zip(chunk, top.tolist())]
         rates[method] = hits
@@ -316,9 +314,8 @@ def write_overlays(model, tok, items, pending, features, image_paths: list[Path]
         return 0
     picked = [single[j] for j in sorted({round(k * (len(single) - 1) / max(n - 1, 1)) for k in range(min(n, len(single)))})]
     folder.mkdir(parents=True, exist_ok=True)
-    eos = model.config.eos_token_id
     for i, prompt, imgs in picked:
-        answer = tok(items[i]["prediction"], add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
+        answer = answer_ids(tok, items[i]["prediction"], model.config.eos_token_id)
         with generation_autocast(features.device):
             rel = relevance_maps(model, [prompt], features.get(torch.tensor(imgs)), method, [answer])[0].cpu()
         view = overlay(model_view(model.vision_tower, load_image(image_paths[imgs[0]])), rel)
@@ -428,18 +425,26 @@ def chat_prompt(ckpt: LoadedCheckpoint, images: list, history: list[dict], quest
     return ChatEncoder(ckpt.tokenizer, ckpt.model.config.image_tokens).encode(msgs, add_generation_prompt=True).input_ids
 
 
+def image_features(ckpt: LoadedCheckpoint, images: list) -> torch.Tensor | None:
+    """The tower's features of ``images`` (PIL), computed and rounded like the cached features
+    the model was trained on; None without images."""
+    model = ckpt.model
+    if not images:
+        return None
+    return run_tower(model.vision_tower, model.vision_tower.preprocess(images), next(model.parameters()).device,
+                     model.cache_layers())
+
+
 def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], question: str,
-                  gen_cfg: GenerationConfig) -> Iterator[str]:
+                  gen_cfg: GenerationConfig, features: torch.Tensor | None = None) -> Iterator[str]:
     """Streams the answer text (growing string) to ``question`` about ``images`` (PIL), with
     earlier turns in ``history`` ([{"role", "content"}], the first user turn holding the
-    image placeholder(s)). Used by eval_vlm.py's single-question mode and the web demo."""
+    image placeholder(s)). ``features``: the images' ``image_features`` when the caller already
+    has them. Used by eval_vlm.py's single-question mode and the web demo."""
     model, tok = ckpt.model, ckpt.tokenizer
     prompt = chat_prompt(ckpt, images, history, question)
     device = next(model.parameters()).device
-    feats = None
-    if images:
-        # computed and rounded like the cached features the model was trained on
-        feats = run_tower(model.vision_tower, model.vision_tower.preprocess(images), device, model.cache_layers())
+    feats = features if features is not None else image_features(ckpt, images)
     ids: list[int] = []
     shown = text = ""
     with generation_autocast(device):  # the same precision as batched evaluation

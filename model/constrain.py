@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from model.tokenization import answer_ids
+
 
 class AnswerTrie:
     def __init__(self, answer_sets: dict[str, list[list[int]]], vocab_size: int):
@@ -71,9 +73,9 @@ def build_answer_trie(tokenizer, answers: list[tuple[str, str]], end_id: int, mo
     def seqs(answers):
         out = []
         for a in sorted(set(answers)):
-            ids = tokenizer(a, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            if ids:
-                out.append(ids + [end_id])
+            ids = answer_ids(tokenizer, a, end_id)
+            if len(ids) > 1:  # not an empty answer
+                out.append(ids)
         return out
     sets = {"CLOSED": seqs(closed)}
     if mode == "all":

@@ -119,6 +119,13 @@ def clean_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
     return text
 
 
+def answer_ids(tok: PreTrainedTokenizerBase, answer: str, end_id: int) -> list[int]:
+    """An answer as the model writes it: its tokens (special-token text in it stays plain text),
+    then the end-of-turn token. What constrained decoding, candidate scoring and relevance maps
+    all score."""
+    return tok(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [end_id]
+
+
 def image_token_id(tok: PreTrainedTokenizerBase) -> int:
     return tok.convert_tokens_to_ids(IMAGE_TOKEN)
 

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.contract import answer_of, read_jsonl
-from dataset.features import run_tower
 from dataset.images import ImageReadError, load_image
 from evaluation.api import guess_answer_type
 from evaluation.explain import Explanation, answer_sets, explain
-from evaluation.runner import answer_stream, chat_prompt, generation_autocast
+from evaluation.runner import answer_stream, chat_prompt, generation_autocast, image_features
 from model.checkpoint import LoadedCheckpoint, load_model, locate_checkpoint
 from model.pretrained import is_pretrained_dir
 from model.config import IMAGE_PLACEHOLDER, resolve_path
@@ -128,15 +127,12 @@ class Session:
         except ImageReadError as exc:
             return None, f"Cannot use this file: {exc.args[0].split(': ', 1)[-1]}"
 
-    def explain(self, ckpt: LoadedCheckpoint, image, history: list[dict], question: str, answer: str,
+    def explain(self, ckpt: LoadedCheckpoint, image, feats, history: list[dict], question: str, answer: str,
                 abstain_below: float | None) -> Explanation:
-        model = ckpt.model
         prompt = chat_prompt(ckpt, [image], history, question)
-        tower = model.vision_tower
-        feats = run_tower(tower, tower.preprocess([image]), self.device, model.cache_layers())
         with generation_autocast(self.device):
-            return explain(model, ckpt.tokenizer, tower, image, prompt, feats, answer, guess_answer_type(question),
-                           self.sets, abstain_below=abstain_below)
+            return explain(ckpt.model, ckpt.tokenizer, ckpt.model.vision_tower, image, prompt, feats, answer,
+                           guess_answer_type(question), self.sets, abstain_below=abstain_below)
 
     def respond(self, question: str, chat: list[dict], image, ckpt_path, temperature: float, top_p: float,
                 max_new_tokens: int, abstain_below: float = 0.0) -> Iterator[Reply]:
@@ -160,13 +156,14 @@ class Session:
         answer = ""
         yield Reply(turn + [{"role": "assistant", "content": answer}])
         ckpt = self.model(ckpt_path)
-        for answer in answer_stream(ckpt, [image], history, question, cfg):
+        feats = image_features(ckpt, [image])  # once: for the answer and for its explanation
+        for answer in answer_stream(ckpt, [image], history, question, cfg, feats):
             yield Reply(turn + [{"role": "assistant", "content": answer}])
         if not answer:
             yield Reply(turn + [{"role": "assistant", "content": "(no answer)"}])
             return
         try:
-            why = self.explain(ckpt, image, history, question, answer, abstain_below or None)
+            why = self.explain(ckpt, image, feats, history, question, answer, abstain_below or None)
         except Exception:  # noqa: BLE001 (the answer stands without its explanation; the log has why)
             log.exception("could not explain the answer %r", answer)
             yield Reply(turn + [{"role": "assistant", "content": answer}],
