@@ -16,21 +16,30 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 BOXES_FILE = "medical_boxes.json"
 MAX_BOXES = 256  # per image; more is not a detection file
+MAX_DETECTION_BYTES = 1_000_000  # SLAKE's are under 2 kB; checked before parsing, so a huge file costs nothing
+MAX_NAME_CHARS = 64
 
 
 class BoxError(ValueError):
     pass
 
 
+def _finite(v) -> bool:
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer of hundreds of digits
+        return False
+
+
 def _box(value, name: str) -> list[float]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(map(_finite, value)):
         raise BoxError(f"box of {name!r} must be [x, y, w, h] numbers, got {str(value)[:60]}")
     if value[2] <= 0 or value[3] <= 0:
         raise BoxError(f"box of {name!r} has no area: {list(value)}")
@@ -38,11 +47,15 @@ def _box(value, name: str) -> list[float]:
 
 
 def parse_detection(data: bytes | str) -> dict[str, list[list[float]]]:
-    """``detection.json`` content -> {name: [[x, y, w, h], ...]}; BoxError says what is wrong."""
+    """``detection.json`` content -> {name: [[x, y, w, h], ...]}; BoxError says what is wrong.
+    Names become question text ("Is there a cyst in the liver?"), so a name with control
+    characters, markup or the image placeholder is refused, not written into the data."""
+    if len(data) > MAX_DETECTION_BYTES:
+        raise BoxError(f"{len(data):,} bytes, more than a detection file holds ({MAX_DETECTION_BYTES:,})")
     try:
         obj = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BoxError(f"not valid JSON ({exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise BoxError(f"not valid JSON ({str(exc)[:100]})") from None
     pairs = []
     if isinstance(obj, list):
         for item in obj:
@@ -56,7 +69,10 @@ def parse_detection(data: bytes | str) -> dict[str, list[list[float]]]:
     out: dict[str, list[list[float]]] = {}
     for name, value in pairs:
         if not isinstance(name, str) or not name.strip():
-            raise BoxError(f"box name must be a non-empty string, got {name!r}")
+            raise BoxError(f"box name must be a non-empty string, got {str(name)[:60]!r}")
+        if len(name) > MAX_NAME_CHARS or not _plain_name(name):
+            raise BoxError(f"box name {name[:60]!r} is not a plain organ or finding name (control characters, "
+                           f"<...> markup or over {MAX_NAME_CHARS} characters)")
         many = isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple))
         for b in (value if many else [value]):
             out.setdefault(name.strip(), []).append(_box(b, name))
@@ -65,18 +81,48 @@ def parse_detection(data: bytes | str) -> dict[str, list[list[float]]]:
     return out
 
 
+def _plain_name(name: str) -> bool:
+    return name.isprintable() and "<" not in name and ">" not in name
+
+
 def read_boxes_file(path: str | Path) -> dict[str, dict]:
-    """``medical_boxes.json`` -> {image path: {"size": [w, h], "boxes": {...}}}; {} if absent."""
+    """``medical_boxes.json`` -> {image path: {"size": [w, h], "boxes": {name: [[x, y, w, h], ...]}}};
+    {} if absent. The one reader for training and evaluation: every entry is checked (a
+    hand-edited file gets a BoxError naming the image and the field, never a traceback)."""
     path = Path(path)
     if not path.is_file():
         return {}
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BoxError(f"{path}: not a readable boxes file ({exc}); convert the dataset again") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BoxError(f"{path}: not a readable boxes file ({str(exc)[:100]}); convert the dataset again") from None
     if not isinstance(table, dict):
         raise BoxError(f"{path}: expected an object keyed by image path; convert the dataset again")
-    return table
+    return {key: _entry(path, key, entry) for key, entry in table.items()}
+
+
+def _entry(path: Path, key: str, entry) -> dict:
+    where = f"{path}: image {key!r}"
+    fix = "; fix it or convert the dataset again"
+    if not isinstance(entry, dict):
+        raise BoxError(f"{where}: expected {{\"size\": [w, h], \"boxes\": {{...}}}}, got {type(entry).__name__}{fix}")
+    size = entry.get("size")
+    if (not isinstance(size, (list, tuple)) or len(size) != 2 or not all(map(_finite, size))
+            or min(size) < 1 or max(size) > 1_000_000):
+        raise BoxError(f"{where}: field 'size' must be [width, height] in pixels, got {str(size)[:60]}{fix}")
+    boxes = entry.get("boxes", {})
+    if not isinstance(boxes, dict):
+        raise BoxError(f"{where}: field 'boxes' must map names to lists of [x, y, w, h]{fix}")
+    checked = {}
+    for name, value in boxes.items():
+        if not isinstance(value, (list, tuple)) or not all(isinstance(b, (list, tuple)) for b in value):
+            raise BoxError(f"{where}: field 'boxes' / {name!r} must be a list of [x, y, w, h] boxes, got "
+                           f"{str(value)[:60]}{fix}")
+        try:
+            checked[name] = [_box(b, name) for b in value]
+        except BoxError as exc:
+            raise BoxError(f"{where}: field 'boxes': {exc}{fix}") from None
+    return {**entry, "size": [float(size[0]), float(size[1])], "boxes": checked}
 
 
 def image_keys(paths: list[Path], root: str | Path) -> list[str]:
@@ -148,12 +194,29 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
-def grounded_questions(table: dict[str, dict], keys: list[str]) -> dict[str, list[tuple[str, str]]]:
+MAX_BOX_QUESTIONS = 32  # per image: instance-numbered names ("Finding 12-3") would otherwise multiply them
+
+
+def cap_questions(qas: list[tuple[str, str]], cap: int = MAX_BOX_QUESTIONS) -> list[tuple[str, str]]:
+    """At most ``cap`` of an image's yes/no questions, Yes and No as even as the image allows
+    (the Yes first up to half, then the No), in their original order."""
+    if len(qas) <= cap:
+        return qas
+    yes = [i for i, (_, a) in enumerate(qas) if a == "Yes"]
+    no = [i for i, (_, a) in enumerate(qas) if a != "Yes"]
+    take_yes = yes[:max(cap // 2, cap - len(no))]
+    keep = set(take_yes) | set(no[:cap - len(take_yes)])
+    return [qa for i, qa in enumerate(qas) if i in keep]
+
+
+def grounded_questions(table: dict[str, dict], keys: list[str], cap: int = MAX_BOX_QUESTIONS,
+                       dropped: Counter | None = None) -> dict[str, list[tuple[str, str]]]:
     """Yes/no questions that the boxes answer, per image of ``keys``: "Is there a cyst in the
     left lung?" for every name that lies inside another name's box somewhere in the set (a
     finding) and every such containing name present in the image (an organ): Yes when a box
     of the finding has its centre in the organ's box. Stage 1 learns from them *which* finding
-    is *where*, the binding that yes/no questions need and that captions do not teach."""
+    is *where*, the binding that yes/no questions need and that captions do not teach. At most
+    ``cap`` per image (``cap_questions``); ``dropped`` counts what the cap left out."""
     inside = {k: _inside(table[k]) for k in keys if k in table}
     findings = sorted({a for c in inside.values() for a, bs in c.items() if bs})
     regions = sorted({b for c in inside.values() for bs in c.values() for b in bs} - set(findings))
@@ -162,6 +225,10 @@ def grounded_questions(table: dict[str, dict], keys: list[str]) -> dict[str, lis
         present = [r for r in regions if r in table[k].get("boxes", {})]
         qs = [(f"Is there {_article(f)} {f.lower()} in the {r.lower()}?", "Yes" if r in contained.get(f, ()) else "No")
               for f in findings for r in present]
+        if len(qs) > cap and dropped is not None:  # capped per image: bounded by the image count, not the names
+            dropped["images"] += 1
+            dropped["questions"] += len(qs) - cap
+        qs = cap_questions(qs, cap)
         if qs:
             out[k] = qs
     return out

@@ -14,14 +14,19 @@ files give their middle frame; MONOCHROME1 is inverted so that dense tissue is b
 from __future__ import annotations
 
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.safe_files import MAX_IMAGE_BYTES, SourceError, checked
 
 MAX_PIXELS = 50_000_000  # refuse absurd images (decompression bombs) with a clear message
+# The tower resizes the short side to 224 before its centre crop, so what the preprocessing allocates
+# grows with the aspect ratio, not the file size (1 x 6000 pixels -> 224 x 1,344,000). No scan is this
+# elongated; refusing it bounds every image's preprocessing to 224 x 224 x MAX_ASPECT pixels.
+MAX_ASPECT = 20
 MAX_DICOM_VALUES = 150_000_000  # all frames x samples of a DICOM (a 512 x 512 x 500-slice series fits)
 
 
@@ -44,12 +49,46 @@ def _looks_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+MAX_INFLATED_BYTES = 2 * MAX_DICOM_VALUES + 16_000_000  # 16-bit values and a generous header
+
+
+def _check_inflated(raw: bytes, path: Path):
+    """A deflated DICOM (transfer syntax 1.2.840.10008.1.2.1.99) is inflated whole by pydicom
+    before even its header can be read, so a 1 MB file could take gigabytes before the pixel
+    count is checked. Its inflated size is counted here first, in 1 MB pieces that are thrown
+    away, and a file that would inflate past MAX_INFLATED_BYTES is refused."""
+    if len(raw) < 144 or raw[128:132] != b"DICM" or b"1.2.840.10008.1.2.1.99" not in raw[132:1024]:
+        return
+    if raw[132:136] != b"\x02\x00\x00\x00":  # (0002,0000): the meta group's length, where the deflated part starts
+        raise ImageReadError(f"{path}: deflated DICOM without a file meta group length; cannot check its size")
+    start = 144 + int.from_bytes(raw[140:144], "little")
+    inflate, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    pending = raw[start:]
+    while pending:
+        total += len(inflate.decompress(pending, 1 << 20))
+        pending = inflate.unconsumed_tail
+        if total > MAX_INFLATED_BYTES:
+            raise ImageReadError(f"{path}: deflated DICOM inflates to more than {MAX_INFLATED_BYTES // 1_000_000} MB; "
+                                 "downscale it first")
+        if inflate.eof:
+            break
+
+
 def read_dicom(path: str | Path, data: bytes | None = None) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     path = Path(path)
-    source = (lambda: io.BytesIO(data)) if data is not None else (lambda: path)  # noqa: E731
+    if data is None:
+        try:
+            data = path.read_bytes()  # below MAX_IMAGE_BYTES (load_image checked it)
+        except OSError as exc:
+            raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
+    try:
+        _check_inflated(data, path)
+    except zlib.error as exc:
+        raise ImageReadError(f"{path}: not a readable DICOM file (deflated data: {exc})") from None
+    source = lambda: io.BytesIO(data)  # noqa: E731
     try:
         # the header alone first: the pixel count is checked before any pixel is decoded, so a
         # few-MB deflated file that inflates to gigabytes is refused without inflating it
@@ -102,11 +141,28 @@ def _to_uint8(arr: np.ndarray, window: tuple[float, float] | None) -> np.ndarray
     return (np.clip((arr - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
 
 
+def check_shape(width: int, height: int, name: str):
+    """The one size rule for every image reader: not empty, at most MAX_PIXELS, at most
+    MAX_ASPECT times longer than wide (or the reverse)."""
+    if width < 1 or height < 1 or width * height > MAX_PIXELS:
+        raise ImageReadError(f"{name}: an image of {width}x{height} pixels is empty or too large (more than "
+                             f"{MAX_PIXELS // 1_000_000} megapixels); downscale it first")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageReadError(f"{name}: an image of {width}x{height} pixels is more than {MAX_ASPECT} times longer "
+                             "than wide; crop it to the region of interest first")
+
+
 def _to_8bit(im: Image.Image) -> Image.Image:
-    """Grey 8-bit or RGB, whatever Pillow decoded (16-bit/float grey is windowed, palette,
-    alpha and CMYK images are converted)."""
+    """Grey 8-bit or RGB, whatever Pillow decoded (16-bit/float grey is windowed, palette
+    and CMYK images are converted). Transparent pixels are composited on black (the background
+    of a scan), not shown in the colour they hide."""
     if im.mode in ("L", "RGB"):
         return im
+    if im.mode in ("LA", "La", "RGBA", "RGBa", "PA") or (im.mode == "P" and "transparency" in im.info):
+        grey = im.mode in ("LA", "La")
+        rgba = im.convert("RGBA")
+        on_black = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+        return on_black.convert("L" if grey else "RGB")
     if im.mode.startswith("I") or im.mode == "F":  # I;16, I;16B, I;16L, I, F: high dynamic range grey
         arr = np.asarray(im, dtype=np.float32)
         finite = np.isfinite(arr)
@@ -135,11 +191,10 @@ def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
         return read_dicom(path, data)
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageReadError(f"{path}: image of {im.width}x{im.height} pixels is too large (more "
-                                     f"than {MAX_PIXELS // 1_000_000} megapixels); downscale it first")
+            check_shape(im.width, im.height, str(path))
             im.load()  # decodes everything: truncated files fail here
-            return _to_8bit(im).copy()
+            # a phone photo of a screen stores its rotation in EXIF: left and right must stay where they are
+            return _to_8bit(ImageOps.exif_transpose(im)).copy()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageReadError):
             raise
@@ -157,7 +212,7 @@ def as_image(obj, name: str = "image") -> Image.Image:
     if type(obj).__module__ == "numpy" and hasattr(obj, "ndim"):
         arr = np.asarray(obj)
         if arr.ndim == 3 and arr.shape[2] in (3, 4) and arr.dtype == np.uint8:
-            obj = Image.fromarray(arr[..., :3], mode="RGB")
+            obj = Image.fromarray(arr, mode="RGBA" if arr.shape[2] == 4 else "RGB")
         elif arr.ndim == 2 and (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
             if arr.size and arr.size <= MAX_PIXELS:
                 obj = Image.fromarray(arr.astype(np.uint8)) if arr.dtype == np.uint8 else \
@@ -169,6 +224,5 @@ def as_image(obj, name: str = "image") -> Image.Image:
                                  f"{arr.shape} {arr.dtype}")
     if not isinstance(obj, Image.Image):
         raise TypeError(f"{name} must be a file path, a PIL image or a numpy array, got {type(obj).__name__}")
-    if obj.width < 1 or obj.height < 1 or obj.width * obj.height > MAX_PIXELS:
-        raise ImageReadError(f"{name}: an image of {obj.width}x{obj.height} pixels is empty or too large")
-    return _to_8bit(obj)
+    check_shape(obj.width, obj.height, name)
+    return _to_8bit(ImageOps.exif_transpose(obj))

@@ -12,7 +12,8 @@ Four methods, compared by the pointing game (docs/evaluation.md, scripts/compare
 * ``attn_grad``: every layer's attention weighted by its gradient (positive part, mean over
   heads; Chefer et al. 2021), summed over layers, read at the answer's first position.
 
-The explicit attention (``Attention.explain``) and the gradients cost one forward (and one
+The explicit attention (``model.language_model.AttentionProbe``, per call, so concurrent
+explanations on one model never mix) and the gradients cost one forward (and one
 backward) pass of the prompt plus the answer; evaluation and generation never take this path
 unless asked, so an explanation costs nothing when it is not requested.
 """
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from dataset.vqa_dataset import Sample, collate
+from model.language_model import AttentionProbe
 from model.tokenization import IGNORE_INDEX
 
 METHODS = ("look", "rollout", "grad_x_input", "attn_grad")
@@ -58,45 +60,49 @@ def relevance_maps(model, prompts: list[list[int]], image_features: torch.Tensor
     if grads and not answers:
         raise ValueError(f"relevance method {method!r} needs the answers being explained")
     ids, start, slots, target_pos, targets = (x.to(device) for x in _batch(model, prompts, answers if grads else None))
-    b, t = ids.shape
-    layers = [layer.self_attn for layer in model.llm.layers]
-    explicit = layers[-1:] if method == "look" else layers
+    n_layers = len(model.llm.layers)
+    # per call, never on the modules: concurrent explanations on one model stay apart
+    probe = AttentionProbe(frozenset([n_layers - 1] if method == "look" else range(n_layers)))
     was_training = model.training
-    model.eval()
-    for attn in explicit:
-        attn.explain = True
+    if was_training:  # only a model in training is switched (and back): the API's and the demo's stay untouched
+        model.eval()
     try:
-        with torch.enable_grad() if grads else torch.no_grad():
-            embeds = model.embed(ids, image_features)
-            if grads:
-                embeds = embeds.detach().requires_grad_(True)
-            h = model.llm(embeds)
-            if grads:  # gradients of the answers' log-likelihood, never accumulated into the weights
-                logits = model.llm.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, target_pos)).float()
-                score = torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()
-                wrt = [embeds] + ([attn.weights for attn in layers] if method == "attn_grad" else [])
-                found = torch.autograd.grad(score, wrt)
-                embeds_grad, weight_grads = found[0], found[1:]
-            rows = torch.arange(b, device=device)
-            if method == "look":
-                rel = explicit[0].weights[:, 0][rows, start]  # head 0, [B, T]
-            elif method == "rollout":
-                eye = torch.eye(t, device=device)
-                v = torch.zeros(b, t, device=device)
-                v[rows, start] = 1.0
-                for attn in reversed(layers):
-                    a = 0.5 * attn.weights.float().mean(1) + 0.5 * eye
-                    v = torch.bmm(v.unsqueeze(1), a / a.sum(-1, keepdim=True)).squeeze(1)
-                rel = v
-            elif method == "attn_grad":
-                rel = sum((g * attn.weights).clamp(min=0).mean(1)[rows, start] for g, attn in zip(weight_grads, layers))
-            else:
-                rel = (embeds_grad * embeds).sum(-1).abs()
-            rel = rel.detach().float().gather(1, slots)
+        return _relevance(model, probe, method, grads, ids, start, slots, target_pos, targets, image_features)
     finally:
-        for attn in explicit:
-            attn.explain, attn.weights = False, None
-        model.train(was_training)
+        if was_training:
+            model.train()
+
+
+def _relevance(model, probe, method, grads, ids, start, slots, target_pos, targets, image_features) -> torch.Tensor:
+    b, t = ids.shape
+    device = ids.device
+    with torch.enable_grad() if grads else torch.no_grad():
+        embeds = model.embed(ids, image_features)
+        if grads:
+            embeds = embeds.detach().requires_grad_(True)
+        h = model.llm(embeds, probe=probe)
+        weights = [probe.weights[i] for i in sorted(probe.weights)]
+        if grads:  # gradients of the answers' log-likelihood, never accumulated into the weights
+            logits = model.llm.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, target_pos)).float()
+            score = torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum()
+            found = torch.autograd.grad(score, [embeds] + (weights if method == "attn_grad" else []))
+            embeds_grad, weight_grads = found[0], found[1:]
+        rows = torch.arange(b, device=device)
+        if method == "look":
+            rel = weights[-1][:, 0][rows, start]  # head 0, [B, T]
+        elif method == "rollout":
+            eye = torch.eye(t, device=device)
+            v = torch.zeros(b, t, device=device)
+            v[rows, start] = 1.0
+            for w in reversed(weights):
+                a = 0.5 * w.float().mean(1) + 0.5 * eye
+                v = torch.bmm(v.unsqueeze(1), a / a.sum(-1, keepdim=True)).squeeze(1)
+            rel = v
+        elif method == "attn_grad":
+            rel = sum((g * w).clamp(min=0).mean(1)[rows, start] for g, w in zip(weight_grads, weights))
+        else:
+            rel = (embeds_grad * embeds).sum(-1).abs()
+        rel = rel.detach().float().gather(1, slots)
     return rel / rel.sum(-1, keepdim=True).clamp(min=1e-12)
 
 

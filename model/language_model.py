@@ -7,6 +7,8 @@ MiniMind2 models (512 x 8 layers ~ 26M parameters, 768 x 16 layers ~ 104M).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,6 +109,16 @@ def fused_state_dict_hooks(module: nn.Module):
     module.register_load_state_dict_pre_hook(_fuse_split)
 
 
+@dataclass
+class AttentionProbe:
+    """Per-call request for explicit attention (evaluation.relevance): the layers listed in
+    ``layers`` compute softmax(q k^T) v written out and leave their weights [B, heads, T, T] in
+    ``weights`` (gradients flow through them). It lives in the call, not on the module, so
+    concurrent explanations on one model never see each other's weights."""
+    layers: frozenset
+    weights: dict = field(default_factory=dict)
+
+
 class Attention(nn.Module):
     def __init__(self, config: VLMConfig, layer_idx: int):
         super().__init__()
@@ -122,12 +134,8 @@ class Attention(nn.Module):
         # --look_loss (training only): the rotated queries/keys of head 0 are kept for one forward
         self.keep_qk = False
         self.kept_qk: tuple[torch.Tensor, torch.Tensor] | None = None
-        # evaluation.relevance only: attention computed explicitly and its weights [B, heads, T, T] kept
-        # (SDPA never returns them); the fast path below is untouched when this is off
-        self.explain = False
-        self.weights: torch.Tensor | None = None
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, probe: AttentionProbe | None = None):
         b, t, _ = x.shape
         q, k, v = self.qkv_proj(x).split(list(self.qkv_proj.parts.values()), dim=-1)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -142,8 +150,9 @@ class Attention(nn.Module):
         # exact. ``cache is None`` rather than ``t > 1`` keeps this a Python bool when the
         # length is symbolic under torch.compile (a symbolic bool breaks the graph).
         is_causal = attn_mask is None and cache is None
-        if self.explain:
-            return self.o_proj(self._explicit(q, k, v, attn_mask).transpose(1, 2).reshape(b, t, -1))
+        if probe is not None and self.layer_idx in probe.layers:  # evaluation.relevance only (SDPA keeps no weights)
+            out, probe.weights[self.layer_idx] = self._explicit(q, k, v, attn_mask)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         gqa = self.n_kv != self.n_heads
         if attn_mask is not None and gqa:
             # With a mask flash is out, and the memory-efficient kernel refuses enable_gqa
@@ -155,17 +164,16 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _explicit(self, q, k, v, attn_mask) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + mask) v, written out (evaluation.relevance): the same result as
-        SDPA, with the weights kept in ``self.weights`` (gradients flow through them)."""
+    def _explicit(self, q, k, v, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(softmax(q k^T / sqrt(d) + mask) v, the weights), written out (evaluation.relevance): the
+        same result as SDPA, with the weights returned (gradients flow through them)."""
         k, v = self._all_heads(k), self._all_heads(v)
         t, s = q.shape[2], k.shape[2]
         if attn_mask is None:  # causal, the last t of s positions querying
             attn_mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
         scores = (q @ k.transpose(-1, -2)).float() / self.head_dim ** 0.5
         weights = torch.softmax(scores.masked_fill(~attn_mask, float("-inf")), dim=-1)
-        self.weights = weights
-        return weights.to(v.dtype) @ v
+        return weights.to(v.dtype) @ v, weights
 
     def _all_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, kv_heads, T, D] -> [B, heads, T, D], each K/V head shared by its query group."""
@@ -241,8 +249,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, probe: AttentionProbe | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, probe)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -268,9 +276,11 @@ class MiniMindLM(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                probe: AttentionProbe | None = None) -> torch.Tensor:
         """Returns the final normed hidden states [B, T, H]; callers apply ``lm_head`` only
-        where logits are needed (training needs them at answer tokens alone)."""
+        where logits are needed (training needs them at answer tokens alone). ``probe``: explicit
+        attention weights for evaluation.relevance, kept in the probe."""
         b, t, _ = inputs_embeds.shape
         if position_ids is None:
             start = cache.length if cache is not None else 0
@@ -282,7 +292,7 @@ class MiniMindLM(nn.Module):
         sin = self.rope_sin[position_ids].unsqueeze(1).to(dtype)
         h = inputs_embeds
         for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask, cache)
+            h = layer(h, cos, sin, attn_mask, cache, probe) if probe is not None else layer(h, cos, sin, attn_mask, cache)
         if cache is not None:
             cache.length += t
         return self.norm(h)

@@ -13,6 +13,8 @@ copies of the tokenizer's image token.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -25,6 +27,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 IMAGE_TOKEN = "<|image_pad|>"
 IGNORE_INDEX = -100
+MEMO_ENTRIES = 50_000  # distinct texts ChatEncoder remembers (SLAKE has ~3,000; a few MB at most)
 MAX_QUESTION_CHARS = 2000  # typed questions (web demo, --question, the API): far above any real one
 
 
@@ -111,6 +114,11 @@ def clean_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
     with ``split_special_tokens``, so they are ordinary characters there."""
     if not isinstance(text, str):
         raise ValueError("the question must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, or bytes a shell could not decode (e.g. \xff)
+        raise ValueError(f"the question is not valid text (character {exc.start + 1} cannot be encoded as UTF-8; "
+                         "retype it, or save it as UTF-8)") from None
     text = " ".join(text.replace(IMAGE_PLACEHOLDER, " ").split())
     if not text:
         raise ValueError("the question is empty")
@@ -151,18 +159,28 @@ class ChatEncoder:
         self.image_id = image_token_id(tok)
         self.markers = chat_markers(tok)
         self.end_id = tok.convert_tokens_to_ids(self.markers.end)
-        self._memo: dict[tuple[str, bool], list[int]] = {}
+        # VQA data repeats the same questions and answers many times: tokenise each once. Bounded
+        # (least recently used out): an API answering endless distinct questions must not grow.
+        self._memo: OrderedDict[tuple[str, bool], tuple[int, ...]] = OrderedDict()
+        self._memo_lock = threading.Lock()
         self.newline = self._ids("\n")
 
     def _ids(self, text: str, markup: bool = False) -> list[int]:
         """Token ids of message text, where special-token strings (``<|im_end|>``, the image
         token) are plain characters; ``markup=True`` only for the chat headers we write."""
-        # VQA data repeats the same questions and answers many times: tokenise each once
         key = (text, markup)
-        if key not in self._memo:
-            self._memo[key] = self.tok(text, add_special_tokens=False, split_special_tokens=not markup)[
-                "input_ids"] if text else []
-        return list(self._memo[key])
+        with self._memo_lock:
+            ids = self._memo.get(key)
+            if ids is not None:
+                self._memo.move_to_end(key)
+                return list(ids)
+        ids = tuple(self.tok(text, add_special_tokens=False, split_special_tokens=not markup)["input_ids"]) \
+            if text else ()
+        with self._memo_lock:
+            self._memo[key] = ids
+            if len(self._memo) > MEMO_ENTRIES:
+                self._memo.popitem(last=False)
+        return list(ids)
 
     def _header(self, role: str) -> list[int]:
         return self._ids(f"{self.markers.start}{role}\n", markup=True)

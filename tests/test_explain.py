@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+
+from model.language_model import AttentionProbe
 import torch.nn.functional as F
 from PIL import Image
 
@@ -42,12 +44,9 @@ def test_explicit_attention_equals_the_fast_path(tokenizer, tiny_tower):
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         fast = model.llm(model.embed(ids, feats[:1]))
-        for layer in model.llm.layers:
-            layer.self_attn.explain = True
-        slow = model.llm(model.embed(ids, feats[:1]))
-        weights = [layer.self_attn.weights for layer in model.llm.layers]
-        for layer in model.llm.layers:
-            layer.self_attn.explain, layer.self_attn.weights = False, None
+        probe = AttentionProbe(frozenset(range(len(model.llm.layers))))
+        slow = model.llm(model.embed(ids, feats[:1]), probe=probe)
+        weights = [probe.weights[i] for i in range(len(model.llm.layers))]
     assert torch.allclose(fast, slow, atol=1e-5)
     t = ids.shape[1]
     for w in weights:  # causal rows summing to 1
@@ -63,7 +62,7 @@ def test_every_method_gives_a_distribution_over_the_patches_and_leaves_no_gradie
     assert maps.shape == (3, model.config.image_tokens)
     assert torch.allclose(maps.sum(-1), torch.ones(3), atol=1e-5) and bool((maps >= 0).all())
     assert all(p.grad is None for p in model.parameters())  # explanations never touch training gradients
-    assert not any(layer.self_attn.explain or layer.self_attn.weights is not None for layer in model.llm.layers)
+    assert not any(hasattr(layer.self_attn, "weights") for layer in model.llm.layers)  # no state on the modules
     for i in range(3):  # alone = in the padded batch
         alone = relevance_maps(model, [prompts[i]], feats[i:i + 1], method, [answers[i]])
         assert torch.allclose(alone[0], maps[i], atol=1e-4)

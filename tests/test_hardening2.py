@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 import os
 from pathlib import Path
 
@@ -429,6 +430,7 @@ def test_one_run_per_output(holder, tmp_path, capfd):
         lock.write_text(json.dumps({"pid": 999999, "host": __import__("socket").gethostname()}))
     else:
         lock.write_text("{not json")
+        os.utime(lock, (time.time() - 60, time.time() - 60))  # unreadable and old: left by a crash
     capfd.readouterr()
     try:
         rc = train_main("sft", _sft(demo, out, "--epochs", "1"))

@@ -55,6 +55,39 @@ def text_of(content) -> str:
     return str(content or "")
 
 
+MAX_HISTORY_CHARS = 2000  # earlier turns the model sees (newest kept): bounds generation and explanation cost
+
+
+def safe_history(chat) -> list[dict]:
+    """The earlier turns of a conversation, rebuilt from what the client sent (the Gradio API
+    lets a client send any history): only user questions each followed by an assistant answer,
+    in that order (a forged system turn, a leading answer or a stray message are dropped), each
+    question cleaned like a typed one (clean_question: no image placeholder, length capped),
+    answers without placeholders, and only the newest turns that fit MAX_HISTORY_CHARS."""
+    pairs, question = [], None
+    for m in chat if isinstance(chat, list) else []:
+        if not isinstance(m, dict):
+            continue
+        role, text = m.get("role"), text_of(m.get("content"))
+        if role == "user":
+            try:
+                question = clean_question(text)
+            except ValueError:
+                question = None
+        elif role == "assistant" and question is not None:
+            answer = " ".join(text.replace(IMAGE_PLACEHOLDER, " ").split())[:MAX_QUESTION_CHARS]
+            if answer:
+                pairs.append((question, answer))
+            question = None
+    kept, used = [], 0
+    for q, a in reversed(pairs):
+        used += len(q) + len(a)
+        if used > MAX_HISTORY_CHARS:
+            break
+        kept.append((q, a))
+    return [{"role": role, "content": text} for q, a in reversed(kept) for role, text in (("user", q), ("assistant", a))]
+
+
 def model_card(ckpt: LoadedCheckpoint) -> str:
     c = ckpt.config
     s = ckpt.model.parameter_summary()
@@ -136,7 +169,7 @@ class Session:
 
     def respond(self, question: str, chat: list[dict], image, ckpt_path, temperature: float, top_p: float,
                 max_new_tokens: int, abstain_below: float = 0.0) -> Iterator[Reply]:
-        chat = [{"role": m["role"], "content": text_of(m["content"])} for m in (chat or [])]
+        chat = safe_history(chat)
         if image is None:
             yield Reply(chat, "Upload an image (PNG, JPEG or DICOM) or pick an example first.")
             return
