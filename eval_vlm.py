@@ -1,6 +1,6 @@
 """Evaluate a trained model on the SLAKE test split, or ask it about one image.
 
-Run from the repository root:
+Run from any folder:
     python eval_vlm.py --model_mode 1                 # SFT model on dataset/medical_vqa_test.jsonl
     python eval_vlm.py --model_mode 0                 # the stage-1 (pretrain) model
     python eval_vlm.py --model_mode 1 --image scan.dcm --question "Which organ is abnormal?"
@@ -26,7 +26,7 @@ RELEVANCE_METHODS = ("look", "rollout", "grad_x_input", "attn_grad")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
+    ap = flags.ArgumentParser(description=__doc__)
     ap.add_argument("--model_mode", type=int, choices=[0, 1], default=1, help="0 = pretrain model, 1 = SFT model")
     ap.add_argument("--hidden_size", type=flags.positive_int, default=768, help="picks the default checkpoint name")
     ap.add_argument("--use_moe", action="store_true", help="picks the default checkpoint name (_moe)")
@@ -78,14 +78,19 @@ def parse_args(argv=None):
             args.question = clean_question(args.question)
         except ValueError as exc:
             ap.error(f"argument --question: {exc}")
+    if args.image:  # before any heavy import: a wrong path answers at once
+        image = resolve_path(args.image)
+        if not image.exists():
+            ap.error(f"argument --image: {image} does not exist")
+        if image.is_dir():
+            ap.error(f"argument --image: {image} is a folder; give one image file (PNG, JPEG or DICOM)")
     return args
 
 
-def ask(ckpt, image_path: str, question: str | None, gen_cfg) -> int:
-    from dataset.images import load_image
+def ask(ckpt, image, question: str | None, gen_cfg) -> int:
+    """Answers ``question`` (or questions typed at a prompt) about ``image`` (a loaded PIL image)."""
     from evaluation.runner import answer_stream
     from model.tokenization import clean_question
-    image = load_image(resolve_path(image_path))
     questions = [question] if question is not None else None
     while True:
         if questions is None:
@@ -135,6 +140,14 @@ def main(argv=None) -> int:
     path = args.model_path if args.model_path else checkpoint_path(
         args.out_dir, stage, args.hidden_size, args.use_moe)
     name = eval_name(path)
+    image = None
+    if args.image:  # checked before the model loads: a wrong path answers at once
+        from dataset.images import load_image
+        try:
+            image = load_image(resolve_path(args.image))
+        except ImageReadError as exc:
+            log.error("error: --image: %s", exc)
+            return 2
     try:
         device = pick_device(args.device)
         ckpt = load_model(path, device, vision_model=args.vision_model,
@@ -142,8 +155,8 @@ def main(argv=None) -> int:
         log.info("%s: stage %s, step %d | %s", ckpt.path, ckpt.stage, ckpt.step, ckpt.model.parameter_line())
         gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p)
-        if args.image:
-            return ask(ckpt, args.image, args.question, gen_cfg)
+        if image is not None:
+            return ask(ckpt, image, args.question, gen_cfg)
         metrics = evaluate_split(ckpt, resolve_path(args.data_path), resolve_path(args.images_path),
                                  resolve_path(args.train_path) if args.train_path else None,
                                  resolve_path(args.out_dir) / "eval" / name, device, args.batch_size,
@@ -160,6 +173,8 @@ def main(argv=None) -> int:
     print(format_table(metrics))
     print(f"generation: {metrics['generation_seconds']:.1f} s for {metrics['count']['all']} questions; "
           f"wrote {resolve_path(args.out_dir) / 'eval' / name}/metrics.json")
+    if metrics.get("baselines_chart"):
+        print(f"the model against the answer priors, as a picture: {metrics['baselines_chart']}")
     return 0
 
 

@@ -1,13 +1,13 @@
 """Stage 1: align image features with the language model on captions of the training images.
 
-Run from the repository root (after convert_slake_dataset.py):
+Run from any folder (after convert_slake_dataset.py):
     python train_pretrain_vlm.py --epochs 4
     torchrun --nproc_per_node 2 train_pretrain_vlm.py --epochs 4      # several GPUs
 Writes out/medical_pretrain_vlm_{hidden}.pth. All flags: --help.
 """
 import sys
 
-from trainer.cli import main
+from trainer.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain", description=__doc__))
+    sys.exit(run("pretrain", description=__doc__))

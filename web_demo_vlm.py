@@ -1,6 +1,6 @@
 """Browser demo: upload a scan (PNG, JPEG or DICOM), ask questions, watch the answer stream.
 
-Run from the repository root:
+Run from any folder:
     python web_demo_vlm.py --model_path out/medical_vlm_768.pth      # then open http://127.0.0.1:7860
     python web_demo_vlm.py --model_path out/                         # pick among the checkpoints in out/
 Research use only, not for diagnosis.
@@ -19,7 +19,7 @@ log = logging.getLogger("web_demo")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=flags.HelpFormatter)
+    ap = flags.ArgumentParser(description=__doc__)
     ap.add_argument("--model_path", default="out/medical_vlm_768.pth",
                     help="a checkpoint (.pth, model folder or hub id) or a folder of them")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your local network")

@@ -139,7 +139,7 @@ def image_use_verdict(m: dict) -> str:
     use = m.get("image_use")
     if not use:
         return "image use: not measured (no training file for the priors)"
-    parts, blind = [], []
+    parts, blind, why = [], [], []
     for kind in ("closed", "open"):
         u = use[kind]
         if u["against_prior_count"] == 0:
@@ -148,8 +148,13 @@ def image_use_verdict(m: dict) -> str:
         parts.append(f"{kind} {100 * acc:.1f}% against the prior (n={u['against_prior_count']})"
                      + (f", answer changes with the image for {100 * var:.0f}% of repeated questions"
                         if var is not None else ""))
-        if acc < 0.05 or (var is not None and var < 0.05):
+        if var is not None and var < 0.05:  # decides first: a fixed answer per text can still be "right" by luck
             blind.append(kind)
+            why.append(f"a {kind} question asked about several images gets the same answer whatever the image, so "
+                       f"its {100 * acc:.0f}% against the prior is one fixed answer per text, not reading")
+        elif acc < 0.05:
+            blind.append(kind)
+            why.append(f"{kind} questions whose answer is not the usual one for their text are almost never right")
     verdict = (f"NOT USING THE IMAGE for {' and '.join(blind)} questions: they are answered from the question "
-               "text alone" if blind else "the answers depend on the image")
+               f"text alone ({'; '.join(why)})" if blind else "the answers depend on the image")
     return "image use: " + "; ".join(parts) + f" -> {verdict}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dataset.boxes import BOXES_FILE, grid_side, image_keys, look_mask, patch_targets, pointing_group, read_boxes_file
+from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, look_mask, patch_targets, pointing_group, read_boxes_file
 from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
@@ -22,6 +22,7 @@ from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
 from evaluation.explain import answer_sets, score_answers
+from evaluation.plots import plot_baselines, plot_reliability
 from evaluation.relevance import DEFAULT_RELEVANCE, METHODS as RELEVANCE_METHODS, model_view, overlay, relevance_maps
 from model.generation import GenerationConfig, generate, stream_generate
 from model.runtime import autocast, compute_dtype, progress
@@ -179,6 +180,9 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     if metrics.get("calibration"):
         remove_stale_temps(out_dir / "reliability.png")
         plot_reliability(metrics["calibration"], out_dir / "reliability.png")
+    remove_stale_temps(out_dir / "baselines.png")
+    if plot_baselines(metrics, out_dir / "baselines.png"):
+        metrics["baselines_chart"] = str(out_dir / "baselines.png")
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -223,26 +227,6 @@ def closed_confidence(model, tok, train: list[dict], items: list[dict], pending,
             **({"abstain_below": abstention(probs, correct, abstain_below)} if abstain_below is not None else {})}
 
 
-def plot_reliability(calib: dict, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    for row in calib["reliability"]:
-        lo, hi = row["bin"]
-        ax.bar((lo + hi) / 2, row["accuracy"], width=hi - lo, edgecolor="k", alpha=0.7, color="tab:blue")
-    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    ax.set_xlabel("confidence (probability of the chosen answer)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"closed questions: ECE {100 * calib['ece']:.1f} %, Brier {calib['brier']:.3f}")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left")
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 def pointing_game(model, tok, items, records, rec_paths, pending, features, images_path: Path, data_path: Path,
                   batch_size: int, methods: tuple[str, ...] = (DEFAULT_RELEVANCE,)) -> dict | None:
     """Where the model looks, checked against the dataset's own boxes (medical_boxes.json beside
@@ -252,7 +236,11 @@ def pointing_game(model, tok, items, records, rec_paths, pending, features, imag
     two maps that do not look: uniform (the expected hit rate of a random patch) and the image
     centre; and the same per question group (dataset.boxes.pointing_group: kind x side, side,
     kind). The gradient methods explain the model's own (greedy) answer."""
-    table = read_boxes_file(data_path.parent / BOXES_FILE)
+    try:
+        table = read_boxes_file(data_path.parent / BOXES_FILE)
+    except BoxError as exc:  # the boxes are extra: the answers' metrics stand without them
+        log.warning("warning: no pointing game: %s", exc)
+        return None
     grid = grid_side(model.config.image_tokens)
     if not table or grid is None:
         return None

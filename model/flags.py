@@ -13,7 +13,37 @@ import socket
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Every script's --help: the docstring as written, and each flag's default after its help."""
+    """Every script's --help: the docstring as written, and each flag's default after its help
+    (unless the help already states it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every script's parser: no abbreviations (``--epoch`` is not silently ``--epochs``), and a
+    mistake answers in two lines, with the closest flag name, instead of the whole usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def flag_names(self) -> list[str]:
+        return [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+
+    def error(self, message: str):
+        import difflib
+        hints = []
+        unknown = message.split("unrecognized arguments:", 1)[1] if "unrecognized arguments:" in message else ""
+        for word in unknown.replace(",", " ").split():
+            if word.startswith("--") and word.split("=")[0] not in self.flag_names():
+                close = difflib.get_close_matches(word.split("=")[0], self.flag_names(), n=1, cutoff=0.6)
+                if close:
+                    hints.append(f"{word.split('=')[0]}: did you mean {close[0]}?")
+        self.exit(2, f"usage: {self.prog} [flags]  (all flags: {self.prog} --help)\n{self.prog}: error: {message}\n"
+                  + "".join(f"  {h}\n" for h in hints))
 
 
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"

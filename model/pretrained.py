@@ -173,6 +173,14 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _public(name) -> str:
+    """A name fit for a shared card: hub ids as they are, local paths by their last part only
+    (a card must not carry the folders of the machine that trained the model)."""
+    text = str(name)
+    flat = text.replace("\\", "/")
+    return text if looks_like_hub_id(text) or "/" not in flat else flat.rstrip("/").rsplit("/", 1)[-1]
+
+
 def model_card(meta: dict, metrics: dict | None = None) -> str:
     cfg, extra = meta["config"], meta.get("extra") or {}
     train = extra.get("train_config") or {}
@@ -194,11 +202,11 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
         f"| language model | MiniMind2 decoder, {cfg['hidden_size']} wide × {cfg['num_hidden_layers']} layers"
         f"{', mixture of experts' if cfg.get('use_moe') else ''}, vocabulary {cfg['vocab_size']} |",
         f"| base weights | {base} |",
-        f"| vision tower | `{meta['vision']['id']}` (frozen; weight fingerprint `{meta['vision'].get('fingerprint')}`), "
+        f"| vision tower | `{_public(meta['vision']['id'])}` (frozen; weight fingerprint `{meta['vision'].get('fingerprint')}`), "
         f"{cfg['image_tokens']} image tokens of width {cfg['vision_hidden_size']} |",
         f"| projector | {cfg['projector']} |",
         f"| stage | {meta['stage']} (step {meta['step']}) |",
-        f"| training data | {data_line}: `{Path(str(train.get('data_path', '?'))).name}` ({trained} epochs, batch "
+        f"| training data | {data_line}: `{_public(train.get('data_path', '?'))}` ({trained} epochs, batch "
         f"{train.get('batch_size', '?')}, learning rate {train.get('learning_rate', '?')}) |",
     ]
     if str(meta["vision"]["id"]).startswith("random"):
@@ -211,7 +219,7 @@ def model_card(meta: dict, metrics: dict | None = None) -> str:
               "refuses one whose weights differ from the fingerprint."]
     if metrics:
         lines += ["", "## Evaluation", "",
-                  f"On `{metrics.get('data', 'the test split')}` ({metrics['count']['all']} questions), exact "
+                  f"On `{_public(metrics.get('data', 'the test split'))}` ({metrics['count']['all']} questions), exact "
                   "match after normalisation:", "",
                   "| | closed | open | overall |", "|---|---|---|---|",
                   f"| model | {_pct(metrics['closed_accuracy'])} | {_pct(metrics['open_accuracy'])} | "

@@ -1,6 +1,6 @@
 """Benchmark test-split evaluation (batched generation with the KV cache and cached features).
 
-Run from the repository root:
+Run from any folder:
     python -m scripts.bench_eval                              # 104M model, 1,061 questions
     python -m scripts.bench_eval --hidden_size 128 --num_hidden_layers 2 --vision_model random-tiny
 A randomly initialised model of the requested size answers 1,061 questions over 96 images

@@ -1,6 +1,6 @@
 """Benchmark one SFT epoch on SLAKE-sized synthetic data and print JSON.
 
-Run from the repository root:
+Run from any folder:
     python -m scripts.bench_train                                   # 104M model, CLIP-shaped random tower
     python -m scripts.bench_train --hidden_size 512 --num_hidden_layers 8
     python -m scripts.bench_train --hidden_size 128 --num_hidden_layers 2 --vision_model random-tiny --samples 512

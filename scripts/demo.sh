@@ -57,5 +57,6 @@ if ! $PY -m scripts.check_learning "$OUT/eval/medical_vlm_128/metrics.json" "${C
   echo "$OUT/medical_vlm_128_loss.png show where it stands (README: Troubleshooting)."
   exit 1
 fi
-echo "done in $(( $(date +%s) - start )) s. Loss curves: $OUT/*_loss.png"
+echo "done in $(( $(date +%s) - start )) s. Loss curves: $OUT/*_loss.png; the model against the priors:" \
+     "$OUT/eval/medical_vlm_128/baselines.png"
 echo "Try it in the browser:  .venv/bin/python web_demo_vlm.py --model_path $OUT/medical_vlm_128.pth"

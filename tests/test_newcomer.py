@@ -59,6 +59,7 @@ def test_typed_paths_count_from_the_working_directory(tmp_path, monkeypatch):
     assert cfg.vision_model == "openai/clip-vit-base-patch16"  # a hub id stays one
     assert resolve_path(cfg.images_path) == ROOT / "dataset" / "medical_images"  # a default: the repository's
     import eval_vlm
+    (tmp_path / "scan.png").write_bytes(b"x")  # --image must exist (checked before any heavy import)
     args = eval_vlm.parse_args(["--image", "scan.png", "--question", "Is it?"])
     assert args.image == str(tmp_path / "scan.png") and args.out_dir == "out"
 
@@ -199,3 +200,70 @@ def test_missing_data_and_clip_are_one_message(tmp_path, capfd):
     err = capfd.readouterr().err
     assert rc == 2 and "two things are missing" in err and "convert_slake_dataset.py" in err and "git clone" in err
     assert not (tmp_path / "o" / "medical_pretrain_vlm_768.pth").exists() and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- Newcomer III (issue #28)
+
+@pytest.mark.parametrize("vision, data", [("/tmp/run123/clip", "/tmp/pytest-0/d/medical_vqa_test.jsonl"),
+                                          ("openai/clip-vit-base-patch16", "C:\\Users\\me\\test.jsonl"),
+                                          ("random-tiny", "/home/me/x/medical_vqa_test.jsonl")])
+def test_model_card_holds_no_local_path(vision, data):
+    from model.pretrained import model_card
+    meta = {"config": {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100, "image_tokens": 196,
+                       "vision_hidden_size": 64, "projector": "mlp"},
+            "vision": {"id": vision, "fingerprint": "x"}, "stage": "sft", "step": 10,
+            "extra": {"train_config": {"data_path": data, "epochs": 4}, "data_source": "demo:seed=0"}}
+    metrics = {"data": data, "count": {"all": 5}, "closed_accuracy": 0.5, "open_accuracy": 0.5,
+               "overall_accuracy": 0.5, "baselines": {}}
+    card = model_card(meta, metrics)
+    for private in ("/tmp", "/home", "C:\\", "Users"):
+        assert private not in card
+    assert "medical_vqa_test.jsonl" in card or "test.jsonl" in card
+    if vision.startswith("openai"):
+        assert vision in card
+
+
+@pytest.mark.parametrize("script, typo, suggestion", [
+    ("train_sft_vlm.py", "--epoch", "--epochs"), ("train_pretrain_vlm.py", "--batchsize", "--batch_size"),
+    ("eval_vlm.py", "--modle_mode", "--model_mode"), ("convert_slake_dataset.py", "--slakedir", "--slake_dir"),
+    ("web_demo_vlm.py", "--model-path", "--model_path")])
+def test_flag_typos_get_a_suggestion_and_no_abbreviations(script, typo, suggestion):
+    run = subprocess.run([sys.executable, script, typo, "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) <= 4 and f"did you mean {suggestion}?" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_agrees_with_the_readme(script):
+    """No --help sends a user where the README says otherwise: scripts run from any folder, the
+    data contract lives in docs/data.md, and no default is stated twice."""
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "Run from the repository root" not in out and 'README, "Data contract"' not in out
+    import re
+    assert all(entry.count("(default:") <= 1 for entry in re.split(r"\n\s+--", out))  # one default per flag
+    for doc in ("docs/data.md", "docs/training.md", "docs/evaluation.md", "docs/learning.md"):
+        if doc in out:
+            assert (ROOT / doc).is_file()
+
+
+def test_plots_a_student_reads(tmp_path):
+    from evaluation.plots import plot_baselines, plot_reliability
+    from trainer.logs import plot_losses
+    metrics = {"closed_accuracy": 0.8, "open_accuracy": 0.7, "overall_accuracy": 0.75,
+               "baselines": {"majority_per_answer_type": {"closed_accuracy": 0.5, "open_accuracy": 0.1,
+                                                          "overall_accuracy": 0.3},
+                             "majority_per_question": {"closed_accuracy": 0.6, "open_accuracy": 0.4,
+                                                       "overall_accuracy": 0.5}}}
+    assert plot_baselines(metrics, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 5000
+    assert not plot_baselines({"closed_accuracy": 0.8}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    calib = {"ece": 0.05, "brier": 0.1, "reliability": [{"bin": [0.5, 0.6], "count": 12, "accuracy": 0.55},
+                                                        {"bin": [0.9, 1.0], "count": 40, "accuracy": 0.9}]}
+    plot_reliability(calib, tmp_path / "r.png")
+    rows = [{"step": s, "loss": 6.0 / (s + 1)} for s in range(1, 50)] + \
+        [{"step": 25, "val_loss": 0.2, "val_closed_acc": 0.6, "val_open_acc": 0.7},
+         {"step": 49, "val_loss": 0.1, "val_closed_acc": 0.7, "val_open_acc": 0.8}]
+    plot_losses(rows, tmp_path / "l.png", "run")
+    for name in ("r.png", "l.png"):
+        assert (tmp_path / name).stat().st_size > 5000

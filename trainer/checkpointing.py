@@ -45,6 +45,7 @@ class Checkpointer:
     resume_path: Path
     dist: Dist
     last_saved: tuple[Path, int] | None = None
+    resume_saved: int | None = None  # the step of the resume state this run wrote, if any
     previous: list[Path] = field(default_factory=list)
 
     def __post_init__(self):
@@ -71,14 +72,33 @@ class Checkpointer:
                     "--grad_clip on, or use --dtype bfloat16 instead of float16.") from None
             metrics.commit()
             if with_resume:
-                atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
-                             "scaler": scaler.state_dict(), "step": step, "world": self.dist.world,
-                             "train_config": self.cfg.to_dict()}, self.resume_path)
+                self._save_resume(model, opt, scaler, step)
             if plot:
                 plot_losses(metrics.rows(), self.final_path.with_name(f"{self.final_path.stem}_loss.png"),
                             f"{self.final_path.stem} ({self.cfg.stage})")
         self.last_saved = (self.final_path, step)
         self.dist.barrier()
+
+    def _save_resume(self, model, opt, scaler, step: int):
+        atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "world": self.dist.world,
+                     "train_config": self.cfg.to_dict()}, self.resume_path)
+        self.resume_saved = step
+
+    def save_resume(self, model, opt, scaler, metrics: MetricsLog, step: int):
+        """A resume state at ``step`` alone (Ctrl-C mid-epoch): the weights checkpoint keeps its last
+        epoch, so a stopped run never leaves a half-trained model under the final name."""
+        if self.dist.is_main:
+            metrics.commit()
+            self._save_resume(model, opt, scaler, step)
+        self.dist.barrier()
+
+    def resume_advice(self) -> str:
+        """Where to continue from: only a resume state this run wrote (an older one may hold other
+        settings, and --resume would refuse it)."""
+        if self.resume_saved is None:
+            return ""
+        return f"; continue with --resume (it reads {self.resume_path}, step {self.resume_saved})"
 
 
 def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: Dist, total_steps: int) -> int:

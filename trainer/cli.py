@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 from trainer.config import parse_train_args
 
 
+def run(stage: str, description: str | None = None) -> int:
+    """The stage scripts' entry: exit codes for everything, 130 for Ctrl-C (no traceback)."""
+    try:
+        return main(stage, description=description)
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(stage: str, argv=None, description: str | None = None) -> int:
+    """Trains one stage; returns the exit code. A Ctrl-C is re-raised as KeyboardInterrupt once
+    its resume state is saved and its message logged, so an in-process caller (a test suite, a
+    notebook) is interrupted too (``run`` turns it into exit code 130 for the scripts)."""
     cfg = parse_train_args(stage, argv, description)
     import os
     # idle OpenMP threads sleep instead of spinning: a busy machine (another job) is shared, not fought over
@@ -27,10 +39,12 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
         train(cfg)
     except TrainingInterrupted as exc:
         logging.getLogger("train").error("%s", exc)
-        return 130
+        if exc.signal == signal.SIGTERM:
+            return 128 + signal.SIGTERM
+        raise KeyboardInterrupt from None
     except KeyboardInterrupt:  # before the first step: nothing was written yet
         logging.getLogger("train").error("interrupted before training started; nothing was written")
-        return 130
+        raise
     except (OSError, DataError, ImageReadError, CheckpointError, VisionTowerNotFound, TrainingError,
             DeviceError, BoxError) as exc:  # OSError: a user path (disk full, no permission, not a folder)
         logging.getLogger("train").error("error: %s", exc)

@@ -60,21 +60,36 @@ class MetricsLog:
 
 
 def plot_losses(rows: list[dict], path: Path, title: str):
+    """The loss curves on a log axis (late epochs, where the loss is small and may turn back up,
+    stay visible) and, when the run validates, the validation exact match on a second axis."""
     import matplotlib
     matplotlib.use("Agg")  # files only; no display on training machines
     import matplotlib.pyplot as plt
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and r["loss"] > 0]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss")]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per answer token)")
+    ax.set_ylabel("loss per answer token (log scale)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    handles, labels = ax.get_legend_handles_labels()
+    acc = {k: [(r["step"], 100 * r[f"val_{k}_acc"]) for r in rows if f"val_{k}_acc" in r] for k in ("closed", "open")}
+    if any(acc.values()):
+        right = ax.twinx()
+        for (k, points), style in zip(acc.items(), ("s--", "^--")):
+            if points:
+                right.plot(*zip(*points), style, color="tab:green" if k == "closed" else "tab:purple",
+                           label=f"validation exact match, {k} (%)")
+        right.set_ylim(0, 100)
+        right.set_ylabel("validation exact match (%)")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8, loc="lower left")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

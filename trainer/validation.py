@@ -63,14 +63,18 @@ def validation_prior(data: VQADataset, val: VQADataset | None) -> Validation | N
     return Validation(float("nan"), b["closed_accuracy"], b["open_accuracy"])
 
 
+PRIOR_MARGIN = 0.05  # closed exact match within this of the text prior counts as "near the prior"
+
+
 def prior_advice(last: Validation | None, prior: Validation | None, epochs: int) -> str | None:
-    """A warning when closed questions end at the per-question prior: the image is not used for them."""
+    """A warning when closed questions end near the per-question prior: the image is not used for them."""
     if last is None or prior is None or last.closed is None or prior.closed is None:
         return None
-    if last.closed > prior.closed + 0.02:
+    if last.closed >= prior.closed + PRIOR_MARGIN:
         return None
-    return (f"closed questions end at the level of the question-text prior (validation exact match "
-            f"{100 * last.closed:.1f}% vs {100 * prior.closed:.1f}% for the commonest training answer of each question): "
+    return (f"closed questions end near the question-text prior (validation exact match {100 * last.closed:.1f}% vs "
+            f"{100 * prior.closed:.1f}% for the commonest training answer of each question; less than "
+            f"{100 * PRIOR_MARGIN:.0f} points above it): "
             f"the model does not use the image for them yet. Small models trained from scratch learn closed questions "
             f"late (after about 12 epochs on the hard demo set): train longer, e.g. --epochs {max(4 * epochs, 32)}")
 
