@@ -159,12 +159,64 @@ def write_release(root: str | Path, seed: int, counts: tuple[int, int, int], sam
 
 PRIOR_YES = 0.8  # the "prior" variant: each yes/no text is answered Yes this often
 
+# The "attribute-prior" trap: yes/no questions name a value of an attribute that an open question
+# of the same image also asks about, in several phrasings, some negated; every closed text has its
+# own usual answer (Yes for some, No for others), given PRIOR_YES of the time. (attribute, phrasing,
+# negated); {v} is the named value.
+VERIFY_TEMPLATES = {
+    "modality": [("Is this a {v} image?", False), ("Was this scan taken with {v}?", False),
+                 ("Is this not a {v} image?", True)],
+    "part": [("Is this an image of the {v}?", False), ("Does the image show the {v}?", False),
+             ("Does the image not show the {v}?", True)],
+    "lesion": [("Is there a lesion?", False), ("Does the image contain a lesion?", False),
+               ("Is no lesion present?", True), ("Does the image not contain a lesion?", True)],
+    "side": [("Is the lesion on the {v} side?", False), ("Is the lesion not on the {v} side?", True)],
+    "size": [("Is the lesion {v}?", False), ("Is the lesion not {v}?", True)],
+}
+
+
+VERIFY_ODDS = 5.0  # how much likelier a text is drawn when the image gives it its usual answer
+
+
+def _usual_answer(text: str) -> str:
+    """Each closed text's usual answer, fixed by the text alone (the same for every seed)."""
+    return "Yes" if sum(map(ord, text)) % 2 else "No"
+
+
+def verify_questions(params: dict, rng: random.Random) -> list[dict]:
+    """The open questions of the easy set, and one yes/no question per attribute the image has:
+    a phrasing (some negated) and a named value (right or wrong), answered by the image. Among
+    an attribute's texts, one whose answer for this image is its usual answer is drawn
+    VERIFY_ODDS times as often as one whose answer is not, so each text mostly gets its usual
+    answer (about PRIOR_YES of the time on the training split) while every answer stays possible."""
+    n = params["lesions"]
+    truth = {"modality": params["modality"], "part": REGIONS[params["region"]][1].lower(), "lesion": None,
+             "side": (params["side"] or "").lower(), "size": (params["size"] or "").lower()}
+    values = {"modality": MODALITIES, "part": [r[1].lower() for r in REGIONS.values()], "lesion": [None],
+              "side": ["left", "right"], "size": ["small", "large"]}
+    kind = {"modality": "Modality", "part": "Position", "lesion": "Abnormality", "side": "Position", "size": "Size"}
+    qs = [q for q in questions(params, rng) if q["answer_type"] == "OPEN"]
+    for attr, templates in VERIFY_TEMPLATES.items():
+        if attr in ("side", "size") and not n:
+            continue
+        options, weights = [], []
+        for template, negated in templates:
+            for v in values[attr]:
+                holds = n > 0 if attr == "lesion" else v == truth[attr]
+                text, answer = template.format(v=v), "Yes" if holds != negated else "No"
+                options.append((text, answer))
+                weights.append(VERIFY_ODDS if answer == _usual_answer(text) else 1.0)
+        text, answer = rng.choices(options, weights)[0]
+        qs.append({"question": text, "answer": answer, "answer_type": "CLOSED", "content_type": kind[attr]})
+    return qs
+
 
 def write_demo_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
-                       n_test: int = 60, prior: bool = False) -> Path:
+                       n_test: int = 60, prior: bool = False, attribute: bool = False) -> Path:
     """The easy demo set in the release layout (see ``write_release``); ``prior``: the variant
-    whose yes/no texts are answered Yes PRIOR_YES of the time (a language-prior trap)."""
-    ask = (lambda p, rng: questions(p, rng, PRIOR_YES)) if prior else questions
+    whose yes/no texts are answered Yes PRIOR_YES of the time (a language-prior trap);
+    ``attribute``: the attribute-prior trap (``verify_questions``)."""
+    ask = verify_questions if attribute else (lambda p, rng: questions(p, rng, PRIOR_YES)) if prior else questions
     return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw, ask, "xmlab{}/source.jpg",
                          lambda p: {"location": REGIONS[p["region"]][0], "modality": p["modality"],
                                     "base_type": "vqa", "triple": ["vhead", "_", "_"]})

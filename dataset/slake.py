@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -24,10 +25,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataset.boxes import BOXES_FILE, BoxError, grounded_questions, parse_detection
-from dataset.contract import IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath
+from dataset.boxes import BOXES_FILE, MAX_BOX_QUESTIONS, BoxError, grounded_questions, parse_detection
+from dataset.contract import (IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath,
+                              validate_record)
 from dataset.images import ImageReadError, load_image
+from dataset.resplit import QA, changing_prior_split, prior_conflicting
 from model.atomic import atomic_write_text
+from model.config import IMAGE_PLACEHOLDER
 from model.lock import LockError, output_lock
 from model.safe_files import MAX_IMAGE_BYTES, SourceError, read_bytes
 from model.runtime import progress
@@ -346,6 +350,35 @@ def make_caption(meta: dict, qas: list[tuple[str, str, str | None]]) -> str:
     return " ".join(parts)
 
 
+def verification_questions(per_image: dict[str, list[tuple[str, str, str]]], seed: int = 0
+                           ) -> dict[str, list[tuple[str, str]]]:
+    """Yes/no questions that check a named value against the image, from the open questions of
+    the training images (no boxes needed): for an open question q answered a, "q Is it a?" ->
+    Yes and "q Is it b?" -> No, b drawn (seeded) from the other answers of the same question
+    text. Every such text is answered Yes and No equally often by construction, so the text
+    alone tells nothing; stage 1 learns there to verify a named value against the image, which
+    the closed questions of stage 2 need and which captions do not teach. ``per_image``: image ->
+    (question, answer, answer_type) of its training questions."""
+    rng = random.Random(seed)
+    pool: dict[str, set] = defaultdict(set)
+    for qas in per_image.values():
+        for q, a, t in qas:
+            if t == "OPEN":
+                pool[" ".join(q.lower().split())].add(a)
+    out: dict[str, list[tuple[str, str]]] = {}
+    for key in sorted(per_image):
+        qs = []
+        for q, a, t in per_image[key]:
+            others = sorted(pool.get(" ".join(q.lower().split()), set()) - {a})
+            if t != "OPEN" or not others or len(a) > 40:
+                continue
+            stem = q.strip()
+            qs += [(f"{stem} Is it {a}?", "Yes"), (f"{stem} Is it {rng.choice(others)}?", "No")]
+        if qs:
+            out[key] = qs
+    return out
+
+
 def _image_problem(data: bytes, name: str) -> tuple[str | None, tuple[int, int] | None]:
     """Decodes the image with the loader and limits that training and evaluation use, so a
     file that would stop them later is skipped (and listed) here instead. Returns (problem,
@@ -374,8 +407,11 @@ STAGING_PREFIX = ".convert-staging-"
 
 
 def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: bool = False,
-            allow_overlap: bool = False, box_qa: bool = True, priors=None) -> dict:
-    """Writes the contract files into ``out_dir`` and returns the manifest.
+            allow_overlap: bool = False, box_qa: bool = True, priors=None, split: str = "release",
+            seed: int = 0, verify_qa: str = "none") -> dict:
+    """Writes the contract files into ``out_dir`` and returns the manifest. ``split``: "release"
+    keeps the source's splits; "cp" re-splits its images so each question text's usual answer
+    changes between training and test (dataset/resplit.py; ``seed`` breaks ties).
 
     Everything is built in a staging folder inside ``out_dir`` and swapped in only when
     the whole conversion succeeded: a refusal (overlap, ``--strict``), an error or Ctrl-C
@@ -388,13 +424,65 @@ def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: boo
                 shutil.rmtree(old, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
             try:
-                manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap, box_qa, priors)
+                manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap, box_qa, priors,
+                                  split, seed, verify_qa)
                 _swap_in(staging, out_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except LockError as exc:
         raise ConversionError(str(exc)) from None
     return manifest
+
+
+def _unwritable(question: str, answer: str) -> str | None:
+    """Why a question would be refused by the training and evaluation scripts (the data
+    contract's own validator, dataset.contract.validate_record), or would put terminal control
+    characters into prompts; None when it can be written."""
+    if not all("".join(t.split()).isprintable() for t in (question, answer)):  # ESC, BEL, ...; not spaces
+        return "control characters in the question or answer"
+    try:
+        validate_record({"conversations": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.strip()}"},
+                                           {"role": "assistant", "content": answer}],
+                         "image": "x.jpg", "answer_type": "OPEN"}, "record", require_vqa=True)
+    except DataError as exc:
+        return str(exc).removeprefix("record: ")
+    return None
+
+
+def _changing_prior(records: list[SourceRecord], seed: int, priors) -> tuple[list[SourceRecord], dict]:
+    """Re-splits the source's own images (not --also's extra training images) in place, keeping
+    each split's image count, and keeps on the test side only the questions whose answer is not
+    their text's usual training answer (dataset/resplit.py). Returns the records kept and the
+    manifest's account, with the per-question prior's closed accuracy on the test split before
+    and after when ``priors`` is given."""
+    own = [r for r in records if r.source is None]
+    count = {s: len({r.image_key for r in own if r.split == s}) for s in ("validation", "test")}
+    if not count["test"]:
+        raise ConversionError("--split cp needs a source with a test split")
+
+    def closed_prior() -> float | None:
+        rows = lambda s: [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type,
+                           "content_type": None, "modality": None} for r in records if r.split == s]
+        if priors is None:
+            return None
+        return priors(rows("train"), rows("test"))["majority_per_question"]["closed_accuracy"]
+
+    before = closed_prior()
+    try:
+        cp = changing_prior_split([QA(r.image_key, r.question, r.answer) for r in own],
+                                  count["validation"], count["test"], seed)
+    except ValueError as exc:
+        raise ConversionError(f"--split cp: {exc}") from None
+    for r in own:
+        r.split = cp.split_of[r.image_key]
+    test = [r for r in records if r.split == "test"]
+    qa = lambda r: QA(r.image_key, r.question, r.answer)
+    keep = dict(zip(map(id, test), prior_conflicting([qa(r) for r in records if r.split == "train"], list(map(qa, test)))))
+    kept = [r for r in records if keep.get(id(r), True)]
+    records = kept
+    return kept, {"kind": "cp", "seed": seed, "texts_moved": cp.texts_moved, "texts_movable": cp.texts_movable,
+                  "test_questions_dropped": len(test) - sum(keep.values()),
+                  "closed_prior_test_before": before, "closed_prior_test_after": closed_prior()}
 
 
 def _swap_in(staging: Path, out_dir: Path):
@@ -422,7 +510,8 @@ def _english_splits(records: list[SourceRecord]) -> dict[str, str]:
 
 
 def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, strict: bool,
-           allow_overlap: bool, box_qa: bool = True, priors=None) -> dict:
+           allow_overlap: bool, box_qa: bool = True, priors=None, split: str = "release", seed: int = 0,
+           verify_qa: str = "none") -> dict:
     """``priors(train, test)``: the answer-prior baselines for the manifest (evaluation.metrics.baselines,
     passed in by the converter script so the data layer never imports the evaluation layer)."""
     skipped = []
@@ -459,6 +548,10 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
         rec.answer = str(rec.answer).strip()
         if rec.answer_type not in ("OPEN", "CLOSED"):
             rec.answer_type = "CLOSED" if rec.answer.lower() in YES_NO else "OPEN"
+        problem = _unwritable(rec.question, rec.answer)
+        if problem:
+            skip(rec, problem)
+            continue
         kept.append(rec)
 
     # images: read each once, check, copy; a bad image drops all of its questions
@@ -485,7 +578,7 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             if rec.load_boxes is not None:
                 try:
                     boxes[rec.image_key] = {"size": list(size), "boxes": parse_detection(rec.load_boxes())}
-                except (OSError, KeyError, BoxError) as exc:  # boxes are extra: the image is still used
+                except (OSError, KeyError, BoxError, SourceError) as exc:  # boxes are extra: the image is still used
                     box_warnings.append(f"{rec.image_key}: detection.json skipped ({exc})")
     final = []
     for rec in kept:
@@ -495,6 +588,9 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
         else:
             final.append(rec)
 
+    resplit = None
+    if split == "cp":
+        final, resplit = _changing_prior(final, seed, priors)
     split_images = defaultdict(set)
     for rec in final:
         split_images[rec.split].add(rec.image_key)
@@ -521,6 +617,14 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             f"{lang!r}, {len(final)} usable"
             + (f"; most common reasons: {', '.join(f'{r} ({n})' for r, n in reasons)}" if reasons else "")
             + "): refusing to replace a dataset with an incomplete one")
+    # stage-1 captions: training images only, so validation/test images are never seen in training
+    per_image: dict[str, list[SourceRecord]] = defaultdict(list)
+    for rec in by_split.get("train", []):
+        per_image[rec.image_key].append(rec)
+    # yes/no questions that check a named value against the image, from the open answers (no boxes
+    # needed): stage 1 ("stage1") or both stages ("both") learn from them to verify what a question names
+    verify = verification_questions({k: [(r.question, r.answer, r.answer_type) for r in recs if r.lang == "en"]
+                                     for k, recs in per_image.items()}, seed) if verify_qa != "none" else {}
     for split, fname in VQA_FILES.items():
         lines = [json.dumps({
             "conversations": [{"role": "user", "content": f"<image>\n{rec.question.strip()}"},
@@ -529,12 +633,14 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             **({"source": rec.source} if rec.source else {}),
             "content_type": rec.content_type, "modality": rec.modality, "location": rec.location,
         }, ensure_ascii=False) for rec in by_split.get(split, [])]
+        if split == "train" and verify_qa == "both":
+            lines += [json.dumps({"conversations": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"},
+                                                    {"role": "assistant", "content": a}],
+                                  "image": key, "qid": f"verify-{n}", "answer_type": "CLOSED", "source": "verify",
+                                  "content_type": "Verify", "modality": None, "location": None}, ensure_ascii=False)
+                      for n, (key, q, a) in enumerate((k, q, a) for k, qas in sorted(verify.items()) for q, a in qas)]
         atomic_write_text(out_dir / fname, "".join(line + "\n" for line in lines))
 
-    # stage-1 captions: training images only, so validation/test images are never seen in training
-    per_image: dict[str, list[SourceRecord]] = defaultdict(list)
-    for rec in by_split.get("train", []):
-        per_image[rec.image_key].append(rec)
     caption_lines = []
     for i, (key, recs) in enumerate(sorted(per_image.items())):
         meta = {"modality": recs[0].modality, "location": recs[0].location}
@@ -545,11 +651,21 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             "image": key}, ensure_ascii=False))
     used = {rec.image_key for rec in final}
     # stage 1 also learns where each finding is, from the boxes of the training images (English)
-    box_questions = grounded_questions(boxes, sorted(per_image)) if box_qa and lang in ("en", "all") else {}
+    dropped: Counter = Counter()
+    box_questions = grounded_questions(boxes, sorted(per_image), dropped=dropped) \
+        if box_qa and lang in ("en", "all") else {}
+    if dropped:
+        log.warning("box questions: %d image(s) had more than %d; %d question(s) left out, Yes and No kept as even "
+                    "as each image allows (many distinct box names, e.g. numbered findings?)",
+                    dropped["images"], MAX_BOX_QUESTIONS, dropped["questions"])
     for key, qas in sorted(box_questions.items()):
         caption_lines += [json.dumps({"conversations": [{"role": "user", "content": f"<image>\n{q}"},
                                                         {"role": "assistant", "content": a}],
                                       "image": key, "source": "boxes"}, ensure_ascii=False) for q, a in qas]
+    for key, qas in sorted(verify.items()):
+        caption_lines += [json.dumps({"conversations": [{"role": "user", "content": f"<image>\n{q}"},
+                                                        {"role": "assistant", "content": a}],
+                                      "image": key, "source": "verify"}, ensure_ascii=False) for q, a in qas]
     atomic_write_text(out_dir / PRETRAIN_FILE, "".join(line + "\n" for line in caption_lines))
     atomic_write_text(out_dir / BOXES_FILE, json.dumps({k: v for k, v in sorted(boxes.items()) if k in used},
                                                        ensure_ascii=False) + "\n")
@@ -565,7 +681,9 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
         "answer_types": {s: dict(sorted(Counter(r.answer_type for r in by_split.get(s, [])).items()))
                          for s in VQA_FILES},
         "images": {s: len(split_images.get(s, ())) for s in VQA_FILES},
-        "pretrain_captions": len(caption_lines) - sum(map(len, box_questions.values())),
+        "pretrain_captions": len(caption_lines) - sum(map(len, box_questions.values())) - sum(map(len, verify.values())),
+        "pretrain_verify_questions": sum(map(len, verify.values())),
+        "train_verify_questions": sum(map(len, verify.values())) if verify_qa == "both" else 0,
         "pretrain_box_questions": sum(map(len, box_questions.values())),
         "image_overlap": {k: len(v) for k, v in overlap.items()},
         # what answering from the question alone scores on the test split (evaluation prints the same)
@@ -573,6 +691,7 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type} for r in by_split["train"]],
             [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type, "content_type": None,
               "modality": None} for r in by_split["test"]]) if priors and by_split.get("train") and by_split.get("test") else {},
+        "split": resplit or {"kind": "release"},
         "images_written": copied,
         "images_with_boxes": sum(k in used for k in boxes),
         "box_warnings": box_warnings,

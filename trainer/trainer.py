@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 
 from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, patch_targets, read_boxes_file
 from dataset.contract import image_file, images_of, read_jsonl
-from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_closed, annotate_look, balance_closed,
+from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_closed, annotate_look, balance_closed, look_at_image,
                                  closed_text_prior)
 from model.atomic import remove_stale_temps
 from model.checkpoint import (CheckpointError, build_config, checkpoint_path, load_weights, locate_checkpoint,
@@ -39,6 +40,7 @@ from trainer.errors import TrainingError, TrainingInterrupted
 from trainer.logs import MetricsLog
 from trainer.schedule import lr_at
 from trainer.step import BatchFeed, StepPlan, StepRunner, make_optimizer, shape_key, train_step
+from trainer.interrupt import StopRequest, signal_name
 from trainer.validation import evaluate, more_epochs_advice, prior_advice, validation_prior
 
 log = logging.getLogger("train")
@@ -221,7 +223,7 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
         added = balance_closed(data, cfg.seed)
         log.info("--balance_closed: %d repeated closed question(s) balance the answers of every closed question text "
                  "(now %.1f%%)", added, 100 * (closed_text_prior(data.samples)[1] or 0))
-    if cfg.debias or cfg.rank_weight:
+    if cfg.debias or cfg.rank_weight or cfg.prior_weight:
         marked = annotate_closed(data, encoder, cfg.max_seq_len)
         log.info("closed-answer losses (--debias %g, --rank_weight %g) on %d closed training question(s)",
                  cfg.debias, cfg.rank_weight, marked)
@@ -250,6 +252,10 @@ def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) 
     --look_loss targets are attached to the samples here too."""
     if model.patch_head is None and not cfg.look_loss:
         return None
+    if cfg.look_loss and cfg.look_fallback == "image" and grid_side(model.config.image_tokens) is not None:
+        n = look_at_image(data, model.config.image_tokens)
+        log.info("--look_fallback image: %d closed training question(s) are trained to look at the whole image "
+                 "(those naming a boxed organ look at its box instead)", n)
     if model.patch_head is None and grid_side(model.config.image_tokens) is None:
         log.info("--look_loss: the tower's %d image tokens are not a square grid; the loss is off",
                  model.config.image_tokens)
@@ -271,6 +277,17 @@ def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) 
         return None
     log.info("--patch_loss: boxes for %d of %d images", int(known.sum()), len(known))
     return targets.to(device), known.to(device)
+
+
+def stop_now(stop: StopRequest, dist: Dist, step: int, every: int, device) -> bool:
+    """Whether to stop after ``step``. Under torchrun every process must stop at the same step (the
+    save waits for all of them), so the request is agreed on once per log interval, with the one
+    sync the loss log already makes there; alone, at once."""
+    if not dist.enabled:
+        return stop.requested
+    if step % every:
+        return False
+    return float(dist.all_sum(torch.tensor([float(stop.requested)], device=device))[0]) > 0
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -381,7 +398,9 @@ def _train(cfg: TrainConfig) -> dict:
     seen_shapes: set = set()
     t_epoch, paused, compiling = time.perf_counter(), 0.0, 0.0
     step = start_step
+    stop = StopRequest()
     try:
+        stop.__enter__()
         while step < end_step:
             batches, n_tokens = feed.get(step, step + 1 if step + 1 < end_step else None)
             key = shape_key(batches) if runner.compiled else None
@@ -471,10 +490,17 @@ def _train(cfg: TrainConfig) -> dict:
                 t_epoch, paused, compiling = time.perf_counter(), 0.0, 0.0
             else:
                 paused += time.perf_counter() - t_pause
+            if stop_now(stop, dist, step, cfg.log_interval, device) and step < end_step:  # weights and optimizer agree
+                if saver.resume_saved != step:
+                    saver.save_resume(model, opt, scaler, metrics, step)
+                raise TrainingInterrupted(f"stopped at step {step}/{total_steps} ({signal_name(stop.signal)}): a resume "
+                                          f"state was saved; {saver.kept_message()}{saver.resume_advice()}",
+                                          stop.signal)
     except KeyboardInterrupt:
-        resume = f"; continue with --resume from {resume_path}" if resume_path.is_file() else ""
-        raise TrainingInterrupted(f"interrupted at step {step}/{total_steps}: {saver.kept_message()}{resume}") from None
+        raise TrainingInterrupted(f"interrupted at step {step}/{total_steps}: {saver.kept_message()}"
+                                  f"{saver.resume_advice()}", signal.SIGINT) from None
     finally:
+        stop.__exit__()
         feed.close()
         bar.close()
         metrics.close()

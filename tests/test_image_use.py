@@ -1,0 +1,179 @@
+"""Making yes/no answers depend on the image where the data has no boxes: the changing-prior
+re-split (--split cp), the attribute-prior trap, stage-1 verification questions, prior
+weighting and the whole-image look target."""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+
+import pytest
+import torch
+
+import convert_slake_dataset
+from dataset.contract import answer_of, question_of, read_jsonl
+from dataset.demo import VERIFY_TEMPLATES, draw, sample_params, verify_questions, REGIONS
+from dataset.resplit import QA, changing_prior_split, prior_conflicting, text_key
+from dataset.slake import convert, read_release, verification_questions
+from evaluation.metrics import baselines
+from tests.test_convert import needs_slake, release_copy
+from trainer.losses import closed_answer_loss
+
+
+def _closed_prior(rows_train, rows_test) -> float:
+    b = baselines([{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
+                   for r in rows_train],
+                  [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"],
+                    "content_type": None, "modality": None} for r in rows_test])
+    return b["majority_per_question"]["closed_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def real_cp(tmp_path_factory):
+    src = release_copy(tmp_path_factory.mktemp("slake_cp"))
+    outs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 3)):
+        out = tmp_path_factory.mktemp(f"cp_{name}")
+        outs[name] = (out, convert(read_release(src), out, split="cp", seed=seed, priors=baselines))
+    return outs
+
+
+@needs_slake
+def test_cp_split_real_slake_images_one_side_and_prior_moved(real_cp):
+    out, m = real_cp["a"]
+    assert m["images"] == {"train": 450, "validation": 96, "test": 96}  # the release's image counts
+    assert m["image_overlap"] == {"train&validation": 0, "train&test": 0, "validation&test": 0}
+    rows = {s: read_jsonl(out / f"medical_vqa_{s}.jsonl") for s in ("train", "validation", "test")}
+    images = {s: {r["image"] for r in rs} for s, rs in rows.items()}
+    assert not images["train"] & images["test"] and not images["validation"] & images["test"]
+    # the text prior scores 0 on the test split's closed questions (67 % on the release split)
+    assert m["split"]["kind"] == "cp" and m["split"]["closed_prior_test_before"] > 0.6
+    # far below 50 % (not 0: texts seen once, or only in test, fall back to the answer type's majority)
+    assert m["split"]["closed_prior_test_after"] < 0.3
+    assert _closed_prior(rows["train"], rows["test"]) == pytest.approx(m["split"]["closed_prior_test_after"])
+    assert m["split"]["texts_moved"] > 0.5 * m["split"]["texts_movable"]
+    closed_test = [r for r in rows["test"] if r["answer_type"] == "CLOSED"]
+    assert len(closed_test) >= 100  # enough questions left to measure on
+    # validation follows the training distribution (model selection never sees the shift)
+    assert _closed_prior(rows["train"], rows["validation"]) > 0.6
+
+
+@needs_slake
+def test_cp_split_deterministic_in_seed(real_cp):
+    files = lambda out: {s: (out / f"medical_vqa_{s}.jsonl").read_text() for s in ("train", "validation", "test")}
+    assert files(real_cp["a"][0]) == files(real_cp["b"][0])
+    assert files(real_cp["a"][0])["test"] != files(real_cp["c"][0])["test"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_changing_prior_split_synthetic(seed):
+    """Random texts with a usual answer: the test side's usual answer flips for some texts (whole
+    images move, each with one question per text), the counts are kept, and the kept test
+    questions never carry their text's usual training answer."""
+    rng = random.Random(seed)
+    qas = []
+    for i in range(120):
+        for t in range(4):
+            usual = "yes" if t % 2 else "no"
+            a = usual if rng.random() < 0.8 else ("no" if usual == "yes" else "yes")
+            qas.append(QA(f"img{i}", f"Question {t}?", a))
+    cp = changing_prior_split(qas, 10, 20, seed)
+    assert Counter(cp.split_of.values()) == {"train": 90, "validation": 10, "test": 20}
+    assert cp.texts_movable == 4 and cp.texts_moved >= 2
+    train = [q for q in qas if cp.split_of[q.image] == "train"]
+    test = [q for q in qas if cp.split_of[q.image] == "test"]
+    keep = prior_conflicting(train, test)
+    usual = {t: Counter(q.answer for q in train if text_key(q.question) == t).most_common(1)[0][0]
+             for t in {text_key(q.question) for q in qas}}
+    kept = [q for q, k in zip(test, keep) if k]
+    assert kept and all(q.answer != usual[text_key(q.question)] for q in kept)
+    assert all(q.answer == usual[text_key(q.question)] for q, k in zip(test, keep) if not k)
+
+
+def test_changing_prior_split_refuses_too_few_images():
+    with pytest.raises(ValueError, match="training images"):
+        changing_prior_split([QA("a", "q?", "yes"), QA("b", "q?", "no")], 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["easy-prior", "attribute-prior"])
+def test_cp_split_demo_sets(tmp_path, kind, capsys):
+    out = tmp_path / kind
+    assert convert_slake_dataset.main(["--demo", kind, "--split", "cp", "--out_dir", str(out),
+                                       "--demo_images", "60", "10", "15"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    after = m["split"]["closed_prior_test_after"]
+    assert after < 0.45 and m["split"]["closed_prior_test_before"] > 0.6
+    assert m["baselines_test"]["majority_per_question"]["closed_accuracy"] == pytest.approx(after)
+    assert m["images"] == {"train": 60, "validation": 10, "test": 15}
+
+
+def test_attribute_prior_trap_structure():
+    """Every closed text names an attribute an open question asks about (or a lesion), some are
+    negated, each text has its own usual answer (Yes for some texts, No for others) and the
+    answers follow from the drawing."""
+    rng = random.Random(0)
+    by_text = defaultdict(Counter)
+    for _ in range(600):
+        p = sample_params(rng)
+        for q in verify_questions(p, rng):
+            if q["answer_type"] != "CLOSED":
+                continue
+            by_text[q["question"]][q["answer"]] += 1
+            text = q["question"].lower()
+            negated = " not " in text or text.startswith("is no ")
+            if "lesion" in text and ("side" in text or "large" in text or "small" in text):
+                assert p["lesions"]
+                named = "left" if "left" in text else "right" if "right" in text else \
+                    "large" if "large" in text else "small"
+                truth = (p["side"] if "side" in text else p["size"]).lower()
+                holds = named == truth
+            elif "lesion" in text:
+                holds = p["lesions"] > 0
+            elif any(m.lower() in text for m in ("CT", "MRI", "X-Ray")):
+                holds = p["modality"].lower() in text.split()[-2].lower() or \
+                    f" {p['modality'].lower()}" in text.replace("?", " ")
+            else:
+                holds = REGIONS[p["region"]][1].lower() in text
+            assert (q["answer"] == "Yes") == (holds != negated), q
+    usual = {t: c.most_common(1)[0][0] for t, c in by_text.items()}
+    assert set(usual.values()) == {"Yes", "No"}
+    total = sum(sum(c.values()) for c in by_text.values())
+    share = sum(max(c.values()) for c in by_text.values()) / total
+    assert 0.7 < share < 0.9  # a strong per-text prior, as in easy-prior and real SLAKE (74 %)
+    negated_texts = [t for t in by_text if " not " in t.lower() or t.lower().startswith("is no ")]
+    assert len(negated_texts) >= 8
+    assert len(VERIFY_TEMPLATES) == 5
+
+
+def test_verification_questions_balanced_per_text():
+    per_image = {f"img{i}": [("What modality is used?", ["CT", "MRI", "X-Ray"][i % 3], "OPEN"),
+                             ("Is it normal?", "Yes", "CLOSED"), ("Where is the lesion?", ["Left", "Right"][i % 2], "OPEN")]
+                 for i in range(30)}
+    out = verification_questions(per_image, seed=1)
+    assert set(out) == set(per_image)
+    by_text = defaultdict(Counter)
+    for key, qas in out.items():
+        assert len(qas) == 4  # one Yes and one No per open question, none from the closed one
+        for q, a in qas:
+            by_text[q.rsplit(" Is it ", 1)[0]][a] += 1
+            named = q.rsplit(" Is it ", 1)[1].rstrip("?")
+            truth = dict((oq, oa) for oq, oa, _ in per_image[key])[q.rsplit(" Is it ", 1)[0]]
+            assert (a == "Yes") == (named == truth)
+    for c in by_text.values():
+        assert c["Yes"] == c["No"]  # the text alone predicts nothing
+    assert verification_questions(per_image, seed=1) == out
+
+
+def test_prior_weight_is_one_when_balanced_and_upweights_rare_answers():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10)
+    rows = torch.tensor([0, 2, 4])
+    tokens = torch.tensor([[3, 4], [4, 3], [3, 4]])
+    even = torch.full((3,), 0.5)
+    for w in (0.5, 1.0, 2.0):
+        assert closed_answer_loss(logits, rows, tokens, even, 0.0, 0.0, 1.0, prior_weight=w) == pytest.approx(0.0)
+    prior = torch.tensor([0.8, 0.2, 0.8])
+    ce = torch.nn.functional.cross_entropy(logits[rows], tokens[:, 0], reduction="none")
+    extra = closed_answer_loss(logits, rows, tokens, prior, 0.0, 0.0, 1.0, prior_weight=1.0)
+    want = ((torch.tensor([0.625, 2.5, 0.625]) - 1) * ce).sum()
+    assert extra.item() == pytest.approx(want.item(), rel=1e-5)
