@@ -7,4 +7,9 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(TrainingError):
-    """Ctrl-C: the message says what was kept."""
+    """Ctrl-C or SIGTERM: the message says what was kept; ``signal`` is the signal number that
+    asked to stop (None for a KeyboardInterrupt raised some other way)."""
+
+    def __init__(self, message: str, signal: int | None = None):
+        super().__init__(message)
+        self.signal = signal
