@@ -177,3 +177,24 @@ def test_prior_weight_is_one_when_balanced_and_upweights_rare_answers():
     extra = closed_answer_loss(logits, rows, tokens, prior, 0.0, 0.0, 1.0, prior_weight=1.0)
     want = ((torch.tensor([0.625, 2.5, 0.625]) - 1) * ce).sum()
     assert extra.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode, in_train", [("none", 0), ("stage1", 0), ("both", 1)])
+def test_converter_verification_questions(tmp_path, mode, in_train):
+    out = tmp_path / mode
+    assert convert_slake_dataset.main(["--demo", "easy-prior", "--out_dir", str(out), "--demo_images", "20", "4", "4",
+                                       "--verify_questions", mode]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    pre = read_jsonl(out / "medical_pretrain.jsonl")
+    train = read_jsonl(out / "medical_vqa_train.jsonl", require_vqa=True)  # what stage 2 reads: no DataError
+    verify_pre = [r for r in pre if r.get("source") == "verify"]
+    verify_train = [r for r in train if r.get("source") == "verify"]
+    assert len(verify_pre) == m["pretrain_verify_questions"] == (0 if mode == "none" else len(verify_pre))
+    assert (mode == "none") == (not verify_pre)
+    assert len(verify_train) == in_train * len(verify_pre) == m["train_verify_questions"]
+    answers = Counter(answer_of(r) for r in verify_pre)
+    assert answers["Yes"] == answers["No"]
+    test = read_jsonl(out / "medical_vqa_test.jsonl")
+    assert not any(r.get("source") == "verify" for r in test)  # never in validation or test
+    train_images = {r["image"] for r in train if r.get("source") != "verify"}
+    assert {r["image"] for r in verify_pre} <= train_images
