@@ -280,3 +280,15 @@ def test_the_graphs_step_marks_iterations_and_trains_like_the_plain_one(tokenize
     assert calls == [1, 1]  # one mark per micro-batch, only in graphs mode
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     torch._dynamo.reset()
+
+
+def test_prefetch_auto_is_off_on_the_cpu(demo, tmp_path, capfd):
+    """--prefetch auto (no flag): the feed thread only where the host is otherwise idle (CUDA);
+    on the CPU it would take cores from the step (docs/benchmarks.md)."""
+    assert train_main("sft", _args(demo, tmp_path / "auto")) == 0
+    out = capfd.readouterr()
+    assert "batches built in the loop (--prefetch auto: off on cpu)" in out.err + out.out
+    assert _losses(tmp_path / "auto")  # trained
+    assert parse_train_args("sft", []).prefetch is None
+    assert parse_train_args("sft", ["--prefetch"]).prefetch is True
+    assert parse_train_args("sft", ["--no-prefetch"]).prefetch is False

@@ -68,7 +68,7 @@ class TrainConfig:
     prior_weight: float = 0.0    # Learning III lever c: closed answers weighted by how rarely their text gives them
     dtype: str = "auto"         # auto: bfloat16 on CUDA (float16 if unsupported), float32 on CPU
     compile: str = "auto"       # auto | on | graphs | off (trainer/step.py compile_choice)
-    prefetch: bool = True       # build the next step's batches on a thread while this one runs
+    prefetch: bool | None = None  # next step's batches built on a thread; None (auto): on CUDA only
     save_dtype: str = "float32"  # weights checkpoint precision; the resume state is always float32
     # run
     out_dir: str = "out"
@@ -233,7 +233,8 @@ HELP = {
     "stop_at_step": "stop after this optimizer step without changing the schedule",
     "compile": "torch.compile the training step: on, graphs (also replayed as CUDA graphs, one per batch shape), "
                "off, or auto (on for CUDA runs of 500+ steps; off on the CPU); a bare --compile means on",
-    "prefetch": "build the next step's batches on a worker thread while this step runs",
+    "prefetch": "build the next step's batches on a worker thread while this step runs (default: on with CUDA, "
+                "where the host is otherwise idle; off on the CPU, where the thread takes cores from the step)",
     "train_vision": "none | last:N | all: fine-tune the vision tower's last N (or all) blocks; the feature cache "
                     "then keeps the frozen prefix's output",
     "vision_lr": "peak learning rate of the fine-tuned vision blocks (same schedule as --learning_rate)",
@@ -306,7 +307,7 @@ def parse_train_args(stage: str, argv=None, description: str | None = None) -> T
         default = preset[f.name]
         group = groups[f.name]
         help_text = (HELP.get(f.name, "") + ("" if default is None else f" (default: {default!r})")).strip()
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "bool | None"):
             group.add_argument(f"--{f.name}", default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             typ = RULES.get(f.name) or {"int": int, "float": float, "str": str}[

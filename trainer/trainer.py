@@ -369,7 +369,10 @@ def _train(cfg: TrainConfig) -> dict:
     runner = StepRunner(ddp, cfg, device, total_steps, epoch0, val.samples if val is not None else None,
                         out_dir / "compile_cache")
     plan.shapes = runner.shapes
-    feed = BatchFeed(plan, overlap=cfg.prefetch)
+    overlap = cfg.prefetch if cfg.prefetch is not None else device.type == "cuda"
+    log.info("batch feed: %s", ("next batches built on a worker thread" if overlap else "batches built in the loop")
+             + ("" if cfg.prefetch is not None else f" (--prefetch auto: {'on' if overlap else 'off'} on {device.type})"))
+    feed = BatchFeed(plan, overlap=overlap)
 
     wandb_run = None
     if cfg.use_wandb and dist.is_main:
