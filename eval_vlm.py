@@ -9,7 +9,6 @@ Writes out/eval/<checkpoint name>/metrics.json and predictions.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys

@@ -7,7 +7,6 @@ Research use only, not for diagnosis.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path

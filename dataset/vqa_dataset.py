@@ -218,19 +218,6 @@ def annotate_look(data: VQADataset, classes: list[str], targets: torch.Tensor, k
     return marked
 
 
-def look_at_image(data: VQADataset, patches: int) -> int:
-    """Gives every single-image closed question a uniform look target over its image's
-    ``patches`` (annotate_look, run after this, replaces it where the question names a box).
-    Returns how many questions got one."""
-    uniform = torch.full((patches,), 1.0 / patches)
-    marked = 0
-    for s in data.samples:
-        if len(s.images) == 1 and s.record.get("answer_type") == "CLOSED":
-            s.look = uniform
-            marked += 1
-    return marked
-
-
 def closed_text_prior(samples: list[Sample]) -> tuple[int, float | None]:
     """(closed samples, the share of them whose answer is the commonest answer of their
     question text). 0.5 for yes/no texts answered both ways equally often: the image must

@@ -1,6 +1,5 @@
 """Making yes/no answers depend on the image where the data has no boxes: the changing-prior
-re-split (--split cp), the attribute-prior trap, stage-1 verification questions, prior
-weighting and the whole-image look target."""
+re-split (--split cp), the attribute-prior trap and the verification questions."""
 from __future__ import annotations
 
 import json
@@ -8,16 +7,14 @@ import random
 from collections import Counter, defaultdict
 
 import pytest
-import torch
 
 import convert_slake_dataset
 from dataset.contract import answer_of, question_of, read_jsonl
-from dataset.demo import VERIFY_TEMPLATES, draw, sample_params, verify_questions, REGIONS
+from dataset.demo import REGIONS, VERIFY_TEMPLATES, sample_params, verify_questions
 from dataset.resplit import QA, changing_prior_split, prior_conflicting, text_key
 from dataset.slake import convert, read_release, verification_questions
 from evaluation.metrics import baselines
 from tests.test_convert import needs_slake, release_copy
-from trainer.losses import closed_answer_loss
 
 
 def _closed_prior(rows_train, rows_test) -> float:
@@ -162,21 +159,6 @@ def test_verification_questions_balanced_per_text():
     for c in by_text.values():
         assert c["Yes"] == c["No"]  # the text alone predicts nothing
     assert verification_questions(per_image, seed=1) == out
-
-
-def test_prior_weight_is_one_when_balanced_and_upweights_rare_answers():
-    torch.manual_seed(0)
-    logits = torch.randn(6, 10)
-    rows = torch.tensor([0, 2, 4])
-    tokens = torch.tensor([[3, 4], [4, 3], [3, 4]])
-    even = torch.full((3,), 0.5)
-    for w in (0.5, 1.0, 2.0):
-        assert closed_answer_loss(logits, rows, tokens, even, 0.0, 0.0, 1.0, prior_weight=w) == pytest.approx(0.0)
-    prior = torch.tensor([0.8, 0.2, 0.8])
-    ce = torch.nn.functional.cross_entropy(logits[rows], tokens[:, 0], reduction="none")
-    extra = closed_answer_loss(logits, rows, tokens, prior, 0.0, 0.0, 1.0, prior_weight=1.0)
-    want = ((torch.tensor([0.625, 2.5, 0.625]) - 1) * ce).sum()
-    assert extra.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode, in_train", [("none", 0), ("stage1", 0), ("both", 1)])

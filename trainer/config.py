@@ -64,8 +64,6 @@ class TrainConfig:
     # weight of the attention-grounding loss, on whenever the data has boxes: at the guide's 4 + 4 epochs
     # it took the hard demo set's closed questions from the prior to +26.5 / +26.9 (seeds 42 / 1; docs/learning.md)
     look_loss: float = 1.0
-    look_fallback: str = "none"  # Learning III lever f: closed questions naming no box look at the whole image
-    prior_weight: float = 0.0    # Learning III lever c: closed answers weighted by how rarely their text gives them
     dtype: str = "auto"         # auto: bfloat16 on CUDA (float16 if unsupported), float32 on CPU
     compile: str = "auto"       # auto | on | graphs | off (trainer/step.py compile_choice)
     prefetch: bool | None = None  # next step's batches built on a thread; None (auto): on CUDA only
@@ -192,8 +190,7 @@ GROUPS = {
                      "projector_lr_scale"],
     "learning-rate schedule": ["lr_schedule", "warmup_ratio", "min_lr_ratio", "decay_ratio"],
     "grounding and closed-question losses (Learning II; 0 = off)": ["debias", "debias_until", "rank_weight",
-                                                                         "rank_margin", "patch_loss", "look_loss", "look_fallback",
-                                                                         "prior_weight"],
+                                                                         "rank_margin", "patch_loss", "look_loss"],
     "hardware": ["device", "dtype", "compile", "prefetch", "num_workers"],
     "saving and logging": ["out_dir", "save_interval", "save_dtype", "resume", "stop_at_step", "seed", "log_interval",
                            "use_wandb", "wandb_project"],
@@ -262,18 +259,13 @@ HELP = {
     "look_loss": "weight of an attention-grounding loss: for questions naming organs/findings boxed in their image, "
                  "one attention head at the answer is trained to look at those patches (uses medical_boxes.json "
                  "when the data has one; 0 = off)",
-    "look_fallback": "none | image: closed questions that name no boxed organ (all of them without boxes) train "
-                     "the look head toward the whole image",
-    "prior_weight": "closed answers weighted by (0.5 / their text's prior)^w, capped at 4: the usual answer of a "
-                    "text counts less, the rare one more (0 = off; 1 = as if every text were balanced)",
     "save_dtype": "precision of the weights checkpoint (bfloat16/float16 halve its size; resume state stays float32)",
 }
 
 
 CHOICES = {"freeze_llm": ["all", "except_last", "none", "auto"], "projector": list(PROJECTORS),
            "dtype": ["auto", "bfloat16", "float16", "float32"], "save_dtype": ["float32", "bfloat16", "float16"],
-           "lr_schedule": ["auto", "cosine", "wsd", "constant"],
-           "look_fallback": ["none", "image"], "compile": ["auto", "on", "graphs", "off"]}
+           "lr_schedule": ["auto", "cosine", "wsd", "constant"], "compile": ["auto", "on", "graphs", "off"]}
 BARE = {"compile": "on"}  # a flag given without a value (the old boolean --compile)
 
 # Allowed range of every numeric flag (argparse ``type=`` and TrainConfig.__post_init__).
@@ -290,7 +282,6 @@ RULES = {
     "projector_lr_scale": flags.positive_float, "debias": flags.non_negative_float, "debias_until": flags.fraction,
     "rank_weight": flags.non_negative_float, "rank_margin": flags.non_negative_float,
     "patch_loss": flags.non_negative_float, "look_loss": flags.non_negative_float,
-    "prior_weight": flags.non_negative_float,
 }
 
 

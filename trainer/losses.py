@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 
 def closed_answer_loss(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, prior: torch.Tensor,
-                       debias: float, rank_weight: float, rank_margin: float,
-                       prior_weight: float = 0.0) -> torch.Tensor:
+                       debias: float, rank_weight: float, rank_margin: float) -> torch.Tensor:
     """Sum over the closed samples of the batch, to add to the batch's summed token loss.
     ``logits`` [n_targets, vocab]; ``rows`` [N] index the first answer token of each closed
     sample; ``tokens`` [N, 2] (answer, alternative); ``prior`` [N] the text prior of the answer."""
@@ -38,10 +37,6 @@ def closed_answer_loss(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.T
         bias = debias * torch.stack([torch.log(2 * p), torch.log(2 * (1 - p))], dim=1)
         biased = sel.scatter_add(1, tokens, bias)
         extra = extra + F.cross_entropy(biased, right, reduction="sum") - F.cross_entropy(sel, right, reduction="sum")
-    if prior_weight:
-        # the plain loss already counts each answer once: add (w - 1) times it, w = (0.5 / prior)^prior_weight
-        w = (0.5 / prior.clamp(1e-4, 1.0)).pow(prior_weight).clamp(max=4.0)
-        extra = extra + ((w - 1.0) * F.cross_entropy(sel, right, reduction="none")).sum()
     if rank_weight:
         gap = sel.gather(1, tokens[:, :1]) - sel.gather(1, tokens[:, 1:])
         extra = extra + rank_weight * F.relu(rank_margin - gap).sum()

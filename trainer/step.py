@@ -249,7 +249,7 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
                     loss_sum = loss_sum + closed_answer_loss(out[3], b["closed_rows"], b["closed_tokens"],
                                                              b["closed_prior"],
                                                              cfg.debias if debias is None else debias, cfg.rank_weight,
-                                                             cfg.rank_margin, cfg.prior_weight)
+                                                             cfg.rank_margin)
                 if "look_pos" in b:
                     look = model.llm.layers[-1].self_attn
                     q, k = look.kept_qk

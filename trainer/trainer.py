@@ -20,7 +20,7 @@ import torch
 
 from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, patch_targets, read_boxes_file
 from dataset.contract import image_file, images_of, read_jsonl
-from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_closed, annotate_look, balance_closed, look_at_image,
+from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_closed, annotate_look, balance_closed,
                                  closed_text_prior)
 from model.atomic import remove_stale_temps
 from model.checkpoint import (CheckpointError, build_config, checkpoint_path, load_weights, locate_checkpoint,
@@ -223,7 +223,7 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
         added = balance_closed(data, cfg.seed)
         log.info("--balance_closed: %d repeated closed question(s) balance the answers of every closed question text "
                  "(now %.1f%%)", added, 100 * (closed_text_prior(data.samples)[1] or 0))
-    if cfg.debias or cfg.rank_weight or cfg.prior_weight:
+    if cfg.debias or cfg.rank_weight:
         marked = annotate_closed(data, encoder, cfg.max_seq_len)
         log.info("closed-answer losses (--debias %g, --rank_weight %g) on %d closed training question(s)",
                  cfg.debias, cfg.rank_weight, marked)
@@ -252,10 +252,6 @@ def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) 
     --look_loss targets are attached to the samples here too."""
     if model.patch_head is None and not cfg.look_loss:
         return None
-    if cfg.look_loss and cfg.look_fallback == "image" and grid_side(model.config.image_tokens) is not None:
-        n = look_at_image(data, model.config.image_tokens)
-        log.info("--look_fallback image: %d closed training question(s) are trained to look at the whole image "
-                 "(those naming a boxed organ look at its box instead)", n)
     if model.patch_head is None and grid_side(model.config.image_tokens) is None:
         log.info("--look_loss: the tower's %d image tokens are not a square grid; the loss is off",
                  model.config.image_tokens)
