@@ -30,10 +30,6 @@ class Sample:
     # shared-prefix packing (PackedQuestions): 0 = the shared image prefix, j >= 1 = question j
     segments: list[int] | None = None
     positions: list[int] | None = None
-    # closed training questions (annotate_closed): the first token of the answer and of the
-    # alternative answer, and the share of this answer among the text's training answers
-    closed_pair: tuple[int, int] | None = None
-    closed_prior: float | None = None
     # --look_loss (annotate_look): where in its image the question should look, a distribution over patches;
     # a packed sequence carries one per question: (position of its first answer token, target)
     look: torch.Tensor | None = None
@@ -133,73 +129,6 @@ def _first_answer_token(input_ids: list[int], labels: list[int]) -> tuple[int, i
     return None
 
 
-def annotate_closed(data: VQADataset, encoder: ChatEncoder, max_seq_len: int) -> int:
-    """Marks every closed training question with its answer's first token, the first token of
-    the alternative answer (the commonest other answer of the same question text, else the
-    commonest other closed answer of the set: "No" for "Yes") and the question-text prior of its
-    answer, two-way and add-one smoothed: (n_answer + 1) / (n_answer + n_alternative + 2). The
-    closed-answer losses (trainer/losses.py) read these. Returns how many were marked."""
-    from dataset.contract import answer_of
-    groups = _closed_groups(data.samples)
-    totals: dict[str, int] = defaultdict(int)
-    shown: dict[str, str] = {}
-    for by_answer in groups.values():
-        for answer, members in by_answer.items():
-            totals[answer] += len(members)
-            shown.setdefault(answer, answer_of(members[0].record))
-    pool = sorted(totals, key=lambda a: (-totals[a], a))
-    marked = 0
-    for text in sorted(groups):
-        by_answer = groups[text]
-        for answer, members in by_answer.items():
-            others = sorted((b for b in by_answer if b != answer), key=lambda b: (-len(by_answer[b]), b)) \
-                or [b for b in pool if b != answer][:1]
-            if not others:
-                continue
-            alt = others[0]
-            n_alt = len(by_answer.get(alt, ()))
-            prior = (len(members) + 1) / (len(members) + n_alt + 2)
-            for s in members:
-                conv = s.record["conversations"]
-                mine = _first_answer_token(s.input_ids, s.labels)
-                try:
-                    enc = encoder.encode([*conv[:-1], {**conv[-1], "content": shown[alt]}], max_seq_len)
-                except ValueError:
-                    continue
-                theirs = _first_answer_token(enc.input_ids, enc.labels)
-                if mine is None or theirs is None or mine[0] != theirs[0] or mine[1] == theirs[1]:
-                    continue  # the two answers do not differ in their first token at the same place
-                s.closed_pair, s.closed_prior = (mine[1], theirs[1]), prior
-                marked += 1
-    return marked
-
-
-def paired_permutation(samples: list[Sample], seed: int, epoch: int) -> torch.Tensor:
-    """An epoch order in which every closed question text with two answers comes in pairs, one
-    sample of each answer (two images, same text) side by side, so with an even batch size both
-    land in one batch: the text alone cannot lower the loss of the pair, only the images can.
-    Everything else is paired at random; units are shuffled; only a last odd sample is single.
-    Depends only on (seed, epoch), like the plain permutation."""
-    rng = random.Random(seed * 1000 + epoch)
-    units: list[tuple[int, ...]] = []
-    for text, by_answer in sorted(_closed_index_groups(samples).items()):
-        pools = {a: list(members) for a, members in sorted(by_answer.items())}
-        for members in pools.values():
-            rng.shuffle(members)
-        while True:
-            live = sorted((a for a in pools if pools[a]), key=lambda a: (-len(pools[a]), a))
-            if len(live) < 2:
-                break
-            units.append((pools[live[0]].pop(), pools[live[1]].pop()))
-    paired = {i for u in units for i in u}
-    rest = [i for i in range(len(samples)) if i not in paired]
-    rng.shuffle(rest)
-    units += [tuple(rest[j:j + 2]) for j in range(0, len(rest) - 1, 2)]
-    rng.shuffle(units)
-    order = [i for u in units for i in u] + (rest[-1:] if len(rest) % 2 else [])
-    return torch.tensor(order, dtype=torch.long)
-
-
 def annotate_look(data: VQADataset, classes: list[str], targets: torch.Tensor, known: torch.Tensor) -> int:
     """Gives every single-image question that names box names of its image a target over the
     image's patches (``dataset.boxes.look_mask``, as a distribution). ``targets`` [n_images,
@@ -228,26 +157,6 @@ def closed_text_prior(samples: list[Sample]) -> tuple[int, float | None]:
     if not n:
         return 0, None
     return n, sum(max(len(v) for v in by_answer.values()) for by_answer in groups.values()) / n
-
-
-def balance_closed(data: VQADataset, seed: int) -> int:
-    """Repeats samples of the rarer answers of each closed question text (drawn with a fixed
-    seed) until every answer of that text is as frequent as the commonest: the question
-    text alone then predicts nothing, and the loss rewards looking at the image. Texts with
-    a single answer are left alone. Returns how many samples were added."""
-    rng = random.Random(seed)
-    groups = _closed_groups(data.samples)
-    added = []
-    for text in sorted(groups):
-        by_answer = groups[text]
-        if len(by_answer) < 2:
-            continue
-        most = max(len(v) for v in by_answer.values())
-        for answer in sorted(by_answer):
-            pool = by_answer[answer]
-            added += [rng.choice(pool) for _ in range(most - len(pool))]
-    data.samples.extend(added)
-    return len(added)
 
 
 class PackedQuestions:
@@ -391,8 +300,6 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
         # the prompt tokens before the first answer token (model.vlm.question_mask): what a film
         # projector reads the question from
         batch["question"] = (ids != image_id) & (ids != pad_id) & ((labels != IGNORE_INDEX).cumsum(1) == 0)
-    per_row = (nxt != IGNORE_INDEX).sum(1)
-    first = per_row.cumsum(0) - per_row  # where each row's first answer token sits in the target list
     looking = [(i, pos, target) for i, s in enumerate(samples) for pos, target in s.look_entries()]
     # a fixed step shape pads the list with weight-0 slots: position 0 looking at the batch's first image
     extra = max(0, shapes.looks - len(looking)) if shapes is not None and images.numel() else 0
@@ -404,11 +311,6 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
         batch["look_target"] = torch.stack([t for _, _, t in looking]
                                            + ([torch.zeros(shapes.look_patches)] * extra if extra else []))
         batch["look_weight"] = torch.tensor([1.0] * len(looking) + [0.0] * extra)
-    closed = [i for i, s in enumerate(samples) if s.closed_pair is not None]
-    if closed:
-        batch["closed_rows"] = first[closed]
-        batch["closed_tokens"] = torch.tensor([samples[i].closed_pair for i in closed], dtype=torch.long)
-        batch["closed_prior"] = torch.tensor([samples[i].closed_prior for i in closed], dtype=torch.float32)
     if any(s.segments is not None for s in samples):
         # Shared-prefix packed rows: a question sees the image prefix and itself, never the
         # other questions. Unpacked rows are one segment (plain causal); padding is its own.

@@ -3,8 +3,8 @@
 #   bash scripts/sweep_hard.sh                    # the default list below
 #   bash scripts/sweep_hard.sh guide demo32 ...   # chosen variants
 #   JOBS=2 bash scripts/sweep_hard.sh ...         # two variants at a time, one thread each
-#   DATA=dataset/demo_prior TAG=prior bash scripts/sweep_hard.sh guide guide_debias   # another converted set
-#     (e.g. convert_slake_dataset.py --demo easy-prior --out_dir dataset/demo_prior); results in out/sweep_hard_TAG/
+#   DATA=dataset/demo_easy-prior_vb TAG=prior bash scripts/sweep_hard.sh guide guide_seed1   # another converted set
+#     (e.g. convert_slake_dataset.py --demo easy-prior --out_dir dataset/demo_easy-prior_vb); results in out/sweep_hard_TAG/
 # Each variant runs stage 1, stage 2 and the evaluation from scratch (or from the stand-in MiniMind2
 # weights of scripts/make_standin_llm.py for the llm_* variants) and prints one line; results are
 # appended to out/sweep_hard/results.txt, runs are in out/sweep_hard/<name>/.
@@ -53,21 +53,6 @@ declare -A V=(
   [guide_seed1]="scratch | --seed 1 | --seed 1"
   [guide_seed2]="scratch | --seed 2 | --seed 2"
   [guide_patch]="scratch | --patch_loss 1 | --patch_loss 1"         # lever h (boxes from the generator)
-  [guide_rank]="scratch | | --rank_weight 1"                        # lever c
-  [guide_pair]="scratch | | --pair_closed"                          # lever b
-  [guide_pair_rank]="scratch | | --pair_closed --rank_weight 1"
-  [guide_projlr10]="scratch | --projector_lr_scale 10 | --projector_lr_scale 10"   # lever d
-  [guide_debias]="scratch | | --debias 1"                           # lever a
-  [guide_debias0.5]="scratch | | --debias 0.5"
-  [guide_debias0.3]="scratch | | --debias 0.3"
-  [guide_debias_half]="scratch | | --debias 1 --debias_until 0.5"
-  [guide_debias_3q]="scratch | | --debias 1 --debias_until 0.75"
-  [guide_debias_pair]="scratch | | --debias 1 --pair_closed"
-  [guide_debias_seed1]="scratch | --seed 1 | --debias 1 --seed 1"
-  [guide_debias_seed2]="scratch | --seed 2 | --debias 1 --seed 2"
-  [guide_pair_seed1]="scratch | --seed 1 | --pair_closed --seed 1"
-  [guide_pair_seed2]="scratch | --seed 2 | --pair_closed --seed 2"
-  [guide_film_debias_half]="scratch | --projector film | --projector film --debias 1 --debias_until 0.5"
   [guide_look]="scratch | --look_loss 0 | --look_loss 1"            # attention grounding on the boxes, stage 2 only
   [guide_nolook]="scratch | --look_loss 0 | --look_loss 0"          # the defaults before Learning II
   [guide_nolook_seed1]="scratch | --look_loss 0 --seed 1 | --look_loss 0 --seed 1"
@@ -83,7 +68,6 @@ declare -A V=(
   [guide_look_both]="scratch | --look_loss 1 | --look_loss 1"
   [guide_look_both_seed1]="scratch | --look_loss 1 --seed 1 | --look_loss 1 --seed 1"
   [guide_look_both_seed2]="scratch | --look_loss 1 --seed 2 | --look_loss 1 --seed 2"
-  [guide_film_pair]="scratch | --projector film | --projector film --pair_closed"
   [guide_film_patch]="scratch | --projector film --patch_loss 1 | --projector film --patch_loss 1"
   [llm_guide]="llm | | "
   [llm_lr1e-3]="llm | | --learning_rate 1e-3"

@@ -140,24 +140,6 @@ def test_api_constrains_like_eval(tokenizer, tiny_tower, tmp_path):
     assert vqa.answer(img, "How many nodules are in the image?") in train_answers
 
 
-def test_balance_closed_equalises_answers_per_question_text(tokenizer, tmp_path):
-    from dataset.vqa_dataset import VQADataset, balance_closed
-    from tests.helpers import random_image
-    (tmp_path / "img").mkdir()
-    random_image(0).save(tmp_path / "img" / "a.png")
-    rows = [("Is there a cyst?", "Yes", "CLOSED")] * 5 + [("Is there a cyst?", "No", "CLOSED")] * 2 + \
-           [("Is this a CT?", "Yes", "CLOSED")] * 3 + [("How many cysts?", "2", "OPEN")] * 4
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({
-        "conversations": [{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}],
-        "image": "a.png", "answer_type": t}) + "\n" for q, a, t in rows))
-    data = VQADataset(tmp_path / "d.jsonl", tmp_path / "img", ChatEncoder(tokenizer, 196), 512)
-    assert balance_closed(data, seed=0) == 3
-    counts = Counter((s.record["conversations"][0]["content"], s.record["conversations"][1]["content"])
-                     for s in data.samples)
-    assert counts[("<image>\nIs there a cyst?", "Yes")] == counts[("<image>\nIs there a cyst?", "No")] == 5
-    assert counts[("<image>\nIs this a CT?", "Yes")] == 3 and counts[("<image>\nHow many cysts?", "2")] == 4
-
-
 @pytest.mark.parametrize("rows, expected", [
     ([("Is there a cyst?", "Yes")] * 5 + [("Is there a cyst?", "No")] * 2 + [("Is this a CT?", "yes")] * 3,
      (10, 0.8)),  # (5 + 3) / 10; answers compare normalised

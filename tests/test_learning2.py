@@ -1,6 +1,6 @@
 """Learning II (issue #22): the levers that make closed questions use the image, each tested
-on its mechanism: debiased and ranking losses, paired batches, the film projector, boxes and
-the patch loss."""
+on its mechanism: the film projector, boxes and the patch loss (the debiased and ranking
+losses and paired batches lost their measurements and were removed; docs/learning.md)."""
 from __future__ import annotations
 
 import io
@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from dataset.boxes import BoxError, parse_detection, patch_targets
-from dataset.vqa_dataset import VQADataset, annotate_closed, collate, paired_permutation, _closed_key
-from model.flags import FlagError
+from dataset.vqa_dataset import VQADataset, collate
+
 from model.tokenization import IGNORE_INDEX, ChatEncoder
 from model.vlm import question_mask
 from tests.helpers import make_tiny_model, random_image
-from trainer.config import TrainConfig, parse_train_args
-from trainer.losses import closed_answer_loss, patch_loss
+from trainer.config import parse_train_args
+from trainer.losses import patch_loss
 
 
 def _write(tmp_path, rows, name="d.jsonl"):
@@ -35,96 +35,9 @@ ROWS = [("Is there a cyst?", "Yes", "CLOSED")] * 6 + [("Is there a cyst?", "No",
        [("Is this a CT?", "Yes", "CLOSED")] * 3 + [("How many cysts?", "2", "OPEN")] * 5
 
 
-# ------------------------------------------------------------------ closed-answer losses
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_debiased_loss_equals_plain_loss_when_the_prior_is_even(seed):
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(7, 50, generator=g)
-    rows = torch.tensor([0, 3, 5])
-    tokens = torch.tensor([[4, 9], [9, 4], [11, 2]])
-    even = closed_answer_loss(logits, rows, tokens, torch.full((3,), 0.5), debias=1.0, rank_weight=0, rank_margin=1)
-    assert abs(float(even)) < 1e-5
-    # a prior that already favours the right answer lowers the loss (less to learn); one against it raises it
-    favoured = closed_answer_loss(logits, rows, tokens, torch.full((3,), 0.9), 1.0, 0, 1)
-    against = closed_answer_loss(logits, rows, tokens, torch.full((3,), 0.1), 1.0, 0, 1)
-    assert float(favoured) < 0 < float(against)
-    # exactly the product of experts: softmax(logits + log 2p) on the two answers
-    p = torch.tensor([0.9, 0.9, 0.9])
-    sel = logits[rows].clone()
-    sel[torch.arange(3), tokens[:, 0]] += torch.log(2 * p)
-    sel[torch.arange(3), tokens[:, 1]] += torch.log(2 * (1 - p))
-    want = torch.nn.functional.cross_entropy(sel, tokens[:, 0], reduction="sum") - \
-        torch.nn.functional.cross_entropy(logits[rows], tokens[:, 0], reduction="sum")
-    assert torch.allclose(favoured, want, atol=1e-5)
-
-
-@pytest.mark.parametrize("gap, margin, expected", [(3.0, 1.0, 0.0), (1.0, 1.0, 0.0), (0.25, 1.0, 0.75),
-                                                    (-2.0, 1.0, 3.0), (0.5, 0.0, 0.0)])
-def test_ranking_loss_is_zero_once_the_margin_is_met(gap, margin, expected):
-    logits = torch.zeros(2, 10)
-    logits[1, 3], logits[1, 7] = gap, 0.0
-    loss = closed_answer_loss(logits, torch.tensor([1]), torch.tensor([[3, 7]]), torch.tensor([0.5]),
-                              debias=0.0, rank_weight=2.0, rank_margin=margin)
-    assert float(loss) == pytest.approx(2.0 * expected)
-
-
-def test_annotate_closed_marks_answer_alternative_and_prior(tokenizer, tmp_path):
-    enc = ChatEncoder(tokenizer, 196)
-    data = VQADataset(_write(tmp_path, ROWS), tmp_path / "img", enc, 512)
-    assert annotate_closed(data, enc, 512) == 11
-    yes = tokenizer.encode("Yes", add_special_tokens=False)[0]
-    no = tokenizer.encode("No", add_special_tokens=False)[0]
-    by = Counter()
-    for s in data.samples:
-        q, a = s.record["conversations"][0]["content"], s.record["conversations"][1]["content"]
-        if s.record["answer_type"] == "OPEN":
-            assert s.closed_pair is None
-            continue
-        by[(q, a, s.closed_pair, round(s.closed_prior, 4))] += 1
-    assert by == {("<image>\nIs there a cyst?", "Yes", (yes, no), round(7 / 10, 4)): 6,
-                  ("<image>\nIs there a cyst?", "No", (no, yes), round(3 / 10, 4)): 2,
-                  # a text with one answer only: the set's other closed answer, prior (3+1)/(3+0+2)
-                  ("<image>\nIs this a CT?", "Yes", (yes, no), round(4 / 5, 4)): 3}
-    batch = collate(data.samples[5:9], 0, None)  # rows 5..8: two closed Yes, two closed No... in file order
-    first = [int((batch["labels"][i] != IGNORE_INDEX).nonzero()[0]) - 1 for i in range(4)]
-    flat = [i * batch["input_ids"].shape[1] + p for i, p in enumerate(first)]
-    assert batch["target_pos"][batch["closed_rows"]].tolist() == flat
-    assert batch["targets"][batch["closed_rows"]].tolist() == batch["closed_tokens"][:, 0].tolist()
-
-
-# ------------------------------------------------------------------ paired batches
-
-@pytest.mark.parametrize("seed, epoch", [(0, 0), (1, 3), (42, 7)])
-def test_paired_batches_hold_both_answers_of_each_closed_text(tokenizer, tmp_path, seed, epoch):
-    rows = ([("Is there a cyst?", "Yes", "CLOSED")] * 7 + [("Is there a cyst?", "No", "CLOSED")] * 4 +
-            [("Is there a nodule?", "No", "CLOSED")] * 3 + [("Is there a nodule?", "Yes", "CLOSED")] * 3 +
-            [("Is this a CT?", "Yes", "CLOSED")] * 2 + [("How many cysts?", "2", "OPEN")] * 6)
-    data = VQADataset(_write(tmp_path, rows), tmp_path / "img", ChatEncoder(tokenizer, 196), 512)
-    order = paired_permutation(data.samples, seed, epoch).tolist()
-    assert sorted(order) == list(range(len(rows)))  # a permutation
-    assert order == paired_permutation(data.samples, seed, epoch).tolist()  # reproducible
-    pairs = [(order[i], order[i + 1]) for i in range(0, len(order) - 1, 2)]
-    both = Counter()
-    for a, b in pairs:
-        ka, kb = _closed_key(data.samples[a]), _closed_key(data.samples[b])
-        if ka and kb and ka[0] == kb[0] and ka[1] != kb[1]:
-            both[ka[0]] += 1
-    # every sample of the rarer answer is paired with one of the other answer
-    assert both == {"is there cyst": 4, "is there nodule": 3}
-    for bs in (2, 4, 6):  # an even batch size never splits a pair
-        assert all(i // bs == (i + 1) // bs for i in range(0, len(order) - 1, 2))
-
-
 @pytest.mark.parametrize("argv, message", [
-    (["--pair_closed", "--batch_size", "5"], "even --batch_size"),
-    (["--pair_closed", "--pack_questions", "4"], "--pack_questions 1"),
-    (["--debias", "1", "--pack_questions", "2"], "--pack_questions 1"),
-    (["--rank_weight", "1", "--pack_questions", "2"], "--pack_questions 1"),
     (["--projector", "film", "--pack_questions", "8"], "--pack_questions 1"),
-    (["--debias", "-1"], "--debias"),
     (["--patch_loss", "nan"], "--patch_loss"),
-    (["--projector_lr_scale", "0"], "--projector_lr_scale"),
 ])
 def test_lever_flags_are_validated(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -19,8 +19,18 @@ log = logging.getLogger("train")
 # fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
-               "balance_closed", "train_vision", "vision_lr", "pair_closed", "projector_lr_scale", "debias",
-               "rank_weight", "rank_margin", "patch_loss", "debias_until", "look_loss")
+               "train_vision", "vision_lr", "patch_loss", "look_loss")
+# Flags that lost their measurements and were removed (docs/learning.md has the numbers), with the
+# value that meant "off": a resume state or checkpoint that recorded another value trained with them.
+REMOVED_FLAGS = {"balance_closed": False, "pair_closed": False, "projector_lr_scale": 1.0, "debias": 0.0,
+                 "debias_until": 1.0, "rank_weight": 0.0, "rank_margin": 1.0, "prior_weight": 0.0,
+                 "look_fallback": "none"}
+REMOVED_AT = "ab73515"  # the last commit that had them
+
+
+def removed_flags_used(train_config: dict) -> dict:
+    """The removed flags a stored run configuration set to something other than off."""
+    return {k: v for k, v in train_config.items() if k in REMOVED_FLAGS and v != REMOVED_FLAGS[k]}
 
 
 def data_source(cfg: TrainConfig) -> str:
@@ -111,6 +121,12 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
         raise TrainingError(f"--resume: {resume_path} is not a resume state (it lacks {lacking or ['train_config']}; "
                             "a weights checkpoint is continued with --from_weight instead); run without --resume "
                             "to start fresh")
+    used = removed_flags_used(state["train_config"])
+    if used:
+        raise TrainingError(f"--resume: {resume_path} was trained with flags this toolkit no longer has "
+                            f"({', '.join(f'--{k} {v}' for k, v in used.items())}; they lost their measurements, "
+                            f"docs/learning.md); continue it with the toolkit at commit {REMOVED_AT}, or start fresh "
+                            "without --resume")
     mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
                 if state["train_config"].get(k) != getattr(cfg, k)}
     if state.get("world") != dist.world:

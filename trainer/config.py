@@ -26,8 +26,6 @@ class TrainConfig:
     feature_cache_gb: float = 4.0
     max_seq_len: int = 512
     pack_questions: int = 1     # >1: up to this many questions share one image prefix per sequence
-    balance_closed: bool = False  # resample so each closed question text is answered yes and no equally often
-    pair_closed: bool = False   # batches hold each closed question text with images of both answers
     boxes_path: str = "auto"    # organ/finding boxes (dataset/boxes.py); auto: medical_boxes.json beside --data_path
     # model
     hidden_size: int = 768
@@ -54,12 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
-    projector_lr_scale: float = 1.0  # the projector's learning rate, as a multiple of --learning_rate
     # Learning II levers (trainer/losses.py); 0 = off
-    debias: float = 0.0         # product of experts with the question-text prior on closed answers
-    debias_until: float = 1.0   # ... during this first fraction of the steps (then the plain loss)
-    rank_weight: float = 0.0    # hinge on the right-vs-wrong closed answer margin
-    rank_margin: float = 1.0
     patch_loss: float = 0.0     # weight of the per-patch organ/finding loss (needs boxes)
     # weight of the attention-grounding loss, on whenever the data has boxes: at the guide's 4 + 4 epochs
     # it took the hard demo set's closed questions from the prior to +26.5 / +26.9 (seeds 42 / 1; docs/learning.md)
@@ -102,13 +95,6 @@ class TrainConfig:
                 "e.g. 512/8 or 768/8")
         if self.train_vision not in ("none", "all") and not re.fullmatch(r"last:[1-9]\d*", self.train_vision):
             raise flags.FlagError(f"--train_vision must be none, all or last:N (N >= 1), got {self.train_vision!r}")
-        for name in ("pair_closed", "debias", "rank_weight"):
-            if getattr(self, name) and self.pack_questions > 1:
-                raise flags.FlagError(f"--{name} works on single questions: use --pack_questions 1 "
-                                      f"(got {self.pack_questions})")
-        if self.pair_closed and self.batch_size % 2:
-            raise flags.FlagError(f"--pair_closed puts two questions side by side in a batch: use an even "
-                                  f"--batch_size (got {self.batch_size})")
         if self.projector == "film" and self.pack_questions > 1:
             raise flags.FlagError(f"--projector film reads each image for its own question, so questions cannot share "
                                   f"image tokens: use --pack_questions 1 (got {self.pack_questions}) or --projector mlp")
@@ -183,14 +169,12 @@ REMOTE_FLAGS = ("vision_model", "from_weight", "tokenizer_path")  # may also be 
 # --help groups, in order; every flag is in exactly one (a test checks it)
 GROUPS = {
     "data": ["data_path", "val_path", "images_path", "cache_dir", "feature_cache_gb", "max_seq_len", "pack_questions",
-             "balance_closed", "pair_closed", "boxes_path"],
+             "boxes_path"],
     "model": ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe", "projector",
               "vision_model", "tokenizer_path", "from_weight", "from_llm", "freeze_llm", "train_vision", "vision_lr"],
-    "optimisation": ["epochs", "batch_size", "accumulation_steps", "learning_rate", "weight_decay", "grad_clip",
-                     "projector_lr_scale"],
+    "optimisation": ["epochs", "batch_size", "accumulation_steps", "learning_rate", "weight_decay", "grad_clip"],
     "learning-rate schedule": ["lr_schedule", "warmup_ratio", "min_lr_ratio", "decay_ratio"],
-    "grounding and closed-question losses (Learning II; 0 = off)": ["debias", "debias_until", "rank_weight",
-                                                                         "rank_margin", "patch_loss", "look_loss"],
+    "grounding (where the answer looks; 0 = off)": ["patch_loss", "look_loss"],
     "hardware": ["device", "dtype", "compile", "prefetch", "num_workers"],
     "saving and logging": ["out_dir", "save_interval", "save_dtype", "resume", "stop_at_step", "seed", "log_interval",
                            "use_wandb", "wandb_project"],
@@ -235,8 +219,6 @@ HELP = {
     "train_vision": "none | last:N | all: fine-tune the vision tower's last N (or all) blocks; the feature cache "
                     "then keeps the frozen prefix's output",
     "vision_lr": "peak learning rate of the fine-tuned vision blocks (same schedule as --learning_rate)",
-    "balance_closed": "repeat the rarer answer of every closed question text until its answers are balanced, so "
-                      "the question text alone cannot predict them",
     "learning_rate": "peak learning rate; default: automatic per stage and start (1e-3 from scratch; 4e-4 "
                      "for stage 1 and 1e-4 for stage 2 from MiniMind2 weights)",
     "lr_schedule": "after the linear warm-up: cosine (decay to --min_lr_ratio over the whole run), wsd "
@@ -244,16 +226,7 @@ HELP = {
                    "steps) or constant (the peak to the end; best for 16+ epochs from scratch on the hard demo set); "
                    "auto: wsd for stage 2 from scratch, cosine otherwise",
     "decay_ratio": "wsd: the fraction of the steps, at the end, over which the rate decays",
-    "pair_closed": "order each epoch so every closed question text comes with an image of each of its answers in "
-                   "one batch (needs an even --batch_size)",
     "boxes_path": "organ/finding boxes per image for --patch_loss; auto: medical_boxes.json beside --data_path",
-    "projector_lr_scale": "the projector's learning rate as a multiple of --learning_rate",
-    "debias": "weight of the question-text prior added to the closed answers' logits in training (product of "
-              "experts): the loss rewards only what the text cannot predict; inference unchanged",
-    "debias_until": "--debias applies during this first fraction of the steps; the plain loss after it lets the "
-                    "model add the text's odds back to what it learned from the image",
-    "rank_weight": "weight of a hinge loss on the margin between the right and the wrong closed answer",
-    "rank_margin": "the logit margin at which --rank_weight's hinge is zero",
     "patch_loss": "weight of a per-patch loss: a small head on the last layer predicts which organ/finding boxes "
                   "cover each image patch (needs medical_boxes.json; 0 = off)",
     "look_loss": "weight of an attention-grounding loss: for questions naming organs/findings boxed in their image, "
@@ -279,8 +252,6 @@ RULES = {
     "warmup_ratio": flags.fraction_below_one, "vision_lr": flags.positive_float, "grad_clip": flags.non_negative_float,
     "num_workers": flags.non_negative_int, "seed": flags.non_negative_int, "log_interval": flags.positive_int,
     "save_interval": flags.non_negative_int, "stop_at_step": flags.non_negative_int,
-    "projector_lr_scale": flags.positive_float, "debias": flags.non_negative_float, "debias_until": flags.fraction,
-    "rank_weight": flags.non_negative_float, "rank_margin": flags.non_negative_float,
     "patch_loss": flags.non_negative_float, "look_loss": flags.non_negative_float,
 }
 

@@ -1,13 +1,6 @@
 """Training-only losses beside the language-model loss (Learning II: make closed questions use
 the image). Each is off at weight 0 and changes nothing at inference.
 
-* ``closed_answer_loss``: for closed questions, on the first answer token
-  - ``debias`` (product of experts with the question-text prior, Clark et al. 2019): the
-    log prior of each of the two answers, times ``debias``, is added to their logits before the
-    cross-entropy; the model is rewarded only for what the text does not already predict. A
-    uniform prior adds nothing: the loss is then the plain one.
-  - ``rank_weight``: a hinge on the margin between the right and the wrong answer's logits,
-    zero once the right answer leads by ``rank_margin``.
 * ``look_loss``: where the model looks. For a question that names organs or findings with boxes
   in its image ("Is there a cyst in the left lung?"), head 0 of the last layer, at the position
   that predicts the answer, is trained to attend to those patches (the patches of all the named
@@ -21,26 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def closed_answer_loss(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, prior: torch.Tensor,
-                       debias: float, rank_weight: float, rank_margin: float) -> torch.Tensor:
-    """Sum over the closed samples of the batch, to add to the batch's summed token loss.
-    ``logits`` [n_targets, vocab]; ``rows`` [N] index the first answer token of each closed
-    sample; ``tokens`` [N, 2] (answer, alternative); ``prior`` [N] the text prior of the answer."""
-    sel = logits.index_select(0, rows).float()
-    right = tokens[:, 0]
-    extra = sel.new_zeros(())
-    if debias:
-        p = prior.clamp(1e-4, 1 - 1e-4)
-        # log(2p): 0 for an even prior, so only a skewed text changes the loss
-        bias = debias * torch.stack([torch.log(2 * p), torch.log(2 * (1 - p))], dim=1)
-        biased = sel.scatter_add(1, tokens, bias)
-        extra = extra + F.cross_entropy(biased, right, reduction="sum") - F.cross_entropy(sel, right, reduction="sum")
-    if rank_weight:
-        gap = sel.gather(1, tokens[:, :1]) - sel.gather(1, tokens[:, 1:])
-        extra = extra + rank_weight * F.relu(rank_margin - gap).sum()
-    return extra
 
 
 def patch_loss(head: torch.nn.Module, hidden: torch.Tensor, image_slots: torch.Tensor, targets: torch.Tensor,

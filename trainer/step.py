@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from dataset.features import FeatureStore
-from dataset.vqa_dataset import MODEL_INPUTS, Batch, StepShapes, collate, paired_permutation, plan_shapes
+from dataset.vqa_dataset import MODEL_INPUTS, Batch, StepShapes, collate, plan_shapes
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
-from trainer.losses import closed_answer_loss, look_loss, patch_loss
+from trainer.losses import look_loss, patch_loss
 
 log = logging.getLogger("train")
 
@@ -115,10 +115,8 @@ def make_optimizer(model, cfg: TrainConfig, device, dtype):
         cfg.resolve_learning_rate(cfg.lm_pretrained)
     params = [p for p in model.parameters() if p.requires_grad]
     vision = {id(p) for p in model.vision_tuned.parameters()} if model.vision_tuned is not None else set()
-    projector = {id(p) for p in model.projector.parameters()}
     groups = []
-    for scale, members in ((1.0, [p for p in params if id(p) not in vision and id(p) not in projector]),
-                           (cfg.projector_lr_scale, [p for p in params if id(p) in projector]),
+    for scale, members in ((1.0, [p for p in params if id(p) not in vision]),
                            (cfg.vision_lr / cfg.learning_rate, [p for p in params if id(p) in vision])):
         groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
                    {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
@@ -172,8 +170,7 @@ class StepPlan:
         with self._lock:
             if self._epoch is None or self._epoch[0] != epoch:
                 samples = self.packed.epoch_samples(epoch) if self.packed is not None else self.samples
-                perm = paired_permutation(samples, self.cfg.seed, epoch) if self.cfg.pair_closed else \
-                    epoch_perm(len(samples), self.cfg.seed, epoch)
+                perm = epoch_perm(len(samples), self.cfg.seed, epoch)
                 self._epoch = (epoch, samples, perm)
             return self._epoch[1], self._epoch[2]
 
@@ -221,7 +218,7 @@ class BatchFeed:
 
 def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
                dist: Dist, device, amp, lr: float, patches: tuple | None = None,
-               debias: float | None = None, graphs: bool = False) -> torch.Tensor:
+               graphs: bool = False) -> torch.Tensor:
     """One optimizer step over the micro-batches; returns this process's share of the
     step's mean loss as a device tensor. Nothing here waits for the device: counts come from
     the host batches, and the global answer-token count is summed on the device."""
@@ -240,16 +237,11 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
         b = to_device(batch, device)
         if graphs:  # a new iteration for the CUDA graphs: the last replay's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
-        extra = "closed_rows" in b or "look_pos" in b or (patches is not None and b["image_index"].numel())
+        extra = "look_pos" in b or (patches is not None and b["image_index"].numel())
         with ctx:
             with amp:
                 out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=bool(extra))
                 loss_sum, _, aux = out[:3]
-                if "closed_rows" in b:
-                    loss_sum = loss_sum + closed_answer_loss(out[3], b["closed_rows"], b["closed_tokens"],
-                                                             b["closed_prior"],
-                                                             cfg.debias if debias is None else debias, cfg.rank_weight,
-                                                             cfg.rank_margin)
                 if "look_pos" in b:
                     look = model.llm.layers[-1].self_attn
                     q, k = look.kept_qk

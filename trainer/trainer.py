@@ -20,7 +20,7 @@ import torch
 
 from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, patch_targets, read_boxes_file
 from dataset.contract import image_file, images_of, read_jsonl
-from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_closed, annotate_look, balance_closed,
+from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_look,
                                  closed_text_prior)
 from model.atomic import remove_stale_temps
 from model.checkpoint import (CheckpointError, build_config, checkpoint_path, load_weights, locate_checkpoint,
@@ -45,7 +45,7 @@ from trainer.validation import evaluate, more_epochs_advice, prior_advice, valid
 
 log = logging.getLogger("train")
 
-CLOSED_PRIOR_HINT = 0.7  # above this share the training log points at --balance_closed and image-use metrics
+CLOSED_PRIOR_HINT = 0.7  # above this share the training log points at the image-use metrics
 ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe",
              "projector")
 
@@ -215,18 +215,9 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
     if prior is not None:  # how much the question text alone tells about closed answers
         log.info("closed training questions: %d; the commonest answer of each question text is right for %.1f%% "
                  "of them (50%% when every text is answered both ways equally often)%s", n_closed, 100 * prior,
-                 "" if cfg.balance_closed or prior < CLOSED_PRIOR_HINT else
+                 "" if prior < CLOSED_PRIOR_HINT else
                  ": the text alone predicts most closed answers, so a good closed score need not mean the model "
-                 "looks at the image (eval_vlm.py reports accuracy against the prior; --balance_closed evens the "
-                 "answers per text)")
-    if cfg.balance_closed:
-        added = balance_closed(data, cfg.seed)
-        log.info("--balance_closed: %d repeated closed question(s) balance the answers of every closed question text "
-                 "(now %.1f%%)", added, 100 * (closed_text_prior(data.samples)[1] or 0))
-    if cfg.debias or cfg.rank_weight:
-        marked = annotate_closed(data, encoder, cfg.max_seq_len)
-        log.info("closed-answer losses (--debias %g, --rank_weight %g) on %d closed training question(s)",
-                 cfg.debias, cfg.rank_weight, marked)
+                 "looks at the image (eval_vlm.py reports accuracy against the prior)")
     packed = PackedQuestions(data, encoder.image_id, cfg.pack_questions, cfg.seed) \
         if cfg.pack_questions > 1 else None
     return data, val, features, packed
@@ -410,11 +401,10 @@ def _train(cfg: TrainConfig) -> dict:
                     torch.cuda.synchronize()
                 t_compile = time.perf_counter()
             lr = lr_at(step, total_steps, cfg)
-            debias = cfg.debias if step < cfg.debias_until * total_steps else 0.0
 
             def one_step():
                 return train_step(runner.run, model, batches, features, opt, scaler, params, cfg, dist, device,
-                                  amp, lr, patches, debias, runner.graphs)
+                                  amp, lr, patches, runner.graphs)
             try:
                 window_loss += one_step()
             except Exception as exc:  # noqa: BLE001 (only a step that compiles is retried, and it is logged)
