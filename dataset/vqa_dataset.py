@@ -297,9 +297,6 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
     batch.n_targets = n_targets
     if image_id is not None:
         batch["image_slots"] = (ids.view(-1) == image_id).nonzero().squeeze(1)
-        # the prompt tokens before the first answer token (model.vlm.question_mask): what a film
-        # projector reads the question from
-        batch["question"] = (ids != image_id) & (ids != pad_id) & ((labels != IGNORE_INDEX).cumsum(1) == 0)
     looking = [(i, pos, target) for i, s in enumerate(samples) for pos, target in s.look_entries()]
     # a fixed step shape pads the list with weight-0 slots: position 0 looking at the batch's first image
     extra = max(0, shapes.looks - len(looking)) if shapes is not None and images.numel() else 0
@@ -328,4 +325,4 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
 
 
 # batch entries the model takes as keyword arguments (all but the image table index)
-MODEL_INPUTS = ("position_ids", "attn_mask", "image_slots", "target_pos", "targets", "question")
+MODEL_INPUTS = ("position_ids", "attn_mask", "image_slots", "target_pos", "targets")

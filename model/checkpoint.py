@@ -210,6 +210,9 @@ def read_checkpoint(path: str | Path, stage_hint: str | None = None) -> dict:
     return obj
 
 
+DROPPED = ("patch_head.",)
+
+
 def load_weights(model: MedicalVLM, state: dict, source: str, skip_prefixes: tuple[str, ...] = ()):
     """The one strict weight loader (evaluation, the demo, the API, --from_weight, --resume):
     every tensor the model has must be there, with its shape and a floating-point dtype where
@@ -218,7 +221,8 @@ def load_weights(model: MedicalVLM, state: dict, source: str, skip_prefixes: tup
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: the weights are not a name -> tensor mapping")
     want = {k: v for k, v in model.state_dict().items() if not k.startswith(("vision_tower.", *skip_prefixes))}
-    have = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
+    # DROPPED: training-only heads of removed levers (--patch_loss); answers never used them
+    have = {k: v for k, v in state.items() if not k.startswith((*skip_prefixes, *DROPPED))}
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
     wrong = [f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}" for k in sorted(set(want) & set(have))

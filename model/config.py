@@ -13,7 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"
 DEFAULT_TOKENIZER = "model/tokenizer"
 IMAGE_PLACEHOLDER = "<image>"
-PROJECTORS = ("mlp", "linear", "film")
+# the last commit with the removed levers (--projector film, --patch_loss, docs/learning.md)
+REMOVED_AT = "27ee718"
+PROJECTORS = ("mlp", "linear")
 # Bounds of a config's sizes (checked before any allocation; far above MiniMind2's 768 x 16).
 LIMITS = {"hidden_size": (1, 8192), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 256),
           "num_key_value_heads": (1, 256), "vocab_size": (1, 1_000_000), "intermediate_size": (0, 65536),
@@ -77,14 +79,11 @@ class VLMConfig:
     vision_model: str = DEFAULT_VISION_MODEL
     vision_hidden_size: int = 768  # filled from the tower when the model is built
     image_tokens: int = 196  # patch tokens per image (224 px / 16 px patches, CLS dropped)
-    projector: str = "mlp"  # "mlp" (LLaVA-1.5), "linear" (MiniMind2-V) or "film" (mlp read for the question)
+    projector: str = "mlp"  # "mlp" (LLaVA-1.5) or "linear" (MiniMind2-V)
     # --train_vision: the last N tower blocks are copied into the model and trained; the feature
     # cache keeps the frozen prefix's output. The block config lets a checkpoint be rebuilt alone.
     vision_tuned_layers: int = 0
     vision_layer_config: dict = field(default_factory=dict)
-    # --patch_loss: names of the organ/finding boxes (dataset/boxes.py) a small head predicts at
-    # every image position of the language model's last layer; [] = no head
-    patch_labels: list = field(default_factory=list)
     # special token ids, always taken from the tokenizer
     image_token_id: int = -1
     pad_token_id: int = 0
@@ -108,8 +107,6 @@ class VLMConfig:
             v = self.vision_layer_config.get(key, 1)
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65536:
                 raise ValueError(f"vision_layer_config.{key} must be an integer between 1 and 65536, got {v!r:.40}")
-        if not all(isinstance(n, str) for n in self.patch_labels):
-            raise ValueError("patch_labels must be a list of names")
         if self.intermediate_size <= 0:
             self.intermediate_size = minimind_intermediate_size(self.hidden_size)
         if self.hidden_size % self.num_attention_heads:
@@ -141,6 +138,11 @@ class VLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VLMConfig":
+        d = dict(d)
+        if d.get("projector") == "film":
+            raise ValueError(f"projector 'film' was removed (it lost its measurements, docs/learning.md); load this "
+                             f"model with the toolkit at commit {REMOVED_AT}")
+        d.pop("patch_labels", None)  # a training-only head (--patch_loss, removed): answers never used it
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -17,55 +17,19 @@ log = logging.getLogger(__name__)
 
 
 class Projector(nn.Module):
-    """Vision width -> LM width. ``mlp``: Linear-GELU-Linear (LLaVA-1.5); ``linear``: MiniMind2-V;
-    ``film``: the mlp with its hidden layer modulated by the question (FiLM, Perez et al. 2018),
-    ``h = GELU(W1 x * (1 + gamma(q)) + beta(q))`` with ``q`` the mean embedding of the question's
-    tokens, plus a summary of the whole image added to every patch token: ``W2 h + W3 max_p h``.
-    The image tokens precede the question in the sequence, so under causal attention they can
-    never see it; FiLM lets every patch be read *for* the question (a patch can report "a cyst,
-    and on the left" as one feature), and the max over patches puts "some patch matches" into
-    every image token, where any attention to the image finds it: no needle among 196 tokens
-    to learn to point at. The FiLM and summary layers start at zero, so a film projector starts
-    as the plain mlp."""
+    """Vision width -> LM width. ``mlp``: Linear-GELU-Linear (LLaVA-1.5); ``linear``: MiniMind2-V."""
 
     def __init__(self, config: VLMConfig):
         super().__init__()
-        if config.projector in ("mlp", "film"):
+        if config.projector == "mlp":
             self.net = nn.Sequential(nn.Linear(config.vision_hidden_size, config.hidden_size), nn.GELU(),
                                      nn.Linear(config.hidden_size, config.hidden_size))
         else:
             self.net = nn.Linear(config.vision_hidden_size, config.hidden_size)
-        self.film = self.summary = None
-        if config.projector == "film":
-            self.film = nn.Linear(config.hidden_size, 2 * config.hidden_size)
-            self.summary = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-            for layer in (self.film, self.summary):
-                nn.init.zeros_(layer.weight)
-            nn.init.zeros_(self.film.bias)
 
-    @property
-    def conditioned(self) -> bool:
-        return self.film is not None
-
-    def forward(self, features: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        """``features`` [n_images, tokens, vision width]; ``condition`` [n_images, hidden] (film only)."""
-        if self.film is None:
-            return self.net(features)
-        h = self.net[0](features)
-        gamma, beta = self.film(condition.to(h.dtype)).unsqueeze(1).chunk(2, dim=-1)
-        h = self.net[1](h * (1 + gamma) + beta)
-        return self.net[2](h) + self.summary(h.amax(dim=1, keepdim=True))
-
-
-def question_mask(input_ids: torch.Tensor, image_token_id: int, pad_token_id: int,
-                  labels: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, T] bool: the prompt tokens a film projector reads the question from: not image, not
-    padding, and (with ``labels``) before the first answer token, so no answer ever leaks into
-    the image tokens. ``collate`` builds the same mask on the host for training."""
-    mask = (input_ids != image_token_id) & (input_ids != pad_token_id)
-    if labels is not None:
-        mask &= (labels != IGNORE_INDEX).long().cumsum(1) == 0
-    return mask
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``features`` [n_images, tokens, vision width] -> [n_images, tokens, hidden]."""
+        return self.net(features)
 
 
 def merge_image_features(inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
@@ -116,10 +80,6 @@ class MedicalVLM(nn.Module):
         self.config = config
         self.llm = MiniMindLM(config)
         self.projector = Projector(config)
-        # Dense supervision of the image positions (training only; --patch_loss): which organ and
-        # finding boxes cover each patch, read from the last layer. It gives the binding of "what"
-        # and "where" a direct gradient instead of only the one through a Yes/No token.
-        self.patch_head = nn.Linear(config.hidden_size, len(config.patch_labels)) if config.patch_labels else None
         self.vision_tower = vision_tower
         self.vision_tuned = None
         if config.vision_tuned_layers:
@@ -164,38 +124,19 @@ class MedicalVLM(nn.Module):
         return self.vision_tower(pixel_values)
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
-              image_slots: torch.Tensor | None = None, question: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the projected image features merged in. ``question`` ([B, T]
-        bool, film projector only): the tokens to read the question from; by default every
-        token that is not an image token or padding (a generation prompt ends before the answer)."""
+              image_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the projected image features merged in."""
         embeds = self.llm.embed_tokens(input_ids)
         projected = None
         if image_features is not None and image_features.numel():
             image_features = self.finish_image_features(image_features)
-            condition = None
-            if self.projector.conditioned:
-                condition = self.question_condition(embeds, input_ids, question, image_slots,
-                                                    image_features.shape[0])
-            projected = self.projector(image_features.to(self.projector_dtype()), condition)
+            projected = self.projector(image_features.to(self.projector_dtype()))
         elif self.training and torch.is_grad_enabled():
             # A batch without images still touches the projector (times zero), so DDP finds a
             # gradient for every parameter and never fails on an "unused" projector.
             zeros = embeds.new_zeros(1, 1, self.config.vision_hidden_size)
-            condition = embeds.new_zeros(1, self.config.hidden_size) if self.projector.conditioned else None
-            embeds = embeds + 0.0 * self.projector(zeros, condition).sum()
+            embeds = embeds + 0.0 * self.projector(zeros).sum()
         return merge_image_features(embeds, input_ids, projected, self.config.image_token_id, image_slots)
-
-    def question_condition(self, embeds: torch.Tensor, input_ids: torch.Tensor, question: torch.Tensor | None,
-                           image_slots: torch.Tensor | None, n_images: int) -> torch.Tensor:
-        """[n_images, H]: the mean embedding of the question tokens of the row each image is in."""
-        if question is None:
-            question = question_mask(input_ids, self.config.image_token_id, self.config.pad_token_id)
-        q = question.unsqueeze(-1).to(embeds.dtype)
-        pooled = (embeds * q).sum(1) / q.sum(1).clamp(min=1.0)
-        if image_slots is None:  # generation's prefill and direct calls (a sync; training passes them)
-            image_slots = (input_ids.reshape(-1) == self.config.image_token_id).nonzero().squeeze(1)
-        rows = image_slots.view(n_images, -1)[:, 0] // input_ids.shape[1]
-        return pooled.index_select(0, rows)
 
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
@@ -204,8 +145,7 @@ class MedicalVLM(nn.Module):
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 position_ids=None, attn_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0,
                 image_slots: torch.Tensor | None = None, target_pos: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, with_hits: bool = False, question: torch.Tensor | None = None,
-                return_logits: bool = False):
+                targets: torch.Tensor | None = None, with_hits: bool = False, return_logits: bool = False):
         """With ``labels`` (or ``target_pos`` + ``targets`` from ``collate``): returns (sum of
         token losses, number of target tokens as an int, aux loss); logits are computed only
         at target positions, which are a few percent of the sequence in VQA. ``with_hits`` adds
@@ -214,13 +154,9 @@ class MedicalVLM(nn.Module):
         for the last ``logits_to_keep`` positions (0 = all)."""
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
-        if question is None and labels is not None and self.projector.conditioned:
-            question = question_mask(input_ids, self.config.image_token_id, self.config.pad_token_id, labels)
-        elif question is None and target_pos is not None and self.projector.conditioned:
-            raise ValueError("a film projector needs the question mask with target_pos (collate builds it)")
         look = self.llm.layers[-1].self_attn
         look.keep_qk = return_logits and self.training  # --look_loss reads head 0 of the last layer
-        h = self.llm(self.embed(input_ids, image_features, image_slots, question), position_ids, attn_mask, cache)
+        h = self.llm(self.embed(input_ids, image_features, image_slots), position_ids, attn_mask, cache)
         look.keep_qk = False
         if labels is None and target_pos is None:
             return self.llm.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
@@ -228,7 +164,7 @@ class MedicalVLM(nn.Module):
             target_pos, targets = target_positions(labels)
         logits = self.llm.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, target_pos))
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        if return_logits:  # training-only losses (trainer/losses.py) need the logits and hidden states
+        if return_logits:  # scoring (evaluation/scoring.py) needs the logits at the targets
             return loss_sum, target_pos.shape[0], self.llm.aux_loss(), logits, h
         if with_hits:
             return loss_sum, target_pos.shape[0], self.llm.aux_loss(), logits.argmax(-1) == targets
@@ -260,10 +196,9 @@ class MedicalVLM(nn.Module):
             if module is None:
                 return 0
             return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-        return {"llm": count(self.llm), "projector": count(self.projector) + count(self.patch_head),
+        return {"llm": count(self.llm), "projector": count(self.projector),
                 "vision_frozen": count(self.vision_tower),
-                "trainable": count(self.llm, True) + count(self.projector, True) + count(self.vision_tuned, True)
-                + count(self.patch_head, True)}
+                "trainable": count(self.llm, True) + count(self.projector, True) + count(self.vision_tuned, True)}
 
     def parameter_line(self) -> str:
         s = self.parameter_summary()

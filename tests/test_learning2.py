@@ -1,6 +1,7 @@
-"""Learning II (issue #22): the levers that make closed questions use the image, each tested
-on its mechanism: the film projector, boxes and the patch loss (the debiased and ranking
-losses and paired batches lost their measurements and were removed; docs/learning.md)."""
+"""Learning II (issue #22): boxes, the box questions and the look loss that make closed
+questions use the image, each tested on its mechanism (the levers that lost their
+measurements, film projector, patch loss, debiased and ranking losses, paired batches, were
+removed; docs/learning.md has their numbers)."""
 from __future__ import annotations
 
 import io
@@ -15,10 +16,8 @@ from dataset.boxes import BoxError, parse_detection, patch_targets
 from dataset.vqa_dataset import VQADataset, collate
 
 from model.tokenization import IGNORE_INDEX, ChatEncoder
-from model.vlm import question_mask
 from tests.helpers import make_tiny_model, random_image
 from trainer.config import parse_train_args
-from trainer.losses import patch_loss
 
 
 def _write(tmp_path, rows, name="d.jsonl"):
@@ -35,79 +34,17 @@ ROWS = [("Is there a cyst?", "Yes", "CLOSED")] * 6 + [("Is there a cyst?", "No",
        [("Is this a CT?", "Yes", "CLOSED")] * 3 + [("How many cysts?", "2", "OPEN")] * 5
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--projector", "film", "--pack_questions", "8"], "--pack_questions 1"),
-    (["--patch_loss", "nan"], "--patch_loss"),
-])
-def test_lever_flags_are_validated(argv, message, capsys):
+@pytest.mark.parametrize("argv", [["--projector", "film"], ["--patch_loss", "1"], ["--debias", "1"],
+                                  ["--pair_closed"], ["--balance_closed"], ["--rank_weight", "1"]])
+def test_removed_levers_are_unknown_flags(argv, capsys):
+    """Levers that lost their measurements are gone (docs/learning.md keeps their numbers)."""
     with pytest.raises(SystemExit) as exc:
         parse_train_args("sft", argv)
-    assert exc.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and ("invalid choice" in err or "unrecognized arguments" in err)
 
 
-# ------------------------------------------------------------------ film projector
-
-def _film_model(tokenizer, tiny_tower, projector):
-    model = make_tiny_model(tokenizer, tiny_tower, projector=projector)
-    if projector == "film":
-        with torch.no_grad():
-            model.projector.film.weight.normal_(0, 0.5)
-    return model
-
-
-@pytest.mark.parametrize("projector, changes", [("film", True), ("mlp", False), ("linear", False)])
-def test_film_reads_the_image_for_the_question(tokenizer, tiny_tower, projector, changes):
-    model = _film_model(tokenizer, tiny_tower, projector)
-    enc = ChatEncoder(tokenizer, model.config.image_tokens)
-    feats = torch.randn(1, model.config.image_tokens, model.config.vision_hidden_size,
-                        generator=torch.Generator().manual_seed(0))
-    out = []
-    for q in ("Is there a cyst in the left lung?", "How many nodules are in the image?"):
-        ids = torch.tensor([enc.encode([{"role": "user", "content": f"<image>\n{q}"}],
-                                       add_generation_prompt=True).input_ids])
-        slots = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
-        out.append(model.embed(ids, feats)[0, slots])
-    assert (not torch.allclose(out[0], out[1])) == changes
-
-
-def test_film_never_sees_the_answer_and_trains_as_it_answers(tokenizer, tiny_tower):
-    """The training mask stops before the answer, and the prompt part of a training row gives
-    the same image tokens as the generation prompt of the same question."""
-    model = _film_model(tokenizer, tiny_tower, "film")
-    enc = ChatEncoder(tokenizer, model.config.image_tokens)
-    conv = [{"role": "user", "content": "<image>\nIs there a cyst?"}, {"role": "assistant", "content": "Yes"}]
-    full = enc.encode(conv)
-    from dataset.vqa_dataset import Sample
-    batch = collate([Sample(full.input_ids, full.labels, [0], {})], model.config.pad_token_id,
-                    model.config.image_token_id)
-    mask = batch["question"][0]
-    first_answer = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
-    assert not mask[first_answer:].any() and mask[:first_answer].sum() > 3
-    assert torch.equal(mask, question_mask(batch["input_ids"], model.config.image_token_id,
-                                           model.config.pad_token_id, batch["labels"])[0])
-    feats = torch.randn(1, model.config.image_tokens, model.config.vision_hidden_size)
-    slots = batch["image_slots"]
-    train_view = model.embed(batch["input_ids"], feats, slots, batch["question"]).reshape(-1, 64)[slots]
-    prompt = torch.tensor([enc.encode(conv[:1], add_generation_prompt=True).input_ids])
-    gen_view = model.embed(prompt, feats)[0, (prompt[0] == model.config.image_token_id)]
-    assert torch.allclose(train_view, gen_view, atol=1e-6)
-    # other answers: identical image tokens (the answer cannot leak into them)
-    other = enc.encode([conv[0], {"role": "assistant", "content": "No, there is none"}])
-    b2 = collate([Sample(other.input_ids, other.labels, [0], {})], model.config.pad_token_id,
-                 model.config.image_token_id)
-    assert torch.allclose(model.embed(b2["input_ids"], feats, b2["image_slots"], b2["question"])
-                          .reshape(-1, 64)[b2["image_slots"]], train_view, atol=1e-6)
-
-
-def test_film_starts_as_the_mlp(tokenizer, tiny_tower):
-    film = make_tiny_model(tokenizer, tiny_tower, projector="film")
-    mlp = make_tiny_model(tokenizer, tiny_tower, projector="mlp")
-    feats = torch.randn(2, film.config.image_tokens, film.config.vision_hidden_size)
-    cond = torch.randn(2, film.config.hidden_size)
-    assert torch.allclose(film.projector(feats, cond), mlp.projector(feats))
-
-
-# ------------------------------------------------------------------ boxes and the patch loss
+# ------------------------------------------------------------------ boxes
 
 @pytest.mark.parametrize("text, expected", [
     ('[{"Liver": [1, 2, 3, 4]}, {"Cyst": [5, 6, 7, 8]}, {"Cyst": [0, 0, 2, 2]}]',
@@ -142,16 +79,6 @@ def test_patch_targets_follow_resize_and_centre_crop():
     assert not t[2].any()
 
 
-def test_patch_loss_counts_only_images_with_boxes():
-    head = torch.nn.Linear(4, 2)
-    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    hidden = torch.randn(2, 5, 4)
-    slots = torch.tensor([1, 2, 6, 7])  # two images of two patches
-    targets = torch.tensor([[[1., 0.], [0., 1.]], [[1., 1.], [1., 1.]]])
-    loss = patch_loss(head, hidden, slots, targets, torch.tensor([True, False]))
-    assert float(loss) == pytest.approx(2 * torch.log(torch.tensor(2.0)).item())  # zero logits: log 2 per name
-
-
 def test_converter_keeps_boxes_from_folder_and_zip_and_warns_on_bad_ones(tmp_path, caplog):
     from dataset.demo_hard import write_hard_release
     from dataset.slake import convert, read_release
@@ -181,25 +108,6 @@ def test_converter_keeps_boxes_from_folder_and_zip_and_warns_on_bad_ones(tmp_pat
                 z.write(p, f"imgs/{p.relative_to(raw / 'imgs').as_posix()}")
     convert(read_release(zipped), tmp_path / "b")
     assert json.loads((tmp_path / "b" / "medical_boxes.json").read_text()) == boxes
-
-
-def test_patch_loss_trains_a_head_saved_with_the_model(tmp_path, tokenizer):
-    """End to end: boxes -> patch head in the config and the checkpoint; the loss falls."""
-    from model.checkpoint import read_checkpoint
-    from trainer.cli import main as train_main
-    import convert_slake_dataset
-    d = tmp_path / "d"
-    assert convert_slake_dataset.main(["--demo", "hard", "--out_dir", str(d), "--demo_images", "24", "4", "4"]) == 0
-    args = ["--vision_model", "random-tiny", "--hidden_size", "48", "--num_hidden_layers", "2",
-            "--num_attention_heads", "4", "--num_key_value_heads", "2", "--device", "cpu", "--num_workers", "0",
-            "--images_path", str(d / "medical_images"), "--out_dir", str(tmp_path / "out"), "--cache_dir", "",
-            "--epochs", "2", "--batch_size", "8", "--log_interval", "1", "--patch_loss", "1",
-            "--data_path", str(d / "medical_vqa_train.jsonl"), "--val_path", ""]
-    assert train_main("sft", args) == 0
-    ck = read_checkpoint(tmp_path / "out" / "medical_vlm_48.pth")
-    assert ck["config"]["patch_labels"] == sorted(ck["config"]["patch_labels"])
-    assert {"Left Lung", "Right Lung", "Left Kidney", "Right Kidney"} <= set(ck["config"]["patch_labels"])
-    assert ck["model"]["patch_head.weight"].shape == (len(ck["config"]["patch_labels"]), 48)
 
 
 def test_grounded_questions_follow_box_containment():
@@ -428,3 +336,24 @@ def test_evaluation_reports_confidence_and_writes_the_reliability_diagram(tmp_pa
     assert all(abs(sum(p["answer_probs"].values()) - 1) < 1e-4 for p in scored)
     png = (tmp_path / "eval" / "reliability.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+def test_checkpoint_with_a_patch_head_still_loads(ckpt_for_compat):
+    """A model trained with the removed --patch_loss carries a training-only head: it loads (the
+    answers never used the head) and answers exactly as before."""
+    from model.checkpoint import load_model
+    path, tmp_path = ckpt_for_compat
+    plain = load_model(path, vision_model="random-tiny")
+    obj = torch.load(path, weights_only=False)
+    obj["config"]["patch_labels"] = ["Liver", "Cyst"]
+    obj["model"]["patch_head.weight"] = torch.zeros(2, obj["config"]["hidden_size"])
+    obj["model"]["patch_head.bias"] = torch.zeros(2)
+    torch.save(obj, tmp_path / "old.pth")
+    old = load_model(tmp_path / "old.pth", vision_model="random-tiny")
+    a, b = plain.model.state_dict(), old.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def ckpt_for_compat(tmp_path, tokenizer, tiny_tower):
+    return save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower), tmp_path

@@ -19,18 +19,21 @@ log = logging.getLogger("train")
 # fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
-               "train_vision", "vision_lr", "patch_loss", "look_loss")
+               "train_vision", "vision_lr", "look_loss")
 # Flags that lost their measurements and were removed (docs/learning.md has the numbers), with the
 # value that meant "off": a resume state or checkpoint that recorded another value trained with them.
 REMOVED_FLAGS = {"balance_closed": False, "pair_closed": False, "projector_lr_scale": 1.0, "debias": 0.0,
                  "debias_until": 1.0, "rank_weight": 0.0, "rank_margin": 1.0, "prior_weight": 0.0,
-                 "look_fallback": "none"}
-REMOVED_AT = "ab73515"  # the last commit that had them
+                 "look_fallback": "none", "patch_loss": 0.0}
+REMOVED_AT = "27ee718"  # the last commit that had them all
 
 
 def removed_flags_used(train_config: dict) -> dict:
     """The removed flags a stored run configuration set to something other than off."""
-    return {k: v for k, v in train_config.items() if k in REMOVED_FLAGS and v != REMOVED_FLAGS[k]}
+    used = {k: v for k, v in train_config.items() if k in REMOVED_FLAGS and v != REMOVED_FLAGS[k]}
+    if train_config.get("projector") == "film":
+        used["projector"] = "film"
+    return used
 
 
 def data_source(cfg: TrainConfig) -> str:

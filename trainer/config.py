@@ -53,7 +53,6 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 1.0
     # Learning II levers (trainer/losses.py); 0 = off
-    patch_loss: float = 0.0     # weight of the per-patch organ/finding loss (needs boxes)
     # weight of the attention-grounding loss, on whenever the data has boxes: at the guide's 4 + 4 epochs
     # it took the hard demo set's closed questions from the prior to +26.5 / +26.9 (seeds 42 / 1; docs/learning.md)
     look_loss: float = 1.0
@@ -95,9 +94,6 @@ class TrainConfig:
                 "e.g. 512/8 or 768/8")
         if self.train_vision not in ("none", "all") and not re.fullmatch(r"last:[1-9]\d*", self.train_vision):
             raise flags.FlagError(f"--train_vision must be none, all or last:N (N >= 1), got {self.train_vision!r}")
-        if self.projector == "film" and self.pack_questions > 1:
-            raise flags.FlagError(f"--projector film reads each image for its own question, so questions cannot share "
-                                  f"image tokens: use --pack_questions 1 (got {self.pack_questions}) or --projector mlp")
         if self.num_attention_heads % self.num_key_value_heads:
             raise flags.FlagError(f"--num_attention_heads {self.num_attention_heads} must be a multiple of "
                                   f"--num_key_value_heads {self.num_key_value_heads}")
@@ -174,7 +170,7 @@ GROUPS = {
               "vision_model", "tokenizer_path", "from_weight", "from_llm", "freeze_llm", "train_vision", "vision_lr"],
     "optimisation": ["epochs", "batch_size", "accumulation_steps", "learning_rate", "weight_decay", "grad_clip"],
     "learning-rate schedule": ["lr_schedule", "warmup_ratio", "min_lr_ratio", "decay_ratio"],
-    "grounding (where the answer looks; 0 = off)": ["patch_loss", "look_loss"],
+    "grounding (where the answer looks; 0 = off)": ["look_loss"],
     "hardware": ["device", "dtype", "compile", "prefetch", "num_workers"],
     "saving and logging": ["out_dir", "save_interval", "save_dtype", "resume", "stop_at_step", "seed", "log_interval",
                            "use_wandb", "wandb_project"],
@@ -202,8 +198,7 @@ HELP = {
     "pack_questions": "up to K questions about one image share its image tokens in one training sequence "
                       "(same loss as separate samples, far fewer tokens)",
     "hidden_size": "512 (26M) or 768 (104M) for the MiniMind2 sizes",
-    "projector": "mlp (LLaVA-1.5), linear (MiniMind2-V) or film (the mlp modulated by the question, so each "
-                 "image patch is read for what is asked; not with --pack_questions > 1)",
+    "projector": "mlp (LLaVA-1.5) or linear (MiniMind2-V)",
     "vision_model": "CLIP folder or hub id; 'random' / 'random-tiny' for offline tests",
     "from_weight": "'none', 'pretrain' (this size's stage-1 checkpoint if present) or a checkpoint path",
     "from_llm": "MiniMind2 language-model weights to start from (use with --tokenizer_path)",
@@ -226,9 +221,7 @@ HELP = {
                    "steps) or constant (the peak to the end; best for 16+ epochs from scratch on the hard demo set); "
                    "auto: wsd for stage 2 from scratch, cosine otherwise",
     "decay_ratio": "wsd: the fraction of the steps, at the end, over which the rate decays",
-    "boxes_path": "organ/finding boxes per image for --patch_loss; auto: medical_boxes.json beside --data_path",
-    "patch_loss": "weight of a per-patch loss: a small head on the last layer predicts which organ/finding boxes "
-                  "cover each image patch (needs medical_boxes.json; 0 = off)",
+    "boxes_path": "organ/finding boxes per image for --look_loss; auto: medical_boxes.json beside --data_path",
     "look_loss": "weight of an attention-grounding loss: for questions naming organs/findings boxed in their image, "
                  "one attention head at the answer is trained to look at those patches (uses medical_boxes.json "
                  "when the data has one; 0 = off)",
@@ -252,7 +245,7 @@ RULES = {
     "warmup_ratio": flags.fraction_below_one, "vision_lr": flags.positive_float, "grad_clip": flags.non_negative_float,
     "num_workers": flags.non_negative_int, "seed": flags.non_negative_int, "log_interval": flags.positive_int,
     "save_interval": flags.non_negative_int, "stop_at_step": flags.non_negative_int,
-    "patch_loss": flags.non_negative_float, "look_loss": flags.non_negative_float,
+    "look_loss": flags.non_negative_float,
 }
 
 

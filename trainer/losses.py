@@ -7,25 +7,10 @@ the image). Each is off at weight 0 and changes nothing at inference.
   boxes together when they overlap, else of the largest named box: the region to search), as
   in attention-grounding supervision (HINT, Selvaraju et al. 2019). It trains the look-up that
   yes/no questions need directly, instead of only through the answer token.
-* ``patch_loss``: the patch head (model.vlm) predicts, at every image position of the last
-  layer, which organ/finding boxes cover that patch (binary cross-entropy per name).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-
-def patch_loss(head: torch.nn.Module, hidden: torch.Tensor, image_slots: torch.Tensor, targets: torch.Tensor,
-               known: torch.Tensor) -> torch.Tensor:
-    """Mean over the images with boxes of the per-patch binary cross-entropy summed over names.
-    ``hidden`` [B, T, H]; ``targets`` [n_images, patches, names]; ``known`` [n_images] bool."""
-    n_img, n_patch, _ = targets.shape
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, image_slots)
-    logits = head(h).float().view(n_img, n_patch, -1)
-    per_image = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean(-1)
-    k = known.float()
-    return (per_image * k).sum() / k.sum().clamp(min=1.0)
 
 
 def look_loss(q: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, image_slots: torch.Tensor,

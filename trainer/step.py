@@ -25,7 +25,7 @@ from dataset.features import FeatureStore
 from dataset.vqa_dataset import MODEL_INPUTS, Batch, StepShapes, collate, plan_shapes
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
-from trainer.losses import look_loss, patch_loss
+from trainer.losses import look_loss
 
 log = logging.getLogger("train")
 
@@ -217,8 +217,7 @@ class BatchFeed:
 
 
 def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, scaler, params, cfg: TrainConfig,
-               dist: Dist, device, amp, lr: float, patches: tuple | None = None,
-               graphs: bool = False) -> torch.Tensor:
+               dist: Dist, device, amp, lr: float, graphs: bool = False) -> torch.Tensor:
     """One optimizer step over the micro-batches; returns this process's share of the
     step's mean loss as a device tensor. Nothing here waits for the device: counts come from
     the host batches, and the global answer-token count is summed on the device."""
@@ -237,22 +236,17 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
         b = to_device(batch, device)
         if graphs:  # a new iteration for the CUDA graphs: the last replay's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
-        extra = "look_pos" in b or (patches is not None and b["image_index"].numel())
+        looking = "look_pos" in b
         with ctx:
             with amp:
-                out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=bool(extra))
+                out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=looking)
                 loss_sum, _, aux = out[:3]
-                if "look_pos" in b:
+                if looking:
                     look = model.llm.layers[-1].self_attn
                     q, k = look.kept_qk
                     look.kept_qk = None  # not kept past this micro-batch
                     aux = aux + cfg.look_loss * look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
                                                           b["look_target"], b["look_weight"])
-                if patches is not None and b["image_index"].numel():
-                    index = b["image_index"]
-                    aux = aux + cfg.patch_loss * patch_loss(model.patch_head, out[4], b["image_slots"],
-                                                            patches[0].index_select(0, index),
-                                                            patches[1].index_select(0, index))
             # DDP averages gradients over processes: scale so the result is the mean over
             # every answer token of the global batch.
             loss = loss_sum * dist.world / total_targets + aux / len(batches)

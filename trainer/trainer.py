@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, patch_targets, read_boxes_file
-from dataset.contract import image_file, images_of, read_jsonl
 from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_look,
                                  closed_text_prior)
 from model.atomic import remove_stale_temps
@@ -108,32 +107,6 @@ def boxes_file(cfg: TrainConfig) -> Path:
     return resolve_path(cfg.data_path).parent / BOXES_FILE
 
 
-def patch_classes(cfg: TrainConfig) -> list[str]:
-    """The box names of the training images, for --patch_loss's head ([] when off)."""
-    if not cfg.patch_loss:
-        return []
-    path = boxes_file(cfg)
-    try:
-        table = read_boxes_file(path)
-    except BoxError as exc:
-        raise TrainingError(str(exc)) from None
-    root = resolve_path(cfg.images_path)
-    data_path = resolve_path(cfg.data_path)
-    keys = set()
-    if data_path.is_file():
-        for n, rec in enumerate(read_jsonl(data_path), 1):
-            keys.update(image_keys([image_file(root, rel, f"{data_path}:{n}") for rel in images_of(rec)], root))
-    names = sorted({name for k in keys if k in table for name in table[k].get("boxes", {})})
-    if not names:
-        log.warning("--patch_loss %g: no organ/finding boxes for the training images in %s, so the patch loss is "
-                    "off (the converter writes them from each image folder's detection.json; run "
-                    "convert_slake_dataset.py again, or pass --boxes_path)", cfg.patch_loss, path)
-    else:
-        log.info("--patch_loss %g: a head predicts %d box names per image patch (%s)", cfg.patch_loss, len(names),
-                 ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""))
-    return names
-
-
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, object]:
     start = resolve_from_weight(cfg)
     ckpt = read_checkpoint(start) if start else None
@@ -146,8 +119,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
         "wsd": f"stable, then linear decay to {cfg.min_lr_ratio:g} of the peak over the last "
                f"{round(100 * cfg.decay_ratio)}% of the steps"}[cfg.lr_schedule], cfg.schedule_source)
     tower = load_vision_tower(cfg.vision_model)
-    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS}, **tuned_vision(cfg, tower),
-                             patch_labels=patch_classes(cfg))
+    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS}, **tuned_vision(cfg, tower))
     if cfg.max_seq_len > model_cfg.max_position_embeddings:
         raise TrainingError(f"--max_seq_len {cfg.max_seq_len} exceeds {model_cfg.max_position_embeddings}")
     model = MedicalVLM(model_cfg, tower)
@@ -166,10 +138,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
             raise TrainingError(f"--from_weight {start} was trained with vision tower '{ckpt['vision']['id']}' "
                                 f"({fp}) but this run uses '{tower.name}' ({tower.fingerprint()}): the projector "
                                 "would see different features. Pass the same --vision_model.")
-        # a patch head for other box names (or none before) starts afresh
         try:
-            load_weights(model, ckpt["model"], f"--from_weight {start}",
-                         skip_prefixes=("patch_head.",) if old.patch_labels != model_cfg.patch_labels else ())
+            load_weights(model, ckpt["model"], f"--from_weight {start}")
         except CheckpointError as exc:
             raise TrainingError(str(exc)) from None
         log.info("starting from %s (stage %s, step %d)", start, ckpt["stage"], ckpt["step"])
@@ -223,47 +193,32 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
     return data, val, features, packed
 
 
-def box_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(names, targets [n_images, patches, names], known [n_images]) from the boxes file for the
-    data's image table: the patch head's names when it has one, else every name in the file."""
+def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset):
+    """Attaches the --look_loss targets (where each question should look, from the boxes file) to
+    the training samples; says in the log when the data gives none."""
+    if not cfg.look_loss:
+        return
     grid = grid_side(model.config.image_tokens)
     if grid is None:
-        raise TrainingError(f"--patch_loss / --look_loss need a square patch grid; this tower gives "
-                            f"{model.config.image_tokens} image tokens")
+        log.info("--look_loss: the tower's %d image tokens are not a square grid; the loss is off",
+                 model.config.image_tokens)
+        return
+    if not boxes_file(cfg).is_file():
+        log.info("--look_loss: no %s beside the data (no organ/finding boxes), so the model is not told where to "
+                 "look; convert_slake_dataset.py writes it from SLAKE's detection.json files", BOXES_FILE)
+        return
     try:
         table = read_boxes_file(boxes_file(cfg))
     except BoxError as exc:
         raise TrainingError(str(exc)) from None
-    return patch_targets(table, image_keys(data.image_paths, resolve_path(cfg.images_path)), grid,
-                         classes=model.config.patch_labels or None)
-
-
-def patch_tables(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, device) -> tuple | None:
-    """(targets [n_images, patches, names], known [n_images]) on the device for --patch_loss;
-    --look_loss targets are attached to the samples here too."""
-    if model.patch_head is None and not cfg.look_loss:
-        return None
-    if model.patch_head is None and grid_side(model.config.image_tokens) is None:
-        log.info("--look_loss: the tower's %d image tokens are not a square grid; the loss is off",
-                 model.config.image_tokens)
-        return None
-    if not boxes_file(cfg).is_file() and model.patch_head is None:
-        log.info("--look_loss: no %s beside the data (no organ/finding boxes), so the model is not told where to "
-                 "look; convert_slake_dataset.py writes it from SLAKE's detection.json files", BOXES_FILE)
-        return None
-    classes, targets, known = box_tables(cfg, model, data)
-    if cfg.look_loss:
-        n = annotate_look(data, classes, targets, known)
-        if n:
-            log.info("--look_loss %g: %d of %d training questions name a box of their image (%s)", cfg.look_loss,
-                     n, len(data), ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else ""))
-        else:
-            log.info("--look_loss: no question names a box of its image (%s), so the model is not told where to "
-                     "look", "no boxes in the data" if not classes else f"{int(known.sum())} images with boxes")
-    if model.patch_head is None:
-        return None
-    log.info("--patch_loss: boxes for %d of %d images", int(known.sum()), len(known))
-    return targets.to(device), known.to(device)
+    classes, targets, known = patch_targets(table, image_keys(data.image_paths, resolve_path(cfg.images_path)), grid)
+    n = annotate_look(data, classes, targets, known)
+    if n:
+        log.info("--look_loss %g: %d of %d training questions name a box of their image (%s)", cfg.look_loss,
+                 n, len(data), ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else ""))
+    else:
+        log.info("--look_loss: no question names a box of its image (%s), so the model is not told where to "
+                 "look", "no boxes in the data" if not classes else f"{int(known.sum())} images with boxes")
 
 
 def stop_now(stop: StopRequest, dist: Dist, step: int, every: int, device) -> bool:
@@ -329,7 +284,7 @@ def _train(cfg: TrainConfig) -> dict:
     log.info(model.parameter_line())
     encoder = ChatEncoder(tok, model.config.image_tokens)
     data, val, features, packed = setup_data(cfg, model, encoder, dist, device)
-    patches = patch_tables(cfg, model, data, device)
+    look_targets(cfg, model, data)
     n_seq = len(packed) if packed else len(data)
     global_batch = cfg.batch_size * dist.world * cfg.accumulation_steps
     steps_per_epoch = n_seq // global_batch
@@ -404,7 +359,7 @@ def _train(cfg: TrainConfig) -> dict:
 
             def one_step():
                 return train_step(runner.run, model, batches, features, opt, scaler, params, cfg, dist, device,
-                                  amp, lr, patches, runner.graphs)
+                                  amp, lr, runner.graphs)
             try:
                 window_loss += one_step()
             except Exception as exc:  # noqa: BLE001 (only a step that compiles is retried, and it is logged)
