@@ -106,7 +106,7 @@ def test_ctrl_c_stops_the_test_suite(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("debias", 1.0), ("pair_closed", True), ("balance_closed", True),
-                                         ("prior_weight", 0.5), ("projector_lr_scale", 10.0)])
+                                         ("prior_weight", 0.5), ("projector_lr_scale", 10.0), ("patch_loss", 1.0)])
 def test_resume_state_of_a_removed_lever_is_a_clear_message(demo_data, tmp_path, capsys, flag, value):  # noqa: F811
     """A resume state written with a flag that has since been removed (it lost its measurement) is
     refused with the flag named; one that recorded the flag at its off value resumes."""
@@ -116,7 +116,7 @@ def test_resume_state_of_a_removed_lever_is_a_clear_message(demo_data, tmp_path,
     resume = out / "medical_vlm_32_resume.pth"
     state = torch.load(resume, map_location="cpu", weights_only=False)
     from trainer.checkpointing import REMOVED_FLAGS
-    state["train_config"][flag] = REMOVED_FLAGS[flag]  # an older run with the lever off: fine
+    state["train_config"][flag] = REMOVED_FLAGS[flag][0]  # an older run with the lever off: fine
     torch.save(state, resume)
     assert main("sft", stage_args(demo_data, out, epochs=2, batch_size=4, stop_at_step=3) + ["--resume"]) == 0
     state = torch.load(resume, map_location="cpu", weights_only=False)

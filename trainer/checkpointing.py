@@ -20,19 +20,22 @@ log = logging.getLogger("train")
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
                "train_vision", "vision_lr", "look_loss")
-# Flags that lost their measurements and were removed (docs/learning.md has the numbers), with the
-# value that meant "off": a resume state or checkpoint that recorded another value trained with them.
-REMOVED_FLAGS = {"balance_closed": False, "pair_closed": False, "projector_lr_scale": 1.0, "debias": 0.0,
-                 "debias_until": 1.0, "rank_weight": 0.0, "rank_margin": 1.0, "prior_weight": 0.0,
-                 "look_fallback": "none", "patch_loss": 0.0}
-REMOVED_AT = "27ee718"  # the last commit that had them all
+# Flags that lost their measurements and were removed (docs/learning.md has the numbers): the value
+# that meant "off", and the last commit that had the flag. A resume state that recorded another value
+# trained with it.
+REMOVED_FLAGS = {**{k: (off, "ab73515") for k, off in (
+    ("balance_closed", False), ("pair_closed", False), ("projector_lr_scale", 1.0), ("debias", 0.0),
+    ("debias_until", 1.0), ("rank_weight", 0.0), ("rank_margin", 1.0), ("prior_weight", 0.0),
+    ("look_fallback", "none"))}, "patch_loss": (0.0, "27ee718"), "projector": ("mlp", "27ee718")}
 
 
-def removed_flags_used(train_config: dict) -> dict:
-    """The removed flags a stored run configuration set to something other than off."""
-    used = {k: v for k, v in train_config.items() if k in REMOVED_FLAGS and v != REMOVED_FLAGS[k]}
+def removed_flags_used(train_config: dict) -> dict[str, tuple[object, str]]:
+    """The removed flags (and the removed --projector film) a stored run configuration used:
+    flag -> (its value, the last commit that had it)."""
+    used = {k: (v, REMOVED_FLAGS[k][1]) for k, v in train_config.items()
+            if k in REMOVED_FLAGS and k != "projector" and v != REMOVED_FLAGS[k][0]}
     if train_config.get("projector") == "film":
-        used["projector"] = "film"
+        used["projector"] = ("film", REMOVED_FLAGS["projector"][1])
     return used
 
 
@@ -127,9 +130,10 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
     used = removed_flags_used(state["train_config"])
     if used:
         raise TrainingError(f"--resume: {resume_path} was trained with flags this toolkit no longer has "
-                            f"({', '.join(f'--{k} {v}' for k, v in used.items())}; they lost their measurements, "
-                            f"docs/learning.md); continue it with the toolkit at commit {REMOVED_AT}, or start fresh "
-                            "without --resume")
+                            f"({', '.join(f'--{k} {v}' for k, (v, _) in used.items())}; they lost their measurements, "
+                            f"docs/learning.md); continue it with the toolkit at commit "
+                            f"{'ab73515' if any(c == 'ab73515' for _, c in used.values()) else '27ee718'} (it has all of "
+                            "them), or start fresh without --resume")
     mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
                 if state["train_config"].get(k) != getattr(cfg, k)}
     if state.get("world") != dist.world:
