@@ -43,34 +43,29 @@ class _Images(torch.utils.data.Dataset):
         return preprocess(self.processor, [load_image(self.paths[i])])[0]
 
 
-def run_tower(tower: VisionTower, pixels: torch.Tensor, device, stop_before: int | None = None) -> torch.Tensor:
+def run_tower(tower: VisionTower, pixels: torch.Tensor, device) -> torch.Tensor:
     """Tower features in the cache's dtype, always computed outside any autocast so the
-    cached path, the per-batch path and single questions give the same numbers.
-    ``stop_before``: the frozen prefix's output instead (``MedicalVLM.cache_layers``)."""
+    cached path, the per-batch path and single questions give the same numbers."""
     with torch.autocast(torch.device(device).type, enabled=False):
-        return tower(pixels.to(device), stop_before).to(FEATURE_DTYPE)
+        return tower(pixels.to(device)).to(FEATURE_DTYPE)
 
 
 def compute_features(tower: VisionTower, paths: list[Path], device, batch_size: int = 32,
-                     num_workers: int = 0, progress: bool = True, stop_before: int | None = None) -> torch.Tensor:
+                     num_workers: int = 0, progress: bool = True) -> torch.Tensor:
     loader = torch.utils.data.DataLoader(_Images(paths, tower.processor), batch_size=batch_size,
                                          num_workers=num_workers)
     out = []
     for pixels in show_progress(loader, desc="vision features", unit="batch", enabled=progress):
-        out.append(run_tower(tower, pixels, device, stop_before))
-    tokens = tower.num_patches + (stop_before is not None)  # the prefix keeps CLS
-    return torch.cat(out) if out else torch.zeros(0, tokens, tower.hidden_size, dtype=FEATURE_DTYPE)
+        out.append(run_tower(tower, pixels, device))
+    return torch.cat(out) if out else torch.zeros(0, tower.num_patches, tower.hidden_size, dtype=FEATURE_DTYPE)
 
 
 class FeatureStore:
     def __init__(self, tower: VisionTower, image_paths: list[Path], device, cache_dir: str | Path | None,
-                 budget_gb: float = 4.0, num_workers: int = 0, build: bool = True, progress: bool = True,
-                 stop_before: int | None = None):
+                 budget_gb: float = 4.0, num_workers: int = 0, build: bool = True, progress: bool = True):
         """``build=False``: only load an existing cache file (non-zero ranks under DDP, after
-        rank 0 built it). ``stop_before``: cache the output of the tower's first blocks (the
-        fine-tuned last blocks run in the model), in a cache file of its own."""
+        rank 0 built it)."""
         self.tower, self.paths, self.device = tower, list(image_paths), device
-        self.stop_before = stop_before
         self.num_workers, self.progress = num_workers, progress
         need = len(self.paths) * tower.num_patches * tower.hidden_size * FEATURE_DTYPE.itemsize
         self.cached = need <= budget_gb * 1024**3
@@ -80,8 +75,7 @@ class FeatureStore:
             log.warning("vision features would need %.1f GB > --feature_cache_gb %.1f: computing them per "
                         "batch instead (slower)", need / 1024**3, budget_gb)
             return
-        suffix = f"_blocks{stop_before}" if stop_before is not None else ""
-        self.cache_file = Path(cache_dir) / f"vision_{tower.fingerprint()}{suffix}.pt" if cache_dir else None
+        self.cache_file = Path(cache_dir) / f"vision_{tower.fingerprint()}.pt" if cache_dir else None
         if self.cache_file is not None and build:
             remove_stale_temps(self.cache_file)  # left by a build that was killed
         self._load_or_build(build)
@@ -106,8 +100,7 @@ class FeatureStore:
             log.info("computing vision features for %d of %d image(s) with %s", len(missing), len(self.paths),
                      self.tower.name)
             new = compute_features(self.tower, [self.paths[i] for i in missing], self.device,
-                                   num_workers=self.num_workers, progress=self.progress,
-                                   stop_before=self.stop_before).cpu()
+                                   num_workers=self.num_workers, progress=self.progress).cpu()
             for j, i in enumerate(missing):
                 rows[hashes[i]] = new[j]
             if self.cache_file is not None:
@@ -120,7 +113,7 @@ class FeatureStore:
         self.features = torch.stack([rows[h] for h in hashes]).to(self.device) if hashes else self._empty()
 
     def _empty(self) -> torch.Tensor:
-        return torch.zeros(0, self.tower.num_patches + (self.stop_before is not None), self.tower.hidden_size,
+        return torch.zeros(0, self.tower.num_patches, self.tower.hidden_size,
                            dtype=FEATURE_DTYPE, device=self.device)
 
     def get(self, index: torch.Tensor) -> torch.Tensor:
@@ -132,4 +125,4 @@ class FeatureStore:
         if index.numel() == 0:
             return self._empty()
         pixels = self.tower.preprocess([load_image(self.paths[i]) for i in index.tolist()])
-        return run_tower(self.tower, pixels, self.device, self.stop_before)
+        return run_tower(self.tower, pixels, self.device)

@@ -132,7 +132,7 @@ class MedicalVQA:
             images = [as_image(im, f"image {start + i}") for i, (im, _) in enumerate(chunk)]
             prompts = [self.encoder.encode([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{clean_question(q)}"}],
                                            add_generation_prompt=True).input_ids for _, q in chunk]
-            feats = run_tower(tower, tower.preprocess(images), self.device, self.model.cache_layers())
+            feats = run_tower(tower, tower.preprocess(images), self.device)
             with generation_autocast(self.device):
                 outs = generate(self.model, prompts, feats, GenerationConfig(max_new_tokens=self.max_new_tokens),
                                 self.model.config.eos_token_id, self.model.config.pad_token_id, trie=self.trie,

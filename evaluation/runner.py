@@ -63,7 +63,7 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
             except ImageReadError as exc:
                 failures[p] = str(exc)
     features = FeatureStore(model.vision_tower, image_paths, device, cache_dir, feature_cache_gb,
-                            stop_before=model.cache_layers())
+)
 
     items, pending = [], []
     for n, (rec, paths) in enumerate(zip(records, rec_paths)):
@@ -419,8 +419,7 @@ def image_features(ckpt: LoadedCheckpoint, images: list) -> torch.Tensor | None:
     model = ckpt.model
     if not images:
         return None
-    return run_tower(model.vision_tower, model.vision_tower.preprocess(images), next(model.parameters()).device,
-                     model.cache_layers())
+    return run_tower(model.vision_tower, model.vision_tower.preprocess(images), next(model.parameters()).device)
 
 
 def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], question: str,

@@ -6,22 +6,22 @@ the demo rebuild the exact network from the file alone.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"
 DEFAULT_TOKENIZER = "model/tokenizer"
 IMAGE_PLACEHOLDER = "<image>"
-# the last commit with the removed levers (--projector film, --patch_loss, docs/learning.md)
-REMOVED_AT = "27ee718"
+# the last commit with the removed model levers (--projector film, --patch_loss, --train_vision; docs/learning.md)
+REMOVED_AT = "5bbdddf"
 PROJECTORS = ("mlp", "linear")
 # Bounds of a config's sizes (checked before any allocation; far above MiniMind2's 768 x 16).
 LIMITS = {"hidden_size": (1, 8192), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 256),
           "num_key_value_heads": (1, 256), "vocab_size": (1, 1_000_000), "intermediate_size": (0, 65536),
           "max_position_embeddings": (1, 262_144), "vision_hidden_size": (1, 8192), "image_tokens": (1, 16_384),
           "n_routed_experts": (1, 256), "n_shared_experts": (0, 64), "num_experts_per_tok": (1, 256),
-          "vision_tuned_layers": (0, 256), "dropout": (0.0, 1.0), "rope_theta": (1.0, 1e12),
+          "dropout": (0.0, 1.0), "rope_theta": (1.0, 1e12),
           "rms_norm_eps": (0.0, 1.0), "aux_loss_alpha": (0.0, 100.0),
           "image_token_id": (-1, 1_000_000), "pad_token_id": (-1, 1_000_000), "eos_token_id": (-1, 1_000_000)}
 MAX_PARAMETERS = 4_000_000_000
@@ -80,10 +80,6 @@ class VLMConfig:
     vision_hidden_size: int = 768  # filled from the tower when the model is built
     image_tokens: int = 196  # patch tokens per image (224 px / 16 px patches, CLS dropped)
     projector: str = "mlp"  # "mlp" (LLaVA-1.5) or "linear" (MiniMind2-V)
-    # --train_vision: the last N tower blocks are copied into the model and trained; the feature
-    # cache keeps the frozen prefix's output. The block config lets a checkpoint be rebuilt alone.
-    vision_tuned_layers: int = 0
-    vision_layer_config: dict = field(default_factory=dict)
     # special token ids, always taken from the tokenizer
     image_token_id: int = -1
     pad_token_id: int = 0
@@ -103,10 +99,6 @@ class VLMConfig:
             if f.name in LIMITS and not LIMITS[f.name][0] <= value <= LIMITS[f.name][1]:
                 raise ValueError(f"{f.name} must be between {LIMITS[f.name][0]} and {LIMITS[f.name][1]}, "
                                  f"got {value}")
-        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"):
-            v = self.vision_layer_config.get(key, 1)
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65536:
-                raise ValueError(f"vision_layer_config.{key} must be an integer between 1 and 65536, got {v!r:.40}")
         if self.intermediate_size <= 0:
             self.intermediate_size = minimind_intermediate_size(self.hidden_size)
         if self.hidden_size % self.num_attention_heads:
@@ -143,6 +135,10 @@ class VLMConfig:
             raise ValueError(f"projector 'film' was removed (it lost its measurements, docs/learning.md); load this "
                              f"model with the toolkit at commit {REMOVED_AT}")
         d.pop("patch_labels", None)  # a training-only head (--patch_loss, removed): answers never used it
+        if d.pop("vision_tuned_layers", 0):
+            raise ValueError(f"this model fine-tuned the vision tower's last blocks (--train_vision, removed: it lost "
+                             f"its measurements, docs/learning.md); load it with the toolkit at commit {REMOVED_AT}")
+        d.pop("vision_layer_config", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -65,28 +65,12 @@ class VisionTower(nn.Module):
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return preprocess(self.processor, images)
 
-    @property
-    def _vision(self):
-        return getattr(self.model, "vision_model", self.model)  # transformers 4 nests it
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self._vision.encoder.layers
-
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor, stop_before: int | None = None) -> torch.Tensor:
-        """Patch tokens of the last layer (CLS dropped); with ``stop_before=k`` the hidden states
-        that enter block k instead, CLS included: the frozen prefix whose output the feature
-        cache keeps when the last blocks are fine-tuned (``--train_vision``)."""
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch tokens of the last layer (CLS dropped)."""
         param = next(self.model.parameters())
         pixel_values = pixel_values.to(param.device, param.dtype)
-        if stop_before is None:
-            return self.model(pixel_values=pixel_values).last_hidden_state[:, 1:, :]
-        vm = self._vision
-        h = vm.pre_layrnorm(vm.embeddings(pixel_values))
-        for layer in vm.encoder.layers[:stop_before]:
-            h = run_clip_layer(layer, h)
-        return h
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 1:, :]
 
     def fingerprint(self) -> str:
         """Hash of the weights: stored in checkpoints and feature-cache names so features
@@ -98,12 +82,6 @@ class VisionTower(nn.Module):
                 h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
-
-
-def run_clip_layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """One CLIP encoder block (transformers returns a tensor, or a tuple in older versions)."""
-    out = layer(h, None)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def preprocess(processor, images: list[Image.Image]) -> torch.Tensor:

@@ -11,7 +11,7 @@ from model.config import VLMConfig
 from model.language_model import KVCache, MiniMindLM
 from model.tokenization import IGNORE_INDEX
 from model.runtime import unwrap  # noqa: F401  (re-exported: model.vlm.unwrap)
-from model.vision import VisionTower, run_clip_layer
+from model.vision import VisionTower
 
 log = logging.getLogger(__name__)
 
@@ -81,36 +81,8 @@ class MedicalVLM(nn.Module):
         self.llm = MiniMindLM(config)
         self.projector = Projector(config)
         self.vision_tower = vision_tower
-        self.vision_tuned = None
-        if config.vision_tuned_layers:
-            # The fine-tuned last blocks of the tower, as a trainable copy: the frozen tower (and
-            # its weight fingerprint) never changes, and a checkpoint stores these blocks only.
-            from transformers import CLIPVisionConfig
-            from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-            layer_cfg = CLIPVisionConfig(**config.vision_layer_config)
-            self.vision_tuned = nn.ModuleList(CLIPEncoderLayer(layer_cfg) for _ in range(config.vision_tuned_layers))
-            if vision_tower is not None:
-                start = len(vision_tower.layers) - config.vision_tuned_layers
-                for mine, theirs in zip(self.vision_tuned, vision_tower.layers[start:]):
-                    mine.load_state_dict(theirs.state_dict())
         if vision_tower is not None:
             self.check_vision_tower(vision_tower)
-
-    def cache_layers(self) -> int | None:
-        """How many tower blocks the cached features went through: all (None: the tower's
-        output) unless the last blocks are fine-tuned."""
-        if not self.config.vision_tuned_layers:
-            return None
-        return self.config.vision_layer_config["num_hidden_layers"] - self.config.vision_tuned_layers
-
-    def finish_image_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Cached features -> patch tokens: the fine-tuned blocks (if any), then CLS dropped."""
-        if self.vision_tuned is None:
-            return features
-        h = features.to(next(self.vision_tuned.parameters()).dtype)
-        for layer in self.vision_tuned:
-            h = run_clip_layer(layer, h)
-        return h[:, 1:, :]
 
     def check_vision_tower(self, tower: VisionTower):
         if tower.hidden_size != self.config.vision_hidden_size or tower.num_patches != self.config.image_tokens:
@@ -129,7 +101,6 @@ class MedicalVLM(nn.Module):
         embeds = self.llm.embed_tokens(input_ids)
         projected = None
         if image_features is not None and image_features.numel():
-            image_features = self.finish_image_features(image_features)
             projected = self.projector(image_features.to(self.projector_dtype()))
         elif self.training and torch.is_grad_enabled():
             # A batch without images still touches the projector (times zero), so DDP finds a
@@ -198,7 +169,7 @@ class MedicalVLM(nn.Module):
             return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
         return {"llm": count(self.llm), "projector": count(self.projector),
                 "vision_frozen": count(self.vision_tower),
-                "trainable": count(self.llm, True) + count(self.projector, True) + count(self.vision_tuned, True)}
+                "trainable": count(self.llm, True) + count(self.projector, True)}
 
     def parameter_line(self) -> str:
         s = self.parameter_summary()

@@ -275,62 +275,6 @@ def test_also_merges_training_splits_only_and_refuses_shared_images(tmp_path, ca
     assert "1 image(s) are also in" in err and (out / "manifest.json").read_text() == before
 
 
-@pytest.mark.parametrize("mode,n", [("last:1", 1), ("all", 2)])
-def test_train_vision_tunes_exactly_the_last_blocks(mode, n, tmp_path, tiny_tower):
-    """--train_vision: gradients reach exactly the tuned blocks (copies of the tower's last
-    ones), the cache keeps the frozen prefix's output, the checkpoint carries the tuned
-    blocks and evaluation uses them; the tower itself never changes."""
-    from dataset.features import FeatureStore
-    from dataset.slake import convert, read_release
-    from model.checkpoint import load_model
-    from trainer.cli import main as train_main
-    raw = write_hard_release(tmp_path / "raw", seed=6, n_train=6, n_val=2, n_test=3)
-    convert(read_release(raw), tmp_path / "d")
-    d = tmp_path / "d"
-    base = ["--vision_model", "random-tiny", "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads",
-            "2", "--num_key_value_heads", "1", "--device", "cpu", "--num_workers", "0", "--cache_dir", str(tmp_path / "c"),
-            "--images_path", str(d / "medical_images"), "--data_path", str(d / "medical_vqa_train.jsonl"),
-            "--val_path", "", "--epochs", "1", "--batch_size", "4", "--from_weight", "none"]
-    assert train_main("sft", base + ["--out_dir", str(tmp_path / "o"), "--train_vision", mode, "--vision_lr", "1e-3"]) == 0
-    ckpt = load_model(tmp_path / "o" / "medical_vlm_32.pth", vision_model="random-tiny")
-    model = ckpt.model
-    assert len(model.vision_tuned) == n and model.cache_layers() == 2 - n
-    tuned = {k for k in torch.load(tmp_path / "o" / "medical_vlm_32.pth", weights_only=True)["model"] if "vision" in k}
-    assert tuned and all(k.startswith("vision_tuned.") for k in tuned)
-    # the tuned blocks moved away from the tower's; the tower is the pristine one (same fingerprint)
-    for mine, theirs in zip(model.vision_tuned, tiny_tower.layers[2 - n:]):
-        assert not torch.equal(mine.mlp.fc1.weight, theirs.mlp.fc1.weight)
-    assert model.vision_tower.fingerprint() == tiny_tower.fingerprint()
-    assert list((tmp_path / "c").glob(f"vision_*_blocks{2 - n}.pt"))
-    # gradients: the tuned blocks and the LM get them, the frozen tower none
-    model.train()
-    paths = sorted((d / "medical_images").rglob("*.png"))[:2]
-    feats = FeatureStore(model.vision_tower, paths, "cpu", None, stop_before=model.cache_layers())
-    assert feats.get(torch.tensor([0])).shape[1] == 197  # CLS + 196 patches: the prefix's hidden states
-    enc = ChatEncoder(ckpt.tokenizer, 196)
-    e = enc.encode([{"role": "user", "content": "<image>\nIs there a cyst in the left lung?"},
-                    {"role": "assistant", "content": "Yes"}])
-    for p in model.parameters():
-        p.grad = None
-    loss, k, _ = model(torch.tensor([e.input_ids]), feats.get(torch.tensor([0])), torch.tensor([e.labels]))
-    loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision_tuned.parameters()
-               if p.requires_grad and p.ndim == 2)
-    assert all(p.grad is None for p in model.vision_tower.parameters())
-    # the per-batch path (no cache) gives the same features as the cache
-    per_batch = FeatureStore(model.vision_tower, paths, "cpu", None, budget_gb=0, stop_before=model.cache_layers())
-    assert torch.allclose(per_batch.get(torch.tensor([1])).float(), feats.get(torch.tensor([1])).float(), atol=1e-3)
-    # evaluation runs the tuned blocks: zeroing them changes what the model sees
-    assert eval_vlm.main(["--model_path", str(tmp_path / "o" / "medical_vlm_32.pth"), "--data_path",
-                          str(d / "medical_vqa_test.jsonl"), "--images_path", str(d / "medical_images"), "--train_path",
-                          "", "--out_dir", str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c")]) == 0
-    with torch.no_grad():
-        model.eval()
-        before = model.finish_image_features(feats.get(torch.tensor([0])))
-        model.vision_tuned[-1].mlp.fc2.weight.zero_()
-        assert not torch.allclose(before, model.finish_image_features(feats.get(torch.tensor([0]))))
-
-
 @pytest.mark.parametrize("stage,argv,before,expected,lm_pretrained", [
     ("sft", [], {}, 1e-3, False),                                    # scratch
     ("pretrain", [], {}, 1e-3, False),

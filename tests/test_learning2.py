@@ -357,3 +357,26 @@ def test_checkpoint_with_a_patch_head_still_loads(ckpt_for_compat):
 @pytest.fixture
 def ckpt_for_compat(tmp_path, tokenizer, tiny_tower):
     return save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower), tmp_path
+
+
+@pytest.mark.parametrize("field, value, message", [("projector", "film", "film"),
+                                                   ("vision_tuned_layers", 1, "--train_vision")])
+def test_models_of_removed_levers_are_refused_by_name(field, value, message, ckpt_for_compat):
+    from model.checkpoint import CheckpointError, load_model
+    path, tmp_path = ckpt_for_compat
+    obj = torch.load(path, weights_only=False)
+    obj["config"][field] = value
+    torch.save(obj, tmp_path / "old.pth")
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_model(tmp_path / "old.pth", vision_model="random-tiny")
+    assert "commit" in str(err.value)
+
+
+def test_removed_vision_config_at_its_default_still_loads(ckpt_for_compat):
+    """Checkpoints written before --train_vision was removed carry its fields at 0 / {}: they load."""
+    from model.checkpoint import load_model
+    path, tmp_path = ckpt_for_compat
+    obj = torch.load(path, weights_only=False)
+    obj["config"].update(vision_tuned_layers=0, vision_layer_config={}, patch_labels=[])
+    torch.save(obj, tmp_path / "old.pth")
+    assert load_model(tmp_path / "old.pth", vision_model="random-tiny").model.config.projector == "mlp"

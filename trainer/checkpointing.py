@@ -19,14 +19,15 @@ log = logging.getLogger("train")
 # fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
-               "train_vision", "vision_lr", "look_loss")
+               "look_loss")
 # Flags that lost their measurements and were removed (docs/learning.md has the numbers): the value
 # that meant "off", and the last commit that had the flag. A resume state that recorded another value
 # trained with it.
 REMOVED_FLAGS = {**{k: (off, "ab73515") for k, off in (
     ("balance_closed", False), ("pair_closed", False), ("projector_lr_scale", 1.0), ("debias", 0.0),
     ("debias_until", 1.0), ("rank_weight", 0.0), ("rank_margin", 1.0), ("prior_weight", 0.0),
-    ("look_fallback", "none"))}, "patch_loss": (0.0, "27ee718"), "projector": ("mlp", "27ee718")}
+    ("look_fallback", "none"))}, "patch_loss": (0.0, "27ee718"), "projector": ("mlp", "27ee718"),
+    "train_vision": ("none", "5bbdddf"), "vision_lr": (2e-5, "5bbdddf")}
 
 
 def removed_flags_used(train_config: dict) -> dict[str, tuple[object, str]]:

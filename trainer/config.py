@@ -6,7 +6,6 @@ data, the learning rate, what is frozen and which weights they start from.
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import asdict, dataclass, field, fields
 
 from model import flags
@@ -39,8 +38,6 @@ class TrainConfig:
     from_weight: str = "none"   # "none", "pretrain" (stage-1 output if present) or a checkpoint path
     from_llm: str = ""          # MiniMind2 LLM weights (llm_512.pth / llm_768.pth)
     freeze_llm: str = "none"    # "all", "except_last", "none" or "auto" (all when from_llm is given)
-    train_vision: str = "none"  # "none", "last:N" (fine-tune the tower's last N blocks) or "all"
-    vision_lr: float = 2e-5     # peak learning rate of the fine-tuned tower blocks
     # optimisation
     epochs: int = 4
     batch_size: int = 16
@@ -92,8 +89,6 @@ class TrainConfig:
                 f"--hidden_size {self.hidden_size} must split into --num_attention_heads "
                 f"{self.num_attention_heads} heads of an even width (rotary embeddings rotate pairs), "
                 "e.g. 512/8 or 768/8")
-        if self.train_vision not in ("none", "all") and not re.fullmatch(r"last:[1-9]\d*", self.train_vision):
-            raise flags.FlagError(f"--train_vision must be none, all or last:N (N >= 1), got {self.train_vision!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise flags.FlagError(f"--num_attention_heads {self.num_attention_heads} must be a multiple of "
                                   f"--num_key_value_heads {self.num_key_value_heads}")
@@ -167,7 +162,7 @@ GROUPS = {
     "data": ["data_path", "val_path", "images_path", "cache_dir", "feature_cache_gb", "max_seq_len", "pack_questions",
              "boxes_path"],
     "model": ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "use_moe", "projector",
-              "vision_model", "tokenizer_path", "from_weight", "from_llm", "freeze_llm", "train_vision", "vision_lr"],
+              "vision_model", "tokenizer_path", "from_weight", "from_llm", "freeze_llm"],
     "optimisation": ["epochs", "batch_size", "accumulation_steps", "learning_rate", "weight_decay", "grad_clip"],
     "learning-rate schedule": ["lr_schedule", "warmup_ratio", "min_lr_ratio", "decay_ratio"],
     "grounding (where the answer looks; 0 = off)": ["look_loss"],
@@ -211,9 +206,6 @@ HELP = {
                "off, or auto (on for CUDA runs of 500+ steps; off on the CPU); a bare --compile means on",
     "prefetch": "build the next step's batches on a worker thread while this step runs (default: on with CUDA, "
                 "where the host is otherwise idle; off on the CPU, where the thread takes cores from the step)",
-    "train_vision": "none | last:N | all: fine-tune the vision tower's last N (or all) blocks; the feature cache "
-                    "then keeps the frozen prefix's output",
-    "vision_lr": "peak learning rate of the fine-tuned vision blocks (same schedule as --learning_rate)",
     "learning_rate": "peak learning rate; default: automatic per stage and start (1e-3 from scratch; 4e-4 "
                      "for stage 1 and 1e-4 for stage 2 from MiniMind2 weights)",
     "lr_schedule": "after the linear warm-up: cosine (decay to --min_lr_ratio over the whole run), wsd "
@@ -242,7 +234,7 @@ RULES = {
     "num_key_value_heads": flags.positive_int, "epochs": flags.positive_int, "batch_size": flags.positive_int,
     "accumulation_steps": flags.positive_int, "learning_rate": flags.positive_float,
     "min_lr_ratio": flags.fraction, "decay_ratio": flags.fraction, "weight_decay": flags.non_negative_float,
-    "warmup_ratio": flags.fraction_below_one, "vision_lr": flags.positive_float, "grad_clip": flags.non_negative_float,
+    "warmup_ratio": flags.fraction_below_one, "grad_clip": flags.non_negative_float,
     "num_workers": flags.non_negative_int, "seed": flags.non_negative_int, "log_interval": flags.positive_int,
     "save_interval": flags.non_negative_int, "stop_at_step": flags.non_negative_int,
     "look_loss": flags.non_negative_float,

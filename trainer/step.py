@@ -114,12 +114,8 @@ def make_optimizer(model, cfg: TrainConfig, device, dtype):
     if cfg.learning_rate is None:  # build_model resolves it; a config made in code may not have
         cfg.resolve_learning_rate(cfg.lm_pretrained)
     params = [p for p in model.parameters() if p.requires_grad]
-    vision = {id(p) for p in model.vision_tuned.parameters()} if model.vision_tuned is not None else set()
-    groups = []
-    for scale, members in ((1.0, [p for p in params if id(p) not in vision]),
-                           (cfg.vision_lr / cfg.learning_rate, [p for p in params if id(p) in vision])):
-        groups += [{"params": [p for p in members if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": scale},
-                   {"params": [p for p in members if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # norms and biases
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                             betas=(0.9, 0.95), fused=True)  # fused: no per-parameter host reads of the step count
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -227,7 +223,7 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
     else:
         total_targets = n_local
     for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # the tuned vision blocks follow --vision_lr
+        group["lr"] = lr
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
     for m, batch in enumerate(batches):
         sync = m == len(batches) - 1

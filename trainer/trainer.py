@@ -88,19 +88,6 @@ def resolve_from_weight(cfg: TrainConfig) -> Path | None:
     return path
 
 
-def tuned_vision(cfg: TrainConfig, tower) -> dict:
-    """Config fields for --train_vision: how many of the tower's last blocks are fine-tuned."""
-    if cfg.train_vision == "none":
-        return {}
-    total = len(tower.layers)
-    n = total if cfg.train_vision == "all" else int(cfg.train_vision.split(":")[1])
-    if n > total:
-        raise TrainingError(f"--train_vision {cfg.train_vision}: the tower '{tower.name}' has only {total} blocks")
-    log.info("vision tower: fine-tuning its last %d of %d blocks at --vision_lr %g; the feature cache keeps the "
-             "output of the first %d", n, total, cfg.vision_lr, total - n)
-    return {"vision_tuned_layers": n, "vision_layer_config": tower.model.config.to_dict()}
-
-
 def boxes_file(cfg: TrainConfig) -> Path:
     if cfg.boxes_path != "auto":
         return resolve_path(cfg.boxes_path)
@@ -119,7 +106,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
         "wsd": f"stable, then linear decay to {cfg.min_lr_ratio:g} of the peak over the last "
                f"{round(100 * cfg.decay_ratio)}% of the steps"}[cfg.lr_schedule], cfg.schedule_source)
     tower = load_vision_tower(cfg.vision_model)
-    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS}, **tuned_vision(cfg, tower))
+    model_cfg = build_config(tok, tower, **{k: getattr(cfg, k) for k in ARCH_KEYS})
     if cfg.max_seq_len > model_cfg.max_position_embeddings:
         raise TrainingError(f"--max_seq_len {cfg.max_seq_len} exceeds {model_cfg.max_position_embeddings}")
     model = MedicalVLM(model_cfg, tower)
@@ -128,7 +115,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
             old = VLMConfig.from_dict(ckpt["config"])
         except (TypeError, ValueError) as exc:
             raise TrainingError(f"--from_weight {start}: the stored config is not valid ({exc})") from None
-        keys = (*ARCH_KEYS, "vocab_size") + (("vision_tuned_layers",) if old.vision_tuned_layers else ())
+        keys = (*ARCH_KEYS, "vocab_size")
         diff = {k: (getattr(old, k), getattr(model_cfg, k)) for k in keys if getattr(old, k) != getattr(model_cfg, k)}
         if diff:
             raise TrainingError(f"--from_weight {start} does not fit this run: {', '.join(f'{k} {a} vs {b}' for k, (a, b) in diff.items())}. "
@@ -176,11 +163,11 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
     features = None
     if dist.is_main or cache_dir is None:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
-                                cfg.num_workers, progress=dist.is_main, stop_before=model.cache_layers())
+                                cfg.num_workers, progress=dist.is_main)
     dist.barrier()
     if features is None:
         features = FeatureStore(model.vision_tower, data.image_paths, device, cache_dir, cfg.feature_cache_gb,
-                                cfg.num_workers, build=False, progress=False, stop_before=model.cache_layers())
+                                cfg.num_workers, build=False, progress=False)
     n_closed, prior = closed_text_prior(data.samples)
     if prior is not None:  # how much the question text alone tells about closed answers
         log.info("closed training questions: %d; the commonest answer of each question text is right for %.1f%% "
