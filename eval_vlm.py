@@ -116,9 +116,9 @@ def ask(ckpt, image, question: str | None, gen_cfg) -> int:
 
 
 def eval_name(path) -> str:
-    from model.pretrained import looks_like_hub_id
     """out/eval/<name>/ for a .pth, a model folder or a hub id: the last part of the path once
     '..' and '.' are resolved, reduced to safe characters, so results never land outside out/eval."""
+    from model.pretrained import looks_like_hub_id  # here: --help never imports the model code
     spec = str(path)
     last = Path(spec).name if looks_like_hub_id(spec) else resolve_path(spec).resolve().name
     name = re.sub(r"[^\w.-]+", "_", last.removesuffix(".pth")).strip("._")

@@ -1,6 +1,6 @@
 """Where the model looked: a relevance map over the image patches for an answer.
 
-Four methods, compared by the pointing game (docs/evaluation.md, scripts/compare_relevance.py):
+Four methods, compared by the pointing game (docs/evaluation.md; eval_vlm.py --relevance all):
 
 * ``look``: the attention of head 0 of the last layer from the position that starts the answer
   (the head ``--look_loss`` trains to point at the named organ or finding). One forward pass.

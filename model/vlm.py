@@ -76,7 +76,7 @@ class MedicalVLM(nn.Module):
         super().__init__()
         if config.image_token_id < 0:
             raise ValueError("config.image_token_id is unset: build the config from the tokenizer "
-                             "(model.build.build_model)")
+                             "(model.checkpoint.build_config)")
         self.config = config
         self.llm = MiniMindLM(config)
         self.projector = Projector(config)

@@ -20,7 +20,7 @@ from evaluation.relevance import DEFAULT_RELEVANCE, METHODS, model_view, overlay
 from evaluation.scoring import abstention, calibration, candidate_log_likelihoods
 from model.tokenization import ChatEncoder
 from tests.helpers import make_tiny_model, random_image
-from tests.test_learning2 import save_checkpoint_tiny
+from tests.test_grounding import save_checkpoint_tiny
 
 QUESTIONS = ("Is there a cyst in the left lung?", "How many findings are in the right kidney?", "Where?")
 

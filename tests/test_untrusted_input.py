@@ -231,7 +231,7 @@ def test_api_explanations_thread_safe(tokenizer, tiny_tower, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     from evaluation.api import MedicalVQA
     from tests.helpers import random_image
-    from tests.test_learning2 import save_checkpoint_tiny
+    from tests.test_grounding import save_checkpoint_tiny
     vqa = MedicalVQA.load(save_checkpoint_tiny(tmp_path, tokenizer, tiny_tower), device="cpu")
     questions = ["Is there a cyst in the left lung?", "Which organ is abnormal?", "How many nodules are there?",
                  "Is the liver healthy?", "Where is the lesion?"]
@@ -298,7 +298,7 @@ def test_deflated_dicom_inflation_is_bounded(tmp_path, mb, monkeypatch):
     ~1000:1) is refused while inflating in pieces, before pydicom inflates it whole."""
     import zlib as _zlib
     import pydicom
-    from tests.test_hardening2 import _deflated_dicom
+    from tests.test_bad_input import _deflated_dicom
     side = int((mb * 1_000_000 / 2) ** 0.5)
     path = _deflated_dicom(tmp_path / "b.dcm", 64, 64)
     raw = path.read_bytes()

@@ -126,8 +126,8 @@ class TrainConfig:
 
 # Peak learning rate per stage and start when --learning_rate is not given. A language model
 # trained from scratch needs about 10x the rate of one that starts from MiniMind2 weights: at
-# 1e-4 a scratch model answers closed questions from the question text alone (README, "What
-# accuracy to expect", measured with scripts/sweep_hard.sh). The MiniMind2 rates are
+# 1e-4 a scratch model answers closed questions from the question text alone (docs/learning.md,
+# measured with scripts/sweep_hard.sh). The MiniMind2 rates are
 # MiniMind-V's (stage 1 trains only the projector).
 AUTO_LEARNING_RATE = {("pretrain", "scratch"): 1e-3, ("pretrain", "llm"): 4e-4,
                       ("sft", "scratch"): 1e-3, ("sft", "llm"): 1e-4}
@@ -138,7 +138,7 @@ AUTO_LEARNING_RATE = {("pretrain", "scratch"): 1e-3, ("pretrain", "llm"): 4e-4,
 # any run and still anneals at the end: on the hard set it beat cosine at 32 epochs (closed
 # +29.6/+10.8 against +23.8/+7.6 at seeds 42/1) and matched it at the guide's 4 (+3.6 against
 # +4.9). A constant rate was best at 32 epochs (+26.5/+20.2/+20.2) but fell below the prior at 4
-# (-6.3): it is what scripts/demo.sh uses (README, "What accuracy to expect"). Stage 1 and runs
+# (-6.3): it is what scripts/demo.sh uses (docs/learning.md). Stage 1 and runs
 # from MiniMind2 weights keep MiniMind-V's cosine (stage 1 was not swept; real weights were not).
 AUTO_SCHEDULE = {("pretrain", "scratch"): "cosine", ("pretrain", "llm"): "cosine",
                  ("sft", "scratch"): "wsd", ("sft", "llm"): "cosine"}
