@@ -101,3 +101,31 @@ def test_guide_commands_as_written(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def readme_demo_block() -> list[list[str]]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- demo-guide -->", 1)[1].split("<!-- /demo-guide -->", 1)[0]
+    return [line.split()[1:] for line in block.splitlines() if line.startswith("python ")]
+
+
+@pytest.mark.slow
+def test_readme_demo_block_runs(tmp_path):
+    """The README's 'guide's commands on the built-in demo data' block, run in a copy of the
+    repository; only the scale is cut for the suite (40 training images, 1 epoch per stage)."""
+    commands = readme_demo_block()
+    assert [c[0] for c in commands] == ["convert_slake_dataset.py", "train_pretrain_vlm.py", "train_sft_vlm.py",
+                                       "eval_vlm.py", "web_demo_vlm.py"]
+    root = copy_repo(tmp_path / "repo")
+    for args in commands[:4]:
+        args = ["1" if a == "4" and prev == "--epochs" else a for prev, a in zip([""] + args, args)]
+        if args[0] == "convert_slake_dataset.py":
+            args += ["--demo_images", "40", "4", "4"]
+        res = run(root, *args)
+        assert res.returncode == 0, (args, res.stdout[-2000:], res.stderr[-2000:])
+    assert (root / "out" / "medical_vlm_128.pth").is_file()
+    metrics = json.loads((root / "out" / "eval" / "medical_vlm_128" / "metrics.json").read_text())
+    assert metrics["count"]["all"] > 0 and (root / "out" / "eval" / "medical_vlm_128" / "baselines.png").is_file()
+    import web_demo_vlm
+    demo = web_demo_vlm.parse_args(commands[4][1:])
+    assert (root / demo.model_path).is_file()
