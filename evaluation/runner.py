@@ -309,7 +309,7 @@ def write_overlays(model, tok, items, pending, features, image_paths: list[Path]
         view = overlay(model_view(model.vision_tower, load_image(image_paths[imgs[0]])), rel)
         caption = f"{items[i]['question']}\nanswer: {items[i]['prediction'] or '(none)'} | expected: {items[i]['answer']}"
         with atomic_open(folder / f"{_safe_name(items[i]['qid'])}.png", "wb") as f:
-            captioned(view, caption).save(f, format="PNG")
+            captioned(with_scale(view), caption).save(f, format="PNG")
     return len(picked)
 
 
@@ -328,6 +328,22 @@ def captioned(image: Image.Image, text: str, width: int = 448) -> Image.Image:
     draw = ImageDraw.Draw(out)
     for k, line in enumerate(lines):
         draw.text((6, scaled.height + 4 + 16 * k), line, fill="black")
+    return out
+
+
+def with_scale(image: Image.Image, height: int = 22) -> Image.Image:
+    """An overlay with its colour scale below it: clear (looked at least) to full red (most)."""
+    from PIL import ImageDraw
+    out = Image.new("RGB", (image.width, image.height + height), "white")
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    left, right, top = 70, image.width - 70, image.height + 5
+    for x in range(left, right):  # the overlay's own mix: grey scan below, red on top at up to 0.6
+        a = 0.6 * (x - left) / max(right - left - 1, 1)
+        draw.line([(x, top), (x, top + 10)], fill=(round(128 * (1 - a) + 255 * a), round(128 * (1 - a)),
+                                                   round(128 * (1 - a))))
+    draw.text((4, top - 1), "looked least", fill="black")
+    draw.text((right + 4, top - 1), "most", fill="black")
     return out
 
 
