@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from model import flags
+from infra import flags
 from model.config import resolve_path, user_path
 
 log = logging.getLogger("convert")
@@ -69,13 +69,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # before the heavy imports: --help and flag mistakes answer at once
-    from dataset.contract import MANIFEST, DataError
+    from dataset.contract import MANIFEST
     from dataset.demo import write_demo_release
     from dataset.demo_hard import write_hard_release
-    from dataset.slake import (ConversionError, convert, download_release, merge_training_sources,
-                               read_hub_vqa, read_release, read_source)
-    from dataset.images import ImageReadError
-    from model.runtime import setup_logging
+    from dataset.slake import convert, download_release, merge_training_sources, read_hub_vqa, read_release, read_source
+    from infra.errors import UserError
+    from infra.runtime import setup_logging
     setup_logging()
     out_dir = resolve_path(args.out_dir)
     had = (out_dir / MANIFEST).is_file()
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
         manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap,
                            box_qa=args.box_questions, priors=baselines, split=args.split, seed=args.seed,
                            verify_qa=args.verify_questions)
-    except (ConversionError, DataError, ImageReadError, OSError) as exc:
+    except (UserError, OSError) as exc:
         print(f"error: {exc}\n{kept}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from model import flags
+from infra import flags
 from model.config import resolve_path, user_path
 
 log = logging.getLogger("eval")
@@ -127,13 +127,12 @@ def eval_name(path) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # before the heavy imports: --help and flag mistakes answer at once
-    from dataset.contract import DataError
     from dataset.images import ImageReadError
     from evaluation.runner import evaluate_split, format_table
-    from model.checkpoint import CheckpointError, checkpoint_path, load_model
+    from infra.errors import UserError
+    from infra.runtime import pick_device, setup_logging
+    from model.checkpoint import checkpoint_path, load_model
     from model.generation import GenerationConfig
-    from model.runtime import DeviceError, pick_device, setup_logging
-    from model.vision import VisionTowerNotFound
     setup_logging()
     stage = MODES[args.model_mode]
     path = args.model_path if args.model_path else checkpoint_path(
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
                                  args.max_new_tokens, resolve_path(args.cache_dir) if args.cache_dir else None,
                                  constrain=args.constrain, relevance=args.relevance, overlays=args.overlays,
                                  abstain_below=args.abstain_below, explain_answers=args.explain)
-    except (FileNotFoundError, CheckpointError, DataError, VisionTowerNotFound, ImageReadError, DeviceError) as exc:
+    except (FileNotFoundError, UserError) as exc:
         log.error("error: %s", exc)
         return 2  # a user-caused error: one named message, exit code 2
     except KeyboardInterrupt:

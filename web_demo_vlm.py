@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from model import flags
+from infra import flags
 from model.config import user_path
 
 log = logging.getLogger("web_demo")
@@ -42,10 +42,9 @@ def stage_of(path: Path) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # before the heavy imports: --help and flag mistakes answer at once
-    from dataset.contract import DataError
-    from model.checkpoint import CheckpointError, read_checkpoint
-    from model.runtime import DeviceError, pick_device, setup_logging
-    from model.vision import VisionTowerNotFound
+    from infra.errors import UserError
+    from infra.runtime import pick_device, setup_logging
+    from model.checkpoint import read_checkpoint
     from webdemo.app import MAX_UPLOAD_MB, Session, build_app, checkpoints_in
     setup_logging()
     try:
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
                      "(pass --train_path)", train)
         session = Session(paths, pick_device(args.device), args.vision_model, train)
         app, theme, css = build_app(session)
-    except (FileNotFoundError, CheckpointError, VisionTowerNotFound, DeviceError, DataError) as exc:
+    except (FileNotFoundError, UserError) as exc:
         log.error("error: %s", exc)
         return 2  # a user-caused error: one named message, exit code 2
     except KeyboardInterrupt:

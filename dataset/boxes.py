@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from infra.errors import UserError
 
 BOXES_FILE = "medical_boxes.json"
 MAX_BOXES = 256  # per image; more is not a detection file
@@ -27,7 +28,7 @@ MAX_DETECTION_BYTES = 1_000_000  # SLAKE's are under 2 kB; checked before parsin
 MAX_NAME_CHARS = 64
 
 
-class BoxError(ValueError):
+class BoxError(UserError, ValueError):
     pass
 
 

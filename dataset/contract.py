@@ -19,6 +19,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from model.config import IMAGE_PLACEHOLDER
+from infra.errors import UserError
 
 VQA_FILES = {"train": "medical_vqa_train.jsonl", "validation": "medical_vqa_validation.jsonl",
              "test": "medical_vqa_test.jsonl"}
@@ -28,7 +29,7 @@ MANIFEST = "manifest.json"
 ANSWER_TYPES = ("OPEN", "CLOSED")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     pass
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.atomic import atomic_write_text
+from infra.atomic import atomic_write_text
 
 SIZE = 224
 MODALITIES = ["CT", "MRI", "X-Ray"]

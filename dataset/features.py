@@ -15,10 +15,10 @@ import torch
 
 from dataset.contract import DataError
 from dataset.images import load_image
-from model.atomic import remove_stale_temps
+from infra.atomic import remove_stale_temps
 from model.checkpoint import atomic_save, safe_load
 from model.vision import VisionTower, preprocess
-from model.runtime import progress as show_progress
+from infra.runtime import progress as show_progress
 
 log = logging.getLogger(__name__)
 

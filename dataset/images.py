@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.safe_files import MAX_IMAGE_BYTES, SourceError, checked
+from infra.safe_files import MAX_IMAGE_BYTES, SourceError, checked
+from infra.errors import UserError
 
 MAX_PIXELS = 50_000_000  # refuse absurd images (decompression bombs) with a clear message
 # The tower resizes the short side to 224 before its centre crop, so what the preprocessing allocates
@@ -30,7 +31,7 @@ MAX_ASPECT = 20
 MAX_DICOM_VALUES = 150_000_000  # all frames x samples of a DICOM (a 512 x 512 x 500-slice series fits)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     pass
 
 

@@ -30,11 +30,12 @@ from dataset.contract import (IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, Da
                               validate_record)
 from dataset.images import ImageReadError, load_image
 from dataset.resplit import QA, changing_prior_split, prior_conflicting
-from model.atomic import atomic_write_text
+from infra.atomic import atomic_write_text
 from model.config import IMAGE_PLACEHOLDER
-from model.lock import LockError, output_lock
-from model.safe_files import MAX_IMAGE_BYTES, SourceError, read_bytes
-from model.runtime import progress
+from infra.lock import LockError, output_lock
+from infra.safe_files import MAX_IMAGE_BYTES, SourceError, read_bytes
+from infra.runtime import progress
+from infra.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ CAPTION_PROMPTS = ["Describe this medical image.", "What does this image show?",
                    "Give a short report of this scan.", "Summarise the findings in this image."]
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError, RuntimeError):
     pass
 
 

@@ -28,7 +28,7 @@ from model.checkpoint import LoadedCheckpoint, load_model
 from model.config import IMAGE_PLACEHOLDER, resolve_path
 from model.constrain import build_answer_trie
 from model.generation import GenerationConfig, generate
-from model.runtime import pick_device
+from infra.runtime import pick_device
 from model.tokenization import ChatEncoder, clean_question
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.atomic import atomic_open
+from infra.atomic import atomic_open
 
 BASELINE_NAMES = {"majority_per_answer_type": "commonest answer of its type",
                   "majority_per_question": "commonest answer of its text (the prior)"}

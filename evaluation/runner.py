@@ -17,7 +17,7 @@ from dataset.contract import DataError, answer_of, image_file, images_of, questi
 from dataset.features import FeatureStore, run_tower
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines, compute_metrics, exact_match, image_use, image_use_verdict, normalize
-from model.atomic import atomic_open, atomic_write_text, remove_stale_temps
+from infra.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
 from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
@@ -25,7 +25,7 @@ from evaluation.explain import answer_sets, score_answers
 from evaluation.plots import plot_baselines, plot_reliability
 from evaluation.relevance import DEFAULT_RELEVANCE, METHODS as RELEVANCE_METHODS, model_view, overlay, relevance_maps
 from model.generation import GenerationConfig, generate, stream_generate
-from model.runtime import autocast, compute_dtype, progress
+from infra.runtime import autocast, compute_dtype, progress
 from evaluation.scoring import ABSTAIN_THRESHOLDS, abstention, calibration, candidate_log_likelihoods
 from model.tokenization import ChatEncoder, answer_ids, clean_question
 

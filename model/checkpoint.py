@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from model.atomic import atomic_open
+from infra.atomic import atomic_open
 from model.config import VLMConfig, resolve_path
 from model.tokenization import end_token_id, image_token_id, prepare_tokenizer
 from model.vision import VisionTower, load_vision_tower
@@ -44,7 +44,7 @@ def checkpoint_path(out_dir: str | Path, stage: str, hidden_size: int, use_moe: 
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save through a temporary file (see model/atomic.py)."""
+    """torch.save through a temporary file (see infra/atomic.py)."""
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
     return Path(path)

@@ -5,12 +5,13 @@ keeps checkpoint, pretrained and vlm free of import circles."""
 from __future__ import annotations
 
 import torch
+from infra.errors import UserError
 
 FORMAT = "medical-vlm"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
 
 

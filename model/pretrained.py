@@ -82,7 +82,7 @@ def save_pretrained(folder: str | Path, model, tokenizer, stage: str, step: int,
     fingerprint, when the model was loaded without its tower."""
     from safetensors.torch import save_file
 
-    from model.runtime import unwrap
+    from infra.runtime import unwrap
     model = unwrap(model)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous().clone()
@@ -146,7 +146,7 @@ def read_pretrained(folder: str | Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from model.safe_files import MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, SourceError, checked, read_bytes
+    from infra.safe_files import MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, SourceError, checked, read_bytes
     folder = Path(folder)
     try:  # every file through the source rule: inside the folder, regular, below a size limit
         meta = json.loads(read_bytes(folder / CONFIG, MAX_TEXT_BYTES, folder, "model file").decode("utf-8"))

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from model.config import DEFAULT_VISION_MODEL, resolve_path
+from infra.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ CLONE_HINT = ("git clone https://huggingface.co/openai/clip-vit-base-patch16 "
 _ImageProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
-class VisionTowerNotFound(FileNotFoundError):
+class VisionTowerNotFound(UserError, FileNotFoundError):
     pass
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from model.config import VLMConfig
 from model.language_model import KVCache, MiniMindLM
 from model.tokenization import IGNORE_INDEX
-from model.runtime import unwrap  # noqa: F401  (re-exported: model.vlm.unwrap)
+from infra.runtime import unwrap  # noqa: F401  (re-exported: model.vlm.unwrap)
 from model.vision import VisionTower
 
 log = logging.getLogger(__name__)

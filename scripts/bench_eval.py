@@ -22,8 +22,8 @@ import torch
 from dataset.features import FeatureStore
 from evaluation.runner import evaluate_split
 from model.checkpoint import build_config, load_model, save_checkpoint
-from model import flags
-from model.runtime import pick_device, setup_logging
+from infra import flags
+from infra.runtime import pick_device, setup_logging
 from model.tokenization import load_tokenizer
 from model.vision import load_vision_tower
 from model.vlm import MedicalVLM
@@ -44,7 +44,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     setup_logging()
     if args.cudnn_attention:
-        os.environ["MEDVLM_CUDNN_ATTENTION"] = "1"  # read by model.runtime.configure_cuda
+        os.environ["MEDVLM_CUDNN_ATTENTION"] = "1"  # read by infra.runtime.configure_cuda
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as d:
         root = make_data(Path(d), args.questions, 96)

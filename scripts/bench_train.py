@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import flags
-from model.runtime import setup_logging
+from infra import flags
+from infra.runtime import setup_logging
 from trainer.config import TrainConfig
 from trainer.trainer import train
 
@@ -71,7 +71,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     setup_logging()
     if args.cudnn_attention:
-        os.environ["MEDVLM_CUDNN_ATTENTION"] = "1"  # read by model.runtime.configure_cuda
+        os.environ["MEDVLM_CUDNN_ATTENTION"] = "1"  # read by infra.runtime.configure_cuda
     with tempfile.TemporaryDirectory() as d:
         root = make_data(Path(d), args.samples, min(args.images, args.samples))
         cfg = TrainConfig(stage="sft", data_path=str(root / "train.jsonl"), val_path="",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from model.checkpoint import CheckpointError, load_model
 from model.config import resolve_path
-from model.runtime import setup_logging
+from infra.runtime import setup_logging
 
 log = logging.getLogger("export")
 

@@ -120,13 +120,13 @@ def training_step(device: str, size: dict, tower: str, questions: list[str], mic
     from dataset.features import FeatureStore
     from dataset.vqa_dataset import Sample, collate, plan_shapes
     from model.checkpoint import build_config
-    from model.runtime import autocast, compute_dtype, pick_device
+    from infra.runtime import autocast, compute_dtype, pick_device
     from model.tokenization import ChatEncoder, load_tokenizer
     from model.vision import load_vision_tower
     from model.vlm import MedicalVLM
     from trainer.config import TrainConfig
 
-    dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
+    dev = pick_device(device)  # the product's CUDA settings (infra.runtime.configure_cuda)
     tok = load_tokenizer()
     vision = load_vision_tower(tower)
     model = MedicalVLM(build_config(tok, vision, **size), vision).to(dev).train()
@@ -191,10 +191,10 @@ def attention_check(device: str, smoke: bool) -> dict:
 
     from model.checkpoint import build_config
     from model.language_model import MiniMindLM
-    from model.runtime import autocast, compute_dtype, pick_device
+    from infra.runtime import autocast, compute_dtype, pick_device
     from model.tokenization import load_tokenizer
 
-    dev = pick_device(device)  # the product's CUDA settings (model.runtime.configure_cuda)
+    dev = pick_device(device)  # the product's CUDA settings (infra.runtime.configure_cuda)
     size = dict(hidden_size=64, num_hidden_layers=1) if smoke else dict(hidden_size=768, num_hidden_layers=1)
     cfg = build_config(load_tokenizer(), None, **size)
     lm = MiniMindLM(cfg).to(dev).train()
@@ -440,7 +440,7 @@ def main(argv=None) -> int:
         return (not args.only or part in args.only) and part not in args.skip
 
     def save():
-        from model.atomic import atomic_write_text
+        from infra.atomic import atomic_write_text
         text = json.dumps(result, indent=2) + "\n"
         atomic_write_text(out, text)
         if os.environ.get("OUT"):
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
         save()
     if want("backends"):
         # the same measurements with cuDNN attention allowed (the toolkit turns it off, see
-        # model.runtime.configure_cuda): does the kernel choice still cost time on this GPU?
+        # infra.runtime.configure_cuda): does the kernel choice still cost time on this GPU?
         runs = {"eval": ["-m", "scripts.bench_eval", *eval_flags],
                 "26M b16 eager": ["-m", "scripts.bench_train",
                                   *(SMOKE_SIZE if args.smoke else SIZES["26M"]), "--batch_size", "16"]}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dataset.contract import read_utf8
-from model import flags
+from infra import flags
 from model.checkpoint import atomic_save
 
 log = logging.getLogger("standin_llm")

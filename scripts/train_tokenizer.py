@@ -26,7 +26,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from dataset.contract import DataError, read_utf8
-from model import flags
+from infra import flags
 from model.config import DEFAULT_TOKENIZER, resolve_path
 from model.tokenization import CHAT_TEMPLATE, IM_END, IM_START, IMAGE_TOKEN, PAD_TOKEN
 

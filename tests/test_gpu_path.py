@@ -17,7 +17,7 @@ from evaluation.runner import answer_stream, generation_autocast
 from model.checkpoint import load_model, save_checkpoint
 from model.generation import GenerationConfig, generate, generate_steps
 from model.language_model import KVCache
-from model.runtime import compute_dtype
+from infra.runtime import compute_dtype
 from model.tokenization import ChatEncoder
 from tests.helpers import converted_demo, make_tiny_model, random_image
 from trainer.cli import main as train_main

@@ -67,7 +67,7 @@ def test_typed_paths_count_from_the_working_directory(tmp_path, monkeypatch):
 @pytest.mark.parametrize("cores, load, want", [(2, 0.0, 2), (2, 0.9, 1), (2, 1.2, 1), (2, 3.0, 1), (16, 4.2, 12),
                                                (1, 0.0, 1), (8, 0.4, 8)])
 def test_cpu_threads_leave_busy_cores_alone(cores, load, want):
-    from model.runtime import cpu_threads
+    from infra.runtime import cpu_threads
     assert cpu_threads(cores, load) == want
 
 
@@ -161,10 +161,11 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
 
 
 def test_lower_floors_never_import_higher_ones():
-    """model < dataset < (trainer, evaluation) < webdemo, scripts and the stage scripts; and the
-    checkpoint readers share model/format.py instead of importing each other."""
+    """infra < model < dataset < (trainer, evaluation) < webdemo, scripts and the stage scripts; and
+    the checkpoint readers share model/format.py instead of importing each other."""
     higher = {"dataset": ("trainer", "evaluation", "webdemo", "scripts"),
-              "model": ("dataset", "trainer", "evaluation", "webdemo", "scripts")}
+              "model": ("dataset", "trainer", "evaluation", "webdemo", "scripts"),
+              "infra": ("model", "dataset", "trainer", "evaluation", "webdemo", "scripts")}
     for floor, banned in higher.items():
         for f in (ROOT / floor).glob("*.py"):
             bad = [m for m in _imports(f, top_level_only=False) if m.split(".")[0] in banned]
@@ -174,6 +175,8 @@ def test_lower_floors_never_import_higher_ones():
     for f in ("checkpoint", "pretrained", "vlm", "format"):  # no circle when the modules load
         assert "model.checkpoint" not in _imports(ROOT / "model" / f"{f}.py", True) or f == "checkpoint" or f == "vlm"
     assert "model.checkpoint" not in _imports(ROOT / "model" / "vlm.py", True)
+    # model/ holds the network, not file utilities (they live in infra/)
+    assert not {"atomic.py", "lock.py", "safe_files.py", "runtime.py", "flags.py"} & {f.name for f in (ROOT / "model").iterdir()}
 
 
 def test_stage_two_names_stage_one_files_of_another_size(tmp_path, caplog):
@@ -188,7 +191,7 @@ def test_stage_two_names_stage_one_files_of_another_size(tmp_path, caplog):
 
 def test_busy_cores_is_a_snapshot_of_the_machine():
     import os
-    from model.runtime import busy_cores
+    from infra.runtime import busy_cores
     busy = busy_cores(0.05)
     assert busy is None or 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
 

@@ -16,7 +16,7 @@ from PIL import Image
 from dataset.boxes import (MAX_BOX_QUESTIONS, BoxError, cap_questions, grounded_questions, parse_detection,
                            read_boxes_file)
 from dataset.images import MAX_ASPECT, ImageReadError, as_image, load_image
-from model.lock import LockError, output_lock
+from infra.lock import LockError, output_lock
 from model.tokenization import clean_question
 
 

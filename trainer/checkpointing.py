@@ -146,10 +146,7 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
         ensure_finite(state["model"], str(resume_path))
     except CheckpointError as exc:
         raise TrainingError(f"--resume: {exc}; the file is damaged, start fresh") from None
-    try:
-        load_weights(model, state["model"], f"--resume {resume_path}")
-    except CheckpointError as exc:
-        raise TrainingError(str(exc)) from None
+    load_weights(model, state["model"], f"--resume {resume_path}")  # a CheckpointError is a UserError
     opt.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     log.info("resumed from %s at step %d/%d", resume_path, state["step"], total_steps)

@@ -26,13 +26,9 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch.distributed as tdist
 
-    from dataset.boxes import BoxError
-    from dataset.contract import DataError
-    from dataset.images import ImageReadError
-    from model.checkpoint import CheckpointError
-    from model.runtime import DeviceError, setup_logging
-    from model.vision import VisionTowerNotFound
-    from trainer.errors import TrainingError, TrainingInterrupted
+    from infra.errors import UserError
+    from infra.runtime import setup_logging
+    from trainer.errors import TrainingInterrupted
     from trainer.trainer import train
     setup_logging()
     try:
@@ -45,8 +41,7 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
     except KeyboardInterrupt:  # before the first step: nothing was written yet
         logging.getLogger("train").error("interrupted before training started; nothing was written")
         raise
-    except (OSError, DataError, ImageReadError, CheckpointError, VisionTowerNotFound, TrainingError,
-            DeviceError, BoxError) as exc:  # OSError: a user path (disk full, no permission, not a folder)
+    except (UserError, OSError) as exc:  # OSError: a user path (disk full, no permission, not a folder)
         logging.getLogger("train").error("error: %s", exc)
         return 2  # a user-caused error: one named message, exit code 2
     finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field, fields
 
-from model import flags
+from infra import flags
 from model.config import DEFAULT_TOKENIZER, DEFAULT_VISION_MODEL, PROJECTORS, user_path
 
 STAGES = ("pretrain", "sft")

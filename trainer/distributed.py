@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from model.runtime import configure_cuda, pick_device
+from infra.runtime import configure_cuda, pick_device
 from trainer.errors import TrainingError
 
 

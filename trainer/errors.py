@@ -1,8 +1,9 @@
 """The trainer's user-facing errors (the stage scripts print them and exit with code 2)."""
 from __future__ import annotations
+from infra.errors import UserError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 

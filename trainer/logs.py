@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.atomic import atomic_open, atomic_write_text
+from infra.atomic import atomic_open, atomic_write_text
 
 
 class MetricsLog:

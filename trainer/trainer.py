@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, patch_targets, read_boxes_file
+from dataset.boxes import BOXES_FILE, grid_side, image_keys, patch_targets, read_boxes_file
 from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_look,
                                  closed_text_prior)
-from model.atomic import remove_stale_temps
-from model.checkpoint import (CheckpointError, build_config, checkpoint_path, load_weights, locate_checkpoint,
+from infra.atomic import remove_stale_temps
+from model.checkpoint import (build_config, checkpoint_path, load_weights, locate_checkpoint,
                               read_checkpoint, tokenizer_from_files)
 from model.config import DEFAULT_VISION_MODEL, VLMConfig, resolve_path
-from model.lock import LockError, output_lock
+from infra.lock import output_lock
 from model.minimind_weights import load_minimind_llm
-from model.runtime import Progress, autocast, compute_dtype, seed_everything
+from infra.runtime import Progress, autocast, compute_dtype, seed_everything
 from model.tokenization import ChatEncoder, load_tokenizer
 from model.vision import load_vision_tower
 from model.vlm import MedicalVLM
@@ -125,10 +125,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[MedicalVLM, obj
             raise TrainingError(f"--from_weight {start} was trained with vision tower '{ckpt['vision']['id']}' "
                                 f"({fp}) but this run uses '{tower.name}' ({tower.fingerprint()}): the projector "
                                 "would see different features. Pass the same --vision_model.")
-        try:
-            load_weights(model, ckpt["model"], f"--from_weight {start}")
-        except CheckpointError as exc:
-            raise TrainingError(str(exc)) from None
+        load_weights(model, ckpt["model"], f"--from_weight {start}")  # a CheckpointError names the file
         log.info("starting from %s (stage %s, step %d)", start, ckpt["stage"], ckpt["step"])
     if cfg.from_llm:
         load_minimind_llm(model, str(resolve_path(cfg.from_llm)))
@@ -194,10 +191,7 @@ def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset):
         log.info("--look_loss: no %s beside the data (no organ/finding boxes), so the model is not told where to "
                  "look; convert_slake_dataset.py writes it from SLAKE's detection.json files", BOXES_FILE)
         return
-    try:
-        table = read_boxes_file(boxes_file(cfg))
-    except BoxError as exc:
-        raise TrainingError(str(exc)) from None
+    table = read_boxes_file(boxes_file(cfg))  # a BoxError names the image and the field
     classes, targets, known = patch_targets(table, image_keys(data.image_paths, resolve_path(cfg.images_path)), grid)
     n = annotate_look(data, classes, targets, known)
     if n:
@@ -226,11 +220,8 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg)
     out_dir = resolve_path(cfg.out_dir)
     check_out_dir(out_dir, cfg)
-    try:
-        with output_lock(out_dir / f".{run_name(cfg)}.lock", f"{out_dir / run_name(cfg)}.pth"):
-            return _train(cfg)
-    except LockError as exc:
-        raise TrainingError(str(exc)) from None
+    with output_lock(out_dir / f".{run_name(cfg)}.lock", f"{out_dir / run_name(cfg)}.pth"):
+        return _train(cfg)
 
 
 def preflight(cfg: TrainConfig):

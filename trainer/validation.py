@@ -9,7 +9,7 @@ import torch
 from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
 from dataset.vqa_dataset import MODEL_INPUTS, StepShapes, VQADataset, collate
-from model.runtime import unwrap
+from infra.runtime import unwrap
 from model.tokenization import IGNORE_INDEX
 from trainer.config import TrainConfig
 from trainer.distributed import Dist

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import torch
+from infra.errors import UserError
 
 
 def is_rank0() -> bool:
@@ -22,7 +23,7 @@ def setup_logging(level: int = logging.INFO):
                         stream=sys.stderr, force=True)
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     pass
 
 

@@ -19,11 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from infra.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class LockError(RuntimeError):
+class LockError(UserError, RuntimeError):
     pass
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import socket
+from infra.errors import UserError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -49,7 +50,7 @@ class ArgumentParser(argparse.ArgumentParser):
 DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda or cuda:N"
 
 
-class FlagError(argparse.ArgumentTypeError, ValueError):
+class FlagError(UserError, argparse.ArgumentTypeError, ValueError):
     """A value outside its allowed range (argparse prints it after the flag's name)."""
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from infra.errors import UserError
 
 MAX_IMAGE_BYTES = 256 * 2**20   # an image file; a 50-megapixel 16-bit DICOM is 100 MB
 MAX_TEXT_BYTES = 64 * 2**20     # a JSON annotation, config or tokenizer file
 MAX_WEIGHTS_BYTES = 16 * 2**30  # a safetensors weights file
 
 
-class SourceError(OSError):
+class SourceError(UserError, OSError):
     """A file the rule refuses; the message names it and why."""
 
 
