@@ -425,8 +425,8 @@ def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: boo
                 shutil.rmtree(old, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
             try:
-                manifest = _build(conv, staging, out_dir / IMAGES_DIR, lang, strict, allow_overlap, box_qa, priors,
-                                  split, seed, verify_qa)
+                manifest = _build(conv, staging, out_dir / IMAGES_DIR, BuildOptions(
+                    lang, strict, allow_overlap, box_qa, priors, split, seed, verify_qa))
                 _swap_in(staging, out_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -510,24 +510,42 @@ def _english_splits(records: list[SourceRecord]) -> dict[str, str]:
     return {key: next(iter(splits)) for key, splits in seen.items() if len(splits) == 1}
 
 
-def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, strict: bool,
-           allow_overlap: bool, box_qa: bool = True, priors=None, split: str = "release", seed: int = 0,
-           verify_qa: str = "none") -> dict:
-    """``priors(train, test)``: the answer-prior baselines for the manifest (evaluation.metrics.baselines,
-    passed in by the converter script so the data layer never imports the evaluation layer)."""
-    skipped = []
+@dataclass
+class BuildOptions:
+    """How ``convert`` builds the contract files (convert's keyword arguments)."""
+    lang: str = "en"
+    strict: bool = False
+    allow_overlap: bool = False
+    box_qa: bool = True
+    priors: object = None   # priors(train, test): the answer-prior baselines (evaluation.metrics.baselines,
+    #                         passed in by the converter script so the data layer never imports evaluation)
+    split: str = "release"
+    seed: int = 0
+    verify_qa: str = "none"
 
-    def skip(rec: SourceRecord, reason: str):
-        entry = {"split": rec.split, "qid": rec.qid, "where": rec.where, "reason": reason}
-        if strict:
+
+class _Skipped(list):
+    """The records left out, with their reason; under --strict the first one stops the conversion."""
+
+    def __init__(self, strict: bool):
+        super().__init__()
+        self.strict = strict
+
+    def add(self, rec: SourceRecord, reason: str):
+        if self.strict:
             raise ConversionError(f"{rec.where} (qid {rec.qid}): {reason} (--strict stops here; drop "
                                   "--strict to skip and report such records)")
-        skipped.append(entry)
+        self.append({"split": rec.split, "qid": rec.qid, "where": rec.where, "reason": reason})
 
-    # The split rule for other languages: SLAKE's Chinese questions use the same images as the
-    # English ones but split them differently (its Chinese test images are English training
-    # images). Every image keeps the split it has among the English questions and the other
-    # languages' questions follow their image, so no image is in two splits in any language.
+
+def _usable_records(conv: Conversion, lang: str, skipped: _Skipped) -> tuple[list[SourceRecord], int]:
+    """The records of ``lang`` that can be written (answers normalised), and how many non-English
+    ones moved to their image's English split.
+
+    The split rule for other languages: SLAKE's Chinese questions use the same images as the
+    English ones but split them differently (its Chinese test images are English training
+    images). Every image keeps the split it has among the English questions and the other
+    languages' questions follow their image, so no image is in two splits in any language."""
     anchor = _english_splits(conv.records) if lang != "en" else {}
     moved = 0
     kept: list[SourceRecord] = []
@@ -538,32 +556,39 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             rec.split = anchor[rec.image_key]
             moved += 1
         if rec.problem:
-            skip(rec, rec.problem)
+            skipped.add(rec, rec.problem)
             continue
         if not isinstance(rec.question, str) or not rec.question.strip():
-            skip(rec, "empty question")
+            skipped.add(rec, "empty question")
             continue
         if not isinstance(rec.answer, (str, int, float)) or not str(rec.answer).strip():
-            skip(rec, "empty answer")
+            skipped.add(rec, "empty answer")
             continue
         rec.answer = str(rec.answer).strip()
         if rec.answer_type not in ("OPEN", "CLOSED"):
             rec.answer_type = "CLOSED" if rec.answer.lower() in YES_NO else "OPEN"
         problem = _unwritable(rec.question, rec.answer)
         if problem:
-            skip(rec, problem)
+            skipped.add(rec, problem)
             continue
         kept.append(rec)
+    return kept, moved
 
-    # images: read each once, check, copy; a bad image drops all of its questions
-    image_status: dict[str, str | None] = {}
-    images_dir = out_dir / IMAGES_DIR
+
+@dataclass
+class _Images:
+    status: dict[str, str | None]   # image -> why it is unusable, or None
+    copied: int                      # files written (the others were reused from the previous dataset)
+    boxes: dict[str, dict]           # image -> its size and detection.json boxes (dataset/boxes.py)
+    box_warnings: list[str]
+
+
+def _copy_images(records: list[SourceRecord], images_dir: Path, previous_images: Path) -> _Images:
+    """Reads each image once, checks it and copies it; its boxes come along when the source has them."""
     images_dir.mkdir()
-    copied = 0
-    boxes: dict[str, dict] = {}  # image -> its size and detection.json boxes (dataset/boxes.py)
-    box_warnings: list[str] = []
-    for rec in progress(kept, desc="images", unit="q"):
-        if rec.image_key in image_status:
+    out = _Images({}, 0, {}, [])
+    for rec in progress(records, desc="images", unit="q"):
+        if rec.image_key in out.status:
             continue
         size = None
         try:
@@ -573,133 +598,160 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, lang: str, st
             problem = f"refused image ({exc})"
         except (OSError, KeyError) as exc:
             problem = f"missing image ({exc.__class__.__name__}: {exc})"
-        image_status[rec.image_key] = problem
+        out.status[rec.image_key] = problem
         if problem is None:
-            copied += _copy_image(data, images_dir / rec.image_key, previous_images / rec.image_key)
+            out.copied += _copy_image(data, images_dir / rec.image_key, previous_images / rec.image_key)
             if rec.load_boxes is not None:
                 try:
-                    boxes[rec.image_key] = {"size": list(size), "boxes": parse_detection(rec.load_boxes())}
+                    out.boxes[rec.image_key] = {"size": list(size), "boxes": parse_detection(rec.load_boxes())}
                 except (OSError, KeyError, BoxError, SourceError) as exc:  # boxes are extra: the image is still used
-                    box_warnings.append(f"{rec.image_key}: detection.json skipped ({exc})")
-    final = []
-    for rec in kept:
-        problem = image_status[rec.image_key]
-        if problem:
-            skip(rec, f"{problem}: {rec.image_key}")
-        else:
-            final.append(rec)
+                    out.box_warnings.append(f"{rec.image_key}: detection.json skipped ({exc})")
+    return out
 
-    resplit = None
-    if split == "cp":
-        final, resplit = _changing_prior(final, seed, priors)
+
+def _check_splits(conv: Conversion, final: list[SourceRecord], opts: BuildOptions, skipped: _Skipped) -> dict:
+    """The image overlap between splits (train & test refused unless allowed); and a conversion
+    replaces a good dataset only with a complete one: every split the source has must keep
+    questions, and there must be training questions at all."""
     split_images = defaultdict(set)
     for rec in final:
         split_images[rec.split].add(rec.image_key)
     overlap = {f"{a}&{b}": sorted(split_images[a] & split_images[b])
                for a, b in (("train", "validation"), ("train", "test"), ("validation", "test"))}
     leaked = overlap["train&test"]
-    if leaked and not allow_overlap:
+    if leaked and not opts.allow_overlap:
         raise ConversionError(f"{len(leaked)} image(s) appear in both train and test (e.g. {leaked[:3]}): "
                               "test scores would be inflated. Fix the splits, or pass --allow_overlap "
                               "if you know what you are doing.")
-
-    by_split = defaultdict(list)
-    for rec in final:
-        by_split[rec.split].append(rec)
-    # A conversion replaces a good dataset only with a complete one: every split the source has
-    # must keep questions, and there must be training questions at all.
-    offered = Counter(r.split for r in conv.records if lang == "all" or r.lang == lang)
-    empty = [s for s in VQA_FILES if (offered.get(s) or s in ("train", "test")) and not by_split.get(s)]
+    offered = Counter(r.split for r in conv.records if opts.lang == "all" or r.lang == opts.lang)
+    empty = [s for s in VQA_FILES if (offered.get(s) or s in ("train", "test")) and not split_images.get(s)]
     if empty:
         reasons = Counter(e["reason"].split(":")[0] for e in skipped).most_common(3)
         raise ConversionError(
             f"{conv.source}: the conversion yields no usable questions for the "
             f"{', '.join(empty)} split ({sum(offered.values())} question(s) in the source for lang "
-            f"{lang!r}, {len(final)} usable"
+            f"{opts.lang!r}, {len(final)} usable"
             + (f"; most common reasons: {', '.join(f'{r} ({n})' for r, n in reasons)}" if reasons else "")
             + "): refusing to replace a dataset with an incomplete one")
-    # stage-1 captions: training images only, so validation/test images are never seen in training
+    return {"images": {s: len(split_images.get(s, ())) for s in VQA_FILES},
+            "image_overlap": {k: len(v) for k, v in overlap.items()}}
+
+
+def _qa_line(key: str, question: str, answer: str, **fields) -> str:
+    return json.dumps({"conversations": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question.strip()}"},
+                                         {"role": "assistant", "content": answer}],
+                       "image": key, **fields}, ensure_ascii=False)
+
+
+def _write_vqa(out_dir: Path, by_split: dict, verify: dict, in_train: bool):
+    """The three VQA files; the verification questions join the training file when ``in_train``."""
+    for split, fname in VQA_FILES.items():
+        lines = [_qa_line(rec.image_key, rec.question, rec.answer, qid=rec.qid, answer_type=rec.answer_type,
+                          **({"source": rec.source} if rec.source else {}), content_type=rec.content_type,
+                          modality=rec.modality, location=rec.location) for rec in by_split.get(split, [])]
+        if split == "train" and in_train:
+            lines += [_qa_line(key, q, a, qid=f"verify-{n}", answer_type="CLOSED", source="verify",
+                               content_type="Verify", modality=None, location=None)
+                      for n, (key, q, a) in enumerate((k, q, a) for k, qas in sorted(verify.items()) for q, a in qas)]
+        atomic_write_text(out_dir / fname, "".join(line + "\n" for line in lines))
+
+
+def _write_stage1(out_dir: Path, per_image: dict, box_questions: dict, verify: dict) -> int:
+    """Stage 1's data: a caption per training image, then the box and verification questions.
+    Returns the number of captions."""
+    lines = []
+    for i, (key, recs) in enumerate(sorted(per_image.items())):
+        meta = {"modality": recs[0].modality, "location": recs[0].location}
+        caption = make_caption(meta, [(r.question, r.answer, r.content_type) for r in recs])
+        lines.append(_qa_line(key, CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)], caption))
+    captions = len(lines)
+    for source, table in (("boxes", box_questions), ("verify", verify)):
+        lines += [_qa_line(key, q, a, source=source) for key, qas in sorted(table.items()) for q, a in qas]
+    atomic_write_text(out_dir / PRETRAIN_FILE, "".join(line + "\n" for line in lines))
+    return captions
+
+
+def _box_questions(boxes: dict, keys: list[str]) -> dict:
+    dropped: Counter = Counter()
+    questions = grounded_questions(boxes, keys, dropped=dropped)
+    if dropped:
+        log.warning("box questions: %d image(s) had more than %d; %d question(s) left out, Yes and No kept as even "
+                    "as each image allows (many distinct box names, e.g. numbered findings?)",
+                    dropped["images"], MAX_BOX_QUESTIONS, dropped["questions"])
+    return questions
+
+
+def _build(conv: Conversion, out_dir: Path, previous_images: Path, opts: BuildOptions) -> dict:
+    """Filter the records, copy the images, check the splits, write the VQA files, stage 1's data,
+    the boxes and the manifest into ``out_dir`` (a staging folder)."""
+    skipped = _Skipped(opts.strict)
+    kept, moved = _usable_records(conv, opts.lang, skipped)
+    images = _copy_images(kept, out_dir / IMAGES_DIR, previous_images)  # a bad image drops all of its questions
+    final = []
+    for rec in kept:
+        problem = images.status[rec.image_key]
+        if problem:
+            skipped.add(rec, f"{problem}: {rec.image_key}")
+        else:
+            final.append(rec)
+    resplit = None
+    if opts.split == "cp":
+        final, resplit = _changing_prior(final, opts.seed, opts.priors)
+    split_counts = _check_splits(conv, final, opts, skipped)
+    by_split = defaultdict(list)
+    for rec in final:
+        by_split[rec.split].append(rec)
+    # stage 1 sees training images only, so validation/test images are never seen in training
     per_image: dict[str, list[SourceRecord]] = defaultdict(list)
     for rec in by_split.get("train", []):
         per_image[rec.image_key].append(rec)
     # yes/no questions that check a named value against the image, from the open answers (no boxes
     # needed): stage 1 ("stage1") or both stages ("both") learn from them to verify what a question names
     verify = verification_questions({k: [(r.question, r.answer, r.answer_type) for r in recs if r.lang == "en"]
-                                     for k, recs in per_image.items()}, seed) if verify_qa != "none" else {}
-    for split, fname in VQA_FILES.items():
-        lines = [json.dumps({
-            "conversations": [{"role": "user", "content": f"<image>\n{rec.question.strip()}"},
-                              {"role": "assistant", "content": rec.answer}],
-            "image": rec.image_key, "qid": rec.qid, "answer_type": rec.answer_type,
-            **({"source": rec.source} if rec.source else {}),
-            "content_type": rec.content_type, "modality": rec.modality, "location": rec.location,
-        }, ensure_ascii=False) for rec in by_split.get(split, [])]
-        if split == "train" and verify_qa == "both":
-            lines += [json.dumps({"conversations": [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{q}"},
-                                                    {"role": "assistant", "content": a}],
-                                  "image": key, "qid": f"verify-{n}", "answer_type": "CLOSED", "source": "verify",
-                                  "content_type": "Verify", "modality": None, "location": None}, ensure_ascii=False)
-                      for n, (key, q, a) in enumerate((k, q, a) for k, qas in sorted(verify.items()) for q, a in qas)]
-        atomic_write_text(out_dir / fname, "".join(line + "\n" for line in lines))
-
-    caption_lines = []
-    for i, (key, recs) in enumerate(sorted(per_image.items())):
-        meta = {"modality": recs[0].modality, "location": recs[0].location}
-        caption = make_caption(meta, [(r.question, r.answer, r.content_type) for r in recs])
-        caption_lines.append(json.dumps({
-            "conversations": [{"role": "user", "content": f"<image>\n{CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)]}"},
-                              {"role": "assistant", "content": caption}],
-            "image": key}, ensure_ascii=False))
-    used = {rec.image_key for rec in final}
+                                     for k, recs in per_image.items()}, opts.seed) if opts.verify_qa != "none" else {}
+    _write_vqa(out_dir, by_split, verify, in_train=opts.verify_qa == "both")
     # stage 1 also learns where each finding is, from the boxes of the training images (English)
-    dropped: Counter = Counter()
-    box_questions = grounded_questions(boxes, sorted(per_image), dropped=dropped) \
-        if box_qa and lang in ("en", "all") else {}
-    if dropped:
-        log.warning("box questions: %d image(s) had more than %d; %d question(s) left out, Yes and No kept as even "
-                    "as each image allows (many distinct box names, e.g. numbered findings?)",
-                    dropped["images"], MAX_BOX_QUESTIONS, dropped["questions"])
-    for key, qas in sorted(box_questions.items()):
-        caption_lines += [json.dumps({"conversations": [{"role": "user", "content": f"<image>\n{q}"},
-                                                        {"role": "assistant", "content": a}],
-                                      "image": key, "source": "boxes"}, ensure_ascii=False) for q, a in qas]
-    for key, qas in sorted(verify.items()):
-        caption_lines += [json.dumps({"conversations": [{"role": "user", "content": f"<image>\n{q}"},
-                                                        {"role": "assistant", "content": a}],
-                                      "image": key, "source": "verify"}, ensure_ascii=False) for q, a in qas]
-    atomic_write_text(out_dir / PRETRAIN_FILE, "".join(line + "\n" for line in caption_lines))
-    atomic_write_text(out_dir / BOXES_FILE, json.dumps({k: v for k, v in sorted(boxes.items()) if k in used},
+    box_questions = _box_questions(images.boxes, sorted(per_image)) \
+        if opts.box_qa and opts.lang in ("en", "all") else {}
+    captions = _write_stage1(out_dir, per_image, box_questions, verify)
+    used = {rec.image_key for rec in final}
+    atomic_write_text(out_dir / BOXES_FILE, json.dumps({k: v for k, v in sorted(images.boxes.items()) if k in used},
                                                        ensure_ascii=False) + "\n")
-    for w in box_warnings[:5]:
+    for w in images.box_warnings[:5]:
         log.warning("%s", w)
-    if len(box_warnings) > 5:
+    if len(images.box_warnings) > 5:
         log.warning("... and %d more image(s) whose detection.json was skipped (listed in the manifest)",
-                    len(box_warnings) - 5)
-
+                    len(images.box_warnings) - 5)
+    n_verify = sum(map(len, verify.values()))
     manifest = {
-        "source": conv.source, "lang": lang,
+        "source": conv.source, "lang": opts.lang,
         "counts": {s: len(by_split.get(s, [])) for s in VQA_FILES},
         "answer_types": {s: dict(sorted(Counter(r.answer_type for r in by_split.get(s, [])).items()))
                          for s in VQA_FILES},
-        "images": {s: len(split_images.get(s, ())) for s in VQA_FILES},
-        "pretrain_captions": len(caption_lines) - sum(map(len, box_questions.values())) - sum(map(len, verify.values())),
-        "pretrain_verify_questions": sum(map(len, verify.values())),
-        "train_verify_questions": sum(map(len, verify.values())) if verify_qa == "both" else 0,
+        "images": split_counts["images"],
+        "pretrain_captions": captions,
+        "pretrain_verify_questions": n_verify,
+        "train_verify_questions": n_verify if opts.verify_qa == "both" else 0,
         "pretrain_box_questions": sum(map(len, box_questions.values())),
-        "image_overlap": {k: len(v) for k, v in overlap.items()},
+        "image_overlap": split_counts["image_overlap"],
         # what answering from the question alone scores on the test split (evaluation prints the same)
-        "baselines_test": priors(
-            [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type} for r in by_split["train"]],
-            [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type, "content_type": None,
-              "modality": None} for r in by_split["test"]]) if priors and by_split.get("train") and by_split.get("test") else {},
+        "baselines_test": _test_baselines(opts.priors, by_split),
         "split": resplit or {"kind": "release"},
-        "images_written": copied,
-        "images_with_boxes": sum(k in used for k in boxes),
-        "box_warnings": box_warnings,
-        "skipped": skipped,
+        "images_written": images.copied,
+        "images_with_boxes": sum(k in used for k in images.boxes),
+        "box_warnings": images.box_warnings,
+        "skipped": list(skipped),
         "notes": conv.notes + ([f"split rule: {moved} non-English question(s) moved to the split their image has "
                                 "among the English questions (one split per image in every language)"]
                                if moved else []),
     }
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
+
+
+def _test_baselines(priors, by_split: dict) -> dict:
+    if not (priors and by_split.get("train") and by_split.get("test")):
+        return {}
+    return priors([{"question": r.question, "answer": r.answer, "answer_type": r.answer_type} for r in by_split["train"]],
+                  [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type, "content_type": None,
+                    "modality": None} for r in by_split["test"]])
