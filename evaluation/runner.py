@@ -47,56 +47,19 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
     model, tok = ckpt.model, ckpt.tokenizer
     records = read_jsonl(data_path, require_vqa=True,
                          hint="run `python convert_slake_dataset.py` first, or pass --data_path")
-    encoder = ChatEncoder(tok, model.config.image_tokens)
-    # images that cannot be read count as failures in the report instead of stopping the run
-    image_paths, image_index, failures = [], {}, {}
     rec_paths = [[image_file(images_path, rel, f"{data_path}:{n}") for rel in images_of(rec)]
                  for n, rec in enumerate(records, 1)]
-    for paths in rec_paths:
-        for p in paths:
-            if p in image_index or p in failures:
-                continue
-            try:
-                load_image(p)
-                image_index[p] = len(image_paths)
-                image_paths.append(p)
-            except ImageReadError as exc:
-                failures[p] = str(exc)
-    features = FeatureStore(model.vision_tower, image_paths, device, cache_dir, feature_cache_gb,
-)
-
-    items, pending = [], []
-    for n, (rec, paths) in enumerate(zip(records, rec_paths)):
-        item = {"qid": rec.get("qid", n), "question": question_of(rec), "answer": answer_of(rec),
-                "answer_type": rec["answer_type"], "content_type": rec.get("content_type"),
-                "modality": rec.get("modality"), "source": rec.get("source") or "slake", "prediction": "",
-                "error": None}
-        bad = [failures[p] for p in paths if p in failures]
-        if bad:
-            item["error"] = bad[0]
-        else:
-            prompt = encoder.encode(rec["conversations"][:-1], add_generation_prompt=True).input_ids
-            pending.append((len(items), prompt, [image_index[p] for p in paths]))
-        items.append(item)
+    image_paths, image_index, failures = _readable_images(rec_paths)
+    features = FeatureStore(model.vision_tower, image_paths, device, cache_dir, feature_cache_gb)
+    items, pending = _questions(records, rec_paths, ChatEncoder(tok, model.config.image_tokens), image_index,
+                                failures)
     if failures:
         log.warning("%d image(s) could not be read; their %d question(s) count as wrong, e.g. %s",
                     len(failures), sum(i["error"] is not None for i in items), next(iter(failures.values())))
 
     # the training split (baselines, answer sets) is read and the answer sets built before any generation,
     # so a bad --train_path or --constrain stops the run at once, not after the unconstrained pass
-    train, trie = None, None
-    if train_path is not None and train_path.is_file():
-        train = [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
-                 for r in read_jsonl(train_path, require_vqa=True)]
-    if constrain != "none":
-        if train is None:
-            raise FileNotFoundError(f"--constrain {constrain} takes its answer sets from the training split: "
-                                    f"{train_path} not found (pass --train_path)")
-        try:
-            trie = build_answer_trie(tok, [(r["answer"], r["answer_type"]) for r in train],
-                                     model.config.eos_token_id, constrain)
-        except ValueError as exc:
-            raise DataError(f"--constrain {constrain} with {train_path}: {exc}") from None
+    train, trie = _train_split(train_path, constrain, tok, model.config.eos_token_id)
     pending.sort(key=lambda x: len(x[1]))  # similar lengths together: less padding
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
@@ -128,30 +91,7 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
             metrics["calibration"] = calib
     if explain_answers:
         t1 = time.perf_counter()
-        sets = answer_sets(train) if train is not None else None
-        todo = []
-        for i, prompt, imgs in pending:
-            if len(imgs) != 1:
-                continue
-            scored = items[i].get("answer_probs", {})  # closed: already scored over the set (calibration)
-            mine = next((a for a in scored if normalize(a) == normalize(items[i]["prediction"])), None)
-            if mine is not None:
-                alts = sorted(((a, q) for a, q in scored.items() if a != mine), key=lambda x: -x[1])
-                items[i].update(probability=scored[mine], alternatives=[[a, q] for a, q in alts[:3]],
-                                scored_over="candidates")
-            else:
-                todo.append((i, prompt, imgs[0]))
-        step = 32
-        with generation_autocast(device):
-            for start in progress(range(0, len(todo), step), desc="scoring answers", unit="batch"):
-                chunk = todo[start:start + step]
-                found = score_answers(model, tok, [p for _, p, _ in chunk],
-                                      features.get(torch.tensor([j for _, _, j in chunk])),
-                                      [items[i]["prediction"] for i, _, _ in chunk],
-                                      [items[i]["answer_type"] for i, _, _ in chunk], sets)
-                for (i, _, _), (p, alts, over) in zip(chunk, found):
-                    items[i].update(probability=round(p, 6), alternatives=[[a, round(q, 6)] for a, q in alts[:3]],
-                                    scored_over=over)
+        explain_predictions(model, tok, items, pending, features, answer_sets(train) if train is not None else None)
         metrics["explain_seconds"] = round(time.perf_counter() - t1, 3)
     methods = RELEVANCE_METHODS if relevance == "all" else (relevance,)
     if relevance == "all":  # the chosen default first: it stays the headline number
@@ -164,6 +104,98 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
         metrics["overlays"] = write_overlays(model, tok, items, pending, features, image_paths,
                                              out_dir / "overlays", overlays, methods[0])
     metrics.update(checkpoint=str(ckpt.path), stage=ckpt.stage, data=str(data_path), images=str(images_path))
+    write_predictions(out_dir, items)
+    if metrics.get("calibration"):
+        remove_stale_temps(out_dir / "reliability.png")
+        plot_reliability(metrics["calibration"], out_dir / "reliability.png")
+    remove_stale_temps(out_dir / "baselines.png")
+    if plot_baselines(metrics, out_dir / "baselines.png"):
+        metrics["baselines_chart"] = str(out_dir / "baselines.png")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _readable_images(rec_paths: list[list[Path]]) -> tuple[list[Path], dict[Path, int], dict[Path, str]]:
+    """(the readable images in first-seen order, their row in that table, why each other one is
+    unreadable). Images that cannot be read count as failures in the report instead of stopping."""
+    image_paths, image_index, failures = [], {}, {}
+    for paths in rec_paths:
+        for p in paths:
+            if p in image_index or p in failures:
+                continue
+            try:
+                load_image(p)
+                image_index[p] = len(image_paths)
+                image_paths.append(p)
+            except ImageReadError as exc:
+                failures[p] = str(exc)
+    return image_paths, image_index, failures
+
+
+def _questions(records: list[dict], rec_paths, encoder: ChatEncoder, image_index: dict, failures: dict):
+    """(items: one result row per question, pending: (item index, prompt ids, image rows) for those
+    whose images could all be read)."""
+    items, pending = [], []
+    for n, (rec, paths) in enumerate(zip(records, rec_paths)):
+        item = {"qid": rec.get("qid", n), "question": question_of(rec), "answer": answer_of(rec),
+                "answer_type": rec["answer_type"], "content_type": rec.get("content_type"),
+                "modality": rec.get("modality"), "source": rec.get("source") or "slake", "prediction": "",
+                "error": None}
+        bad = [failures[p] for p in paths if p in failures]
+        if bad:
+            item["error"] = bad[0]
+        else:
+            prompt = encoder.encode(rec["conversations"][:-1], add_generation_prompt=True).input_ids
+            pending.append((len(items), prompt, [image_index[p] for p in paths]))
+        items.append(item)
+    return items, pending
+
+
+def _train_split(train_path: Path | None, constrain: str, tok, eos_id: int):
+    """(the training split's questions or None, the answer trie for --constrain or None)."""
+    train, trie = None, None
+    if train_path is not None and train_path.is_file():
+        train = [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
+                 for r in read_jsonl(train_path, require_vqa=True)]
+    if constrain != "none":
+        if train is None:
+            raise FileNotFoundError(f"--constrain {constrain} takes its answer sets from the training split: "
+                                    f"{train_path} not found (pass --train_path)")
+        try:
+            trie = build_answer_trie(tok, [(r["answer"], r["answer_type"]) for r in train], eos_id, constrain)
+        except ValueError as exc:
+            raise DataError(f"--constrain {constrain} with {train_path}: {exc}") from None
+    return train, trie
+
+
+def explain_predictions(model, tok, items: list[dict], pending, features, sets, step: int = 32):
+    """Gives every single-image prediction its probability and top 3 alternatives: closed ones
+    from the calibration's candidate scores, the rest by batched scoring passes."""
+    todo = []
+    for i, prompt, imgs in pending:
+        if len(imgs) != 1:
+            continue
+        scored = items[i].get("answer_probs", {})  # closed: already scored over the set (calibration)
+        mine = next((a for a in scored if normalize(a) == normalize(items[i]["prediction"])), None)
+        if mine is not None:
+            alts = sorted(((a, q) for a, q in scored.items() if a != mine), key=lambda x: -x[1])
+            items[i].update(probability=scored[mine], alternatives=[[a, q] for a, q in alts[:3]],
+                            scored_over="candidates")
+        else:
+            todo.append((i, prompt, imgs[0]))
+    with generation_autocast(features.device):
+        for start in progress(range(0, len(todo), step), desc="scoring answers", unit="batch"):
+            chunk = todo[start:start + step]
+            found = score_answers(model, tok, [p for _, p, _ in chunk],
+                                  features.get(torch.tensor([j for _, _, j in chunk])),
+                                  [items[i]["prediction"] for i, _, _ in chunk],
+                                  [items[i]["answer_type"] for i, _, _ in chunk], sets)
+            for (i, _, _), (p, alts, over) in zip(chunk, found):
+                items[i].update(probability=round(p, 6), alternatives=[[a, round(q, 6)] for a, q in alts[:3]],
+                                scored_over=over)
+
+
+def write_predictions(out_dir: Path, items: list[dict]):
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("predictions.jsonl", "metrics.json"):
         remove_stale_temps(out_dir / name)
@@ -177,14 +209,6 @@ def evaluate_split(ckpt: LoadedCheckpoint, data_path: Path, images_path: Path, t
          **({"answer_probs": i["answer_probs"]} if "answer_probs" in i else {}),
          **({k: i[k] for k in ("probability", "alternatives", "scored_over")} if "probability" in i else {}),
          **({"error": i["error"]} if i["error"] else {})}) + "\n" for i in items))
-    if metrics.get("calibration"):
-        remove_stale_temps(out_dir / "reliability.png")
-        plot_reliability(metrics["calibration"], out_dir / "reliability.png")
-    remove_stale_temps(out_dir / "baselines.png")
-    if plot_baselines(metrics, out_dir / "baselines.png"):
-        metrics["baselines_chart"] = str(out_dir / "baselines.png")
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    return metrics
 
 
 MAX_CANDIDATES = 8  # closed answer sets larger than this are not scored (SLAKE's is Yes / No)
