@@ -190,7 +190,7 @@ def test_one_precision_policy(monkeypatch):
 def test_picking_a_cuda_device_turns_cudnn_attention_off(monkeypatch, env, cudnn):
     """On an H200, cuDNN attention made batched evaluation 6x slower (a new plan per shape):
     every path that picks a CUDA device turns it off; MEDVLM_CUDNN_ATTENTION=1 keeps it."""
-    from model import runtime
+    from infra import runtime
     before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32,
               torch.backends.cudnn.allow_tf32)
     if env is None:

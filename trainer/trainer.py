@@ -10,6 +10,7 @@ computes the same update. Resume therefore reproduces the uninterrupted run.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 import math
 import os
 import signal
@@ -242,26 +243,58 @@ def preflight(cfg: TrainConfig):
         raise TrainingError("two things are missing before training can start:\n  - " + "\n  - ".join(problems))
 
 
-def _train(cfg: TrainConfig) -> dict:
+@dataclass
+class Run:
+    """Everything the training loop works with, built once by ``_setup``."""
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    model: MedicalVLM
+    tok: object
+    data: VQADataset
+    val: VQADataset | None
+    features: FeatureStore
+    packed: PackedQuestions | None
+    n_seq: int
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int
+    params: list
+    opt: torch.optim.Optimizer
+    scaler: object
+    runner: StepRunner
+    feed: BatchFeed
+    epoch0: list
+    metrics: MetricsLog
+    saver: Checkpointer
+    amp: object
+    prior: object
+    out_dir: Path
+    name: str
+    wandb_run: object = None
+
+
+def _paths(cfg: TrainConfig, dist: Dist) -> tuple[Path, str]:
+    out_dir, name = resolve_path(cfg.out_dir), run_name(cfg)
+    if dist.is_main:  # hidden temporary files of a save that was killed
+        for p in (out_dir / f"{name}.pth", out_dir / f"{name}_resume.pth", out_dir / f"{name}_metrics.jsonl",
+                  out_dir / f"{name}_loss.png"):
+            remove_stale_temps(p)
+    return out_dir, name
+
+
+def _setup(cfg: TrainConfig) -> Run:
+    """Device, model, data, step plan, optimizer (and resume state), metrics and saver."""
     preflight(cfg)
     dist, device = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     dtype = compute_dtype(cfg.dtype, device)
-    name = run_name(cfg)
-    out_dir = resolve_path(cfg.out_dir)
-    final_path = out_dir / f"{name}.pth"
-    resume_path = out_dir / f"{name}_resume.pth"
-    metrics_path = out_dir / f"{name}_metrics.jsonl"
-    if dist.is_main:  # hidden temporary files of a save that was killed
-        for p in (final_path, resume_path, metrics_path, out_dir / f"{name}_loss.png"):
-            remove_stale_temps(p)
-    log.info("stage %s -> %s | device %s | %s | world size %d", cfg.stage, final_path, device,
+    out_dir, name = _paths(cfg, dist)
+    log.info("stage %s -> %s | device %s | %s | world size %d", cfg.stage, out_dir / f"{name}.pth", device,
              str(dtype).replace("torch.", ""), dist.world)
-
     model, tok = build_model(cfg, device)
     log.info(model.parameter_line())
-    encoder = ChatEncoder(tok, model.config.image_tokens)
-    data, val, features, packed = setup_data(cfg, model, encoder, dist, device)
+    data, val, features, packed = setup_data(cfg, model, ChatEncoder(tok, model.config.image_tokens), dist, device)
     look_targets(cfg, model, data)
     n_seq = len(packed) if packed else len(data)
     global_batch = cfg.batch_size * dist.world * cfg.accumulation_steps
@@ -274,10 +307,9 @@ def _train(cfg: TrainConfig) -> dict:
              len(data), data.num_tokens(), len(data.image_paths),
              f", packed {cfg.pack_questions} per image into {n_seq} sequences" if packed else "",
              steps_per_epoch, cfg.epochs, global_batch)
-
     params, opt, scaler = make_optimizer(model, cfg, device, dtype)
+    resume_path = out_dir / f"{name}_resume.pth"
     start_step = load_resume(cfg, resume_path, model, opt, scaler, dist, total_steps) if cfg.resume else 0
-
     ddp = model
     if dist.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -292,153 +324,214 @@ def _train(cfg: TrainConfig) -> dict:
     overlap = cfg.prefetch if cfg.prefetch is not None else device.type == "cuda"
     log.info("batch feed: %s", ("next batches built on a worker thread" if overlap else "batches built in the loop")
              + ("" if cfg.prefetch is not None else f" (--prefetch auto: {'on' if overlap else 'off'} on {device.type})"))
-    feed = BatchFeed(plan, overlap=overlap)
-
-    wandb_run = None
-    if cfg.use_wandb and dist.is_main:
-        try:
-            import wandb
-        except ImportError as exc:
-            raise TrainingError("--use_wandb needs the wandb package: pip install wandb") from exc
-        wandb_run = wandb.init(project=cfg.wandb_project, name=name, config=cfg.to_dict())
-    metrics = MetricsLog(metrics_path, dist.is_main, resume_step=start_step if cfg.resume else None,
-                         wandb_run=wandb_run)
-    amp = autocast(device, dtype)
-    saver = Checkpointer(cfg, final_path, resume_path, dist)
+    wandb_run = _wandb(cfg, dist, name)
+    metrics = MetricsLog(out_dir / f"{name}_metrics.jsonl", dist.is_main,
+                         resume_step=start_step if cfg.resume else None, wandb_run=wandb_run)
     prior = validation_prior(data, val)
     if prior is not None:
         log.info("validation baseline, the commonest training answer of each question text: exact match %s",
                  prior.exact_match_text())
+    return Run(cfg, dist, device, model, tok, data, val, features, packed, n_seq, steps_per_epoch, total_steps,
+               start_step, params, opt, scaler, runner, BatchFeed(plan, overlap=overlap), epoch0, metrics,
+               Checkpointer(cfg, out_dir / f"{name}.pth", resume_path, dist), autocast(device, dtype), prior,
+               out_dir, name, wandb_run)
 
-    model.train()
-    end_step = min(total_steps, cfg.stop_at_step) if cfg.stop_at_step else total_steps
-    bar = Progress(total_steps, cfg.stage, "step", enabled=dist.is_main, initial=start_step, every=cfg.log_interval)
-    window_loss = torch.zeros((), device=device, dtype=torch.float32)
-    window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+
+def _wandb(cfg: TrainConfig, dist: Dist, name: str):
+    if not (cfg.use_wandb and dist.is_main):
+        return None
+    try:
+        import wandb  # optional: only for --use_wandb
+    except ImportError as exc:
+        raise TrainingError("--use_wandb needs the wandb package: pip install wandb") from exc
+    return wandb.init(project=cfg.wandb_project, name=name, config=cfg.to_dict())
+
+
+class EpochClock:
+    """Training-step seconds per epoch, with validation, saving and compiling kept apart: each step
+    that compiles a new batch shape is timed (a sync before and after) and reported on its own."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.epoch_seconds: list[float] = []
+        self.compile_seconds: list[float] = []
+        self.shapes: set = set()
+        self.t_epoch, self.paused, self.compiling = time.perf_counter(), 0.0, 0.0
+        self.t_compile = self.t_pause = 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def new_shape(self, key) -> bool:
+        """Whether this step compiles (a shape not seen before); starts its timer."""
+        if key is None or key in self.shapes:
+            return False
+        self.shapes.add(key)
+        self._sync()
+        self.t_compile = time.perf_counter()
+        return True
+
+    def compiled(self, width: int):
+        self._sync()
+        seconds = time.perf_counter() - self.t_compile
+        self.compiling += seconds
+        log.info("compiled the step for batches of width %d in %.1f s (%d shape(s) so far)", width, seconds,
+                 len(self.shapes))
+
+    def pause(self):
+        self.t_pause = time.perf_counter()
+
+    def end_epoch(self) -> float:
+        self._sync()
+        self.epoch_seconds.append(self.t_pause - self.t_epoch - self.paused - self.compiling)
+        self.compile_seconds.append(self.compiling)
+        return self.epoch_seconds[-1]
+
+    def resume(self, epoch_end: bool):
+        if epoch_end:
+            self.t_epoch, self.paused, self.compiling = time.perf_counter(), 0.0, 0.0
+        else:
+            self.paused += time.perf_counter() - self.t_pause
+
+
+def _step(run: Run, batches, lr: float, new_shape: bool) -> torch.Tensor:
+    """One optimizer step. --compile auto turns compiling on for every long CUDA run: a compiler
+    failure on a step that compiles must not end the run, and the eager step computes the same
+    update (nothing was stepped yet), so only such a step is retried, with a warning."""
+    def once():
+        return train_step(run.runner.run, run.model, batches, run.features, run.opt, run.scaler, run.params, run.cfg,
+                          run.dist, run.device, run.amp, lr, run.runner.graphs)
+    try:
+        return once()
+    except Exception as exc:  # noqa: BLE001
+        if not new_shape:
+            raise
+        run.runner.fall_back("the training step", exc)
+        run.opt.zero_grad(set_to_none=True)
+        return once()
+
+
+def _validate(run: Run):
+    """The validation pass: the compiled forward (eval mode compiles its own graphs, once per
+    validation shape), under torchrun the plain model; a compiler failure falls back to eager."""
+    fast = run.runner.compiled and not run.dist.enabled
+    try:
+        return evaluate(run.runner.run if fast else run.model, run.val, run.features, run.cfg, run.dist, run.device,
+                        run.amp, run.runner.val_shapes if fast else None, run.runner.graphs and fast)
+    except Exception as exc:  # noqa: BLE001 (as for the training step: only a compiled pass)
+        if not fast:
+            raise
+        run.runner.fall_back("the validation pass", exc)
+        return evaluate(run.model, run.val, run.features, run.cfg, run.dist, run.device, run.amp)
+
+
+@dataclass
+class LossWindow:
+    """The summed loss and tokens since the last log line (the loss stays on the device)."""
+    loss: torch.Tensor
+    steps: int = 0
+    tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def log(self, run: Run, step: int, lr: float, bar: Progress):
+        mean_loss = float(run.dist.all_sum(self.loss)) / self.steps  # the one sync per log interval
+        if not math.isfinite(mean_loss):
+            raise TrainingError(
+                f"loss became {mean_loss} at step {step}: training diverged and this step was not "
+                f"saved; {run.saver.kept_message()}. Lower --learning_rate (now {run.cfg.learning_rate}), keep "
+                "--grad_clip on, or use --dtype bfloat16 instead of float16.")
+        tok_s = self.tokens * run.dist.world / max(time.perf_counter() - self.t0, 1e-9)
+        run.metrics.write({"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": round(mean_loss, 6),
+                           "lr": lr, "tokens_per_s": round(tok_s, 1)})
+        bar.set_postfix(f"loss {mean_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s")
+        self.loss.zero_()
+        self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
+
+
+def _train(cfg: TrainConfig) -> dict:
+    run = _setup(cfg)
+    end_step = min(run.total_steps, cfg.stop_at_step) if cfg.stop_at_step else run.total_steps
+    bar = Progress(run.total_steps, cfg.stage, "step", enabled=run.dist.is_main, initial=run.start_step,
+                   every=cfg.log_interval)
+    window = LossWindow(torch.zeros((), device=run.device, dtype=torch.float32))
+    clock = EpochClock(run.device)
     last_val, val_history = None, []
-    epoch_seconds: list[float] = []  # training steps only: validation, saving and compiling excluded
-    compile_seconds: list[float] = []  # per epoch: the steps that compiled a new shape (a sync before and after)
-    seen_shapes: set = set()
-    t_epoch, paused, compiling = time.perf_counter(), 0.0, 0.0
-    step = start_step
+    step, spe = run.start_step, run.steps_per_epoch
+    run.model.train()
     stop = StopRequest()
     try:
         stop.__enter__()
         while step < end_step:
-            batches, n_tokens = feed.get(step, step + 1 if step + 1 < end_step else None)
-            key = shape_key(batches) if runner.compiled else None
-            new_shape = key is not None and key not in seen_shapes
+            batches, n_tokens = run.feed.get(step, step + 1 if step + 1 < end_step else None)
+            new_shape = clock.new_shape(shape_key(batches) if run.runner.compiled else None)
+            lr = lr_at(step, run.total_steps, cfg)
+            window.loss += _step(run, batches, lr, new_shape)
             if new_shape:
-                seen_shapes.add(key)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t_compile = time.perf_counter()
-            lr = lr_at(step, total_steps, cfg)
-
-            def one_step():
-                return train_step(runner.run, model, batches, features, opt, scaler, params, cfg, dist, device,
-                                  amp, lr, runner.graphs)
-            try:
-                window_loss += one_step()
-            except Exception as exc:  # noqa: BLE001 (only a step that compiles is retried, and it is logged)
-                if not new_shape:
-                    raise
-                # --compile auto turns compiling on for every long CUDA run: a compiler failure must not
-                # end the run, and the eager step computes the same update (nothing was stepped yet)
-                runner.fall_back("the training step", exc)
-                opt.zero_grad(set_to_none=True)
-                window_loss += one_step()
-            if new_shape:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - t_compile
-                compiling += seconds
-                log.info("compiled the step for batches of width %d in %.1f s (%d shape(s) so far)",
-                         batches[0]["input_ids"].shape[1], seconds, len(seen_shapes))
-            window_tokens += n_tokens
-            window_steps += 1
+                clock.compiled(batches[0]["input_ids"].shape[1])
+            window.tokens += n_tokens
+            window.steps += 1
             step += 1
-
-            epoch_end = step % steps_per_epoch == 0
+            epoch_end = step % spe == 0
             want_save = (cfg.save_interval and step % cfg.save_interval == 0) or epoch_end or step == end_step
             if step % cfg.log_interval == 0 or want_save:
-                mean_loss = float(dist.all_sum(window_loss)) / window_steps  # the one sync per log interval
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(
-                        f"loss became {mean_loss} at step {step}: training diverged and this step was not "
-                        f"saved; {saver.kept_message()}. Lower --learning_rate (now {cfg.learning_rate}), keep "
-                        "--grad_clip on, or use --dtype bfloat16 instead of float16.")
-                elapsed = time.perf_counter() - t_window
-                tok_s = window_tokens * dist.world / max(elapsed, 1e-9)
-                metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(mean_loss, 6),
-                               "lr": lr, "tokens_per_s": round(tok_s, 1)})
-                bar.set_postfix(f"loss {mean_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s")
-                window_loss.zero_()
-                window_steps, window_tokens, t_window = 0, 0, time.perf_counter()
+                window.log(run, step, lr, bar)
             bar.update(1)
-            t_pause = time.perf_counter()
+            clock.pause()
             if epoch_end:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                epoch_seconds.append(t_pause - t_epoch - paused - compiling)
-                compile_seconds.append(compiling)
-                metrics.write({"step": step, "epoch": step // steps_per_epoch,
-                               "epoch_seconds": round(epoch_seconds[-1], 3),
-                               **({"compile_seconds": round(compiling, 3)} if runner.shapes is not None else {})})
-            if epoch_end and val is not None:
-                # the compiled forward (eval mode compiles its own graphs, once per validation shape);
-                # under torchrun the plain model, as before
-                fast = runner.compiled and not dist.enabled
-                try:
-                    last_val = evaluate(runner.run if fast else model, val, features, cfg, dist, device, amp,
-                                        runner.val_shapes if fast else None, runner.graphs and fast)
-                except Exception as exc:  # noqa: BLE001 (as for the training step: only a compiled pass)
-                    if not fast:
-                        raise
-                    runner.fall_back("the validation pass", exc)
-                    last_val = evaluate(model, val, features, cfg, dist, device, amp)
-                val_history.append(last_val)
-                metrics.write({"step": step, "epoch": step // steps_per_epoch, **last_val.row()})
-            if epoch_end:
-                bar.write(f"epoch {step // steps_per_epoch}/{cfg.epochs} done in {epoch_seconds[-1]:.1f} s"
-                          + (f" (+ {compiling:.1f} s compiling)" if compiling else "")
+                seconds = clock.end_epoch()
+                run.metrics.write({"step": step, "epoch": step // spe, "epoch_seconds": round(seconds, 3),
+                                   **({"compile_seconds": round(clock.compiling, 3)}
+                                      if run.runner.shapes is not None else {})})
+                if run.val is not None:
+                    last_val = _validate(run)
+                    val_history.append(last_val)
+                    run.metrics.write({"step": step, "epoch": step // spe, **last_val.row()})
+                bar.write(f"epoch {step // spe}/{cfg.epochs} done in {seconds:.1f} s"
+                          + (f" (+ {clock.compiling:.1f} s compiling)" if clock.compiling else "")
                           + (f": {last_val.line()}" if last_val is not None else ""))
             if want_save:
                 with_resume = step == end_step or bool(cfg.save_interval and step % cfg.save_interval == 0)
-                saver.save(model, tok, opt, scaler, metrics, step, step // steps_per_epoch,
-                           last_val.row() if last_val is not None else {"val_loss": None},
-                           with_resume=with_resume, plot=epoch_end or step == end_step)
-            if epoch_end:
-                t_epoch, paused, compiling = time.perf_counter(), 0.0, 0.0
-            else:
-                paused += time.perf_counter() - t_pause
-            if stop_now(stop, dist, step, cfg.log_interval, device) and step < end_step:  # weights and optimizer agree
-                if saver.resume_saved != step:
-                    saver.save_resume(model, opt, scaler, metrics, step)
-                raise TrainingInterrupted(f"stopped at step {step}/{total_steps} ({signal_name(stop.signal)}): a resume "
-                                          f"state was saved; {saver.kept_message()}{saver.resume_advice()}",
-                                          stop.signal)
+                run.saver.save(run.model, run.tok, run.opt, run.scaler, run.metrics, step, step // spe,
+                               last_val.row() if last_val is not None else {"val_loss": None},
+                               with_resume=with_resume, plot=epoch_end or step == end_step)
+            clock.resume(epoch_end)
+            if stop_now(stop, run.dist, step, cfg.log_interval, run.device) and step < end_step:
+                _stop_here(run, step, stop.signal)  # at a step boundary: weights and optimizer agree
     except KeyboardInterrupt:
-        raise TrainingInterrupted(f"interrupted at step {step}/{total_steps}: {saver.kept_message()}"
-                                  f"{saver.resume_advice()}", signal.SIGINT) from None
+        raise TrainingInterrupted(f"interrupted at step {step}/{run.total_steps}: {run.saver.kept_message()}"
+                                  f"{run.saver.resume_advice()}", signal.SIGINT) from None
     finally:
         stop.__exit__()
-        feed.close()
+        run.feed.close()
         bar.close()
-        metrics.close()
-    if wandb_run is not None:
-        wandb_run.finish()
-    if saver.last_saved:
-        log.info("saved %s at step %d (metrics %s, curve %s)", final_path, saver.last_saved[1], metrics.path,
-                 out_dir / f"{name}_loss.png")
+        run.metrics.close()
+    return _finish(run, step, last_val, val_history, clock)
+
+
+def _stop_here(run: Run, step: int, signum: int | None):
+    if run.saver.resume_saved != step:
+        run.saver.save_resume(run.model, run.opt, run.scaler, run.metrics, step)
+    raise TrainingInterrupted(f"stopped at step {step}/{run.total_steps} ({signal_name(signum)}): a resume state "
+                              f"was saved; {run.saver.kept_message()}{run.saver.resume_advice()}", signum)
+
+
+def _finish(run: Run, step: int, last_val, val_history: list, clock: EpochClock) -> dict:
+    """The end of a run: what was saved, the advice, and the run's summary."""
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    if run.saver.last_saved:
+        log.info("saved %s at step %d (metrics %s, curve %s)", run.saver.final_path, run.saver.last_saved[1],
+                 run.metrics.path, run.out_dir / f"{run.name}_loss.png")
     else:
-        log.info("nothing to train (step %d of %d): no checkpoint was written", step, total_steps)
-    for advice in (more_epochs_advice(val_history, cfg.epochs), prior_advice(last_val, prior, cfg.epochs)):
+        log.info("nothing to train (step %d of %d): no checkpoint was written", step, run.total_steps)
+    for advice in (more_epochs_advice(val_history, run.cfg.epochs), prior_advice(last_val, run.prior, run.cfg.epochs)):
         if advice:
             log.warning("%s", advice)
-    return {"checkpoint": final_path if saver.last_saved else None, "resume": resume_path, "metrics": metrics.path,
-            "steps": step, "total_steps": total_steps, "val_loss": last_val.loss if last_val else None,
-            "validation": last_val, "epoch_seconds": epoch_seconds, "compile": runner.choice,
-            "compile_seconds": compile_seconds, "step_shapes": len(seen_shapes),
-            "samples": n_seq, "tokens": sum(len(s_.input_ids) for s_ in epoch0) if packed else data.num_tokens(),
-            "questions": len(data), "trainable_params": model.parameter_summary()["trainable"]}
+    return {"checkpoint": run.saver.final_path if run.saver.last_saved else None, "resume": run.saver.resume_path,
+            "metrics": run.metrics.path, "steps": step, "total_steps": run.total_steps,
+            "val_loss": last_val.loss if last_val else None, "validation": last_val,
+            "epoch_seconds": clock.epoch_seconds, "compile": run.runner.choice,
+            "compile_seconds": clock.compile_seconds, "step_shapes": len(clock.shapes), "samples": run.n_seq,
+            "tokens": sum(len(s_.input_ids) for s_ in run.epoch0) if run.packed else run.data.num_tokens(),
+            "questions": len(run.data), "trainable_params": run.model.parameter_summary()["trainable"]}
