@@ -4,6 +4,9 @@ Run from any folder:
     python -m scripts.bench_train                                   # 104M model, CLIP-shaped random tower
     python -m scripts.bench_train --hidden_size 512 --num_hidden_layers 8
     python -m scripts.bench_train --hidden_size 128 --num_hidden_layers 2 --vision_model random-tiny --samples 512
+    # the CPU default path against the batch-feed thread (#29), one job at a time, alternating:
+    python -m scripts.bench_train --hidden_size 128 --num_hidden_layers 4 --vision_model random-tiny --prefetch auto
+    python -m scripts.bench_train --hidden_size 128 --num_hidden_layers 4 --vision_model random-tiny --prefetch on
 Data: 4,919 questions over 450 images of 224 px with answers of about two words (as SLAKE's
 English training split). The first epoch builds the frozen-feature cache and warms up;
 the reported epoch is the next one. MFU uses 6 x trainable parameters + attention FLOPs
@@ -64,6 +67,8 @@ def main(argv=None):
     ap.add_argument("--compile", nargs="?", const="on", default="off", choices=["auto", "on", "graphs", "off"],
                     help="as train_sft_vlm.py's --compile (default here: off, the eager baseline)")
     ap.add_argument("--epochs", type=flags.int_range(2), default=2, help="the last one is reported")
+    ap.add_argument("--prefetch", choices=["auto", "on", "off"], default="auto",
+                    help="the batch-feed thread, as train_sft_vlm.py's --prefetch (auto: on with CUDA only)")
     ap.add_argument("--pack_questions", type=flags.positive_int, default=1, help="shared-prefix packing (see README)")
     ap.add_argument("--cudnn_attention", action="store_true",
                     help="allow the cuDNN attention kernel, which the toolkit turns off (A/B in scripts/gpu_check.py)")
@@ -80,7 +85,8 @@ def main(argv=None):
                           num_hidden_layers=args.num_hidden_layers, vision_model=args.vision_model, epochs=args.epochs,
                           batch_size=args.batch_size, learning_rate=args.learning_rate, dtype=args.dtype,
                           device=args.device, from_weight="none", log_interval=50, compile=args.compile,
-                          num_workers=0, pack_questions=args.pack_questions)
+                          num_workers=0, pack_questions=args.pack_questions,
+                          prefetch={"auto": None, "on": True, "off": False}[args.prefetch])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         out = train(cfg)
@@ -97,6 +103,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers,
         "vision_model": args.vision_model, "batch_size": args.batch_size, "pack_questions": args.pack_questions,
+        "prefetch": args.prefetch,
         "samples": round(used), "compile": out["compile"], "step_shapes": out["step_shapes"],
         "compile_seconds": round(sum(out["compile_seconds"]), 3),
         "epoch_seconds": round(seconds, 3), "first_epoch_seconds": round(out["epoch_seconds"][0], 3),
