@@ -88,7 +88,7 @@ def parse_args(argv=None):
 
 def ask(ckpt, image, question: str | None, gen_cfg) -> int:
     """Answers ``question`` (or questions typed at a prompt) about ``image`` (a loaded PIL image)."""
-    from evaluation.runner import answer_stream
+    from evaluation.inference import answer_stream
     from model.tokenization import clean_question
     questions = [question] if question is not None else None
     while True:

@@ -23,7 +23,7 @@ from dataset.features import run_tower
 from dataset.images import as_image
 from evaluation.explain import Explanation, answer_sets, explain
 from evaluation.relevance import DEFAULT_RELEVANCE
-from evaluation.runner import generation_autocast
+from evaluation.inference import generation_autocast
 from model.checkpoint import LoadedCheckpoint, load_model
 from model.config import IMAGE_PLACEHOLDER, resolve_path
 from model.constrain import build_answer_trie

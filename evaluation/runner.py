@@ -1,4 +1,5 @@
-"""Test-split evaluation (batched, cached features) and single-question answering."""
+"""Test-split evaluation (batched, cached features): predictions, metrics beside the answer-prior
+baselines, calibration, the pointing game and overlays. Single questions: evaluation/inference.py."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import logging
 import re
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,20 +14,20 @@ from PIL import Image
 
 from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, look_mask, patch_targets, pointing_group, read_boxes_file
 from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
-from dataset.features import FeatureStore, run_tower
+from dataset.features import FeatureStore
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines, compute_metrics, exact_match, image_use, image_use_verdict, normalize
 from infra.atomic import atomic_open, atomic_write_text, remove_stale_temps
 from model.checkpoint import LoadedCheckpoint
-from model.config import IMAGE_PLACEHOLDER
 from model.constrain import build_answer_trie
 from evaluation.explain import answer_sets, score_answers
+from evaluation.inference import generation_autocast
 from evaluation.plots import plot_baselines, plot_reliability
 from evaluation.relevance import DEFAULT_RELEVANCE, METHODS as RELEVANCE_METHODS, model_view, overlay, relevance_maps
-from model.generation import GenerationConfig, generate, stream_generate
-from infra.runtime import autocast, compute_dtype, progress
+from model.generation import GenerationConfig, generate
+from infra.runtime import progress
 from evaluation.scoring import ABSTAIN_THRESHOLDS, abstention, calibration, candidate_log_likelihoods
-from model.tokenization import ChatEncoder, answer_ids, clean_question
+from model.tokenization import ChatEncoder, answer_ids
 
 log = logging.getLogger("eval")
 
@@ -389,13 +389,6 @@ def _generate_all(model, tok, pending, features, gen_cfg, batch_size, device, tr
     return out
 
 
-def generation_autocast(device) -> torch.autocast:
-    """One precision for every generation path (batched evaluation, single questions, the
-    web demo): the training policy's compute dtype for this device."""
-    device = torch.device(device)
-    return autocast(device, compute_dtype("auto", device))
-
-
 def _pct(x) -> str:
     return "   -  " if x is None else f"{100 * x:5.1f}%"
 
@@ -440,47 +433,3 @@ def format_table(m: dict) -> str:
     if m.get("overlays"):
         lines.append(f"overlays of where it looked: {m['overlays']} PNG(s) in overlays/")
     return "\n".join(lines)
-
-
-def chat_prompt(ckpt: LoadedCheckpoint, images: list, history: list[dict], question: str) -> list[int]:
-    """The token ids a chat turn generates from: earlier turns, then ``question`` (with the
-    image placeholder(s) when it opens the conversation)."""
-    question = clean_question(question)
-    msgs = list(history)
-    if not msgs:
-        question = IMAGE_PLACEHOLDER * len(images) + "\n" + question if images else question
-    msgs.append({"role": "user", "content": question})
-    return ChatEncoder(ckpt.tokenizer, ckpt.model.config.image_tokens).encode(msgs, add_generation_prompt=True).input_ids
-
-
-def image_features(ckpt: LoadedCheckpoint, images: list) -> torch.Tensor | None:
-    """The tower's features of ``images`` (PIL), computed and rounded like the cached features
-    the model was trained on; None without images."""
-    model = ckpt.model
-    if not images:
-        return None
-    return run_tower(model.vision_tower, model.vision_tower.preprocess(images), next(model.parameters()).device)
-
-
-def answer_stream(ckpt: LoadedCheckpoint, images: list, history: list[dict], question: str,
-                  gen_cfg: GenerationConfig, features: torch.Tensor | None = None) -> Iterator[str]:
-    """Streams the answer text (growing string) to ``question`` about ``images`` (PIL), with
-    earlier turns in ``history`` ([{"role", "content"}], the first user turn holding the
-    image placeholder(s)). ``features``: the images' ``image_features`` when the caller already
-    has them. Used by eval_vlm.py's single-question mode and the web demo."""
-    model, tok = ckpt.model, ckpt.tokenizer
-    prompt = chat_prompt(ckpt, images, history, question)
-    device = next(model.parameters()).device
-    feats = features if features is not None else image_features(ckpt, images)
-    ids: list[int] = []
-    shown = text = ""
-    with generation_autocast(device):  # the same precision as batched evaluation
-        for tok_id in stream_generate(model, prompt, feats, gen_cfg, model.config.eos_token_id,
-                                      model.config.pad_token_id):
-            ids.append(tok_id)
-            text = tok.decode(ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
-                shown = text
-                yield text
-    if text != shown:  # the answer ended inside a character: show what there is
-        yield text

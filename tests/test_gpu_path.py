@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import trainer.trainer as tr
 from dataset.features import FeatureStore
 from dataset.vqa_dataset import MODEL_INPUTS, PackedQuestions, Sample, collate
-from evaluation.runner import answer_stream, generation_autocast
+from evaluation.inference import answer_stream, generation_autocast
 from model.checkpoint import load_model, save_checkpoint
 from model.generation import GenerationConfig, generate, generate_steps
 from model.language_model import KVCache

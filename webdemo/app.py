@@ -16,7 +16,7 @@ from dataset.contract import answer_of, read_jsonl
 from dataset.images import ImageReadError, load_image
 from evaluation.api import guess_answer_type
 from evaluation.explain import Explanation, answer_sets, explain
-from evaluation.runner import answer_stream, chat_prompt, generation_autocast, image_features
+from evaluation.inference import answer_stream, chat_prompt, generation_autocast, image_features
 from model.checkpoint import LoadedCheckpoint, load_model, locate_checkpoint
 from model.pretrained import is_pretrained_dir
 from model.config import IMAGE_PLACEHOLDER, resolve_path
