@@ -14,7 +14,7 @@ DEFAULT_VISION_MODEL = "model/vision_model/clip-vit-base-patch16"
 DEFAULT_TOKENIZER = "model/tokenizer"
 IMAGE_PLACEHOLDER = "<image>"
 # the last commit with the removed model levers (--projector film, --patch_loss, --train_vision; docs/learning.md)
-REMOVED_AT = "5bbdddf"
+REMOVED_AT = "27ee718"
 PROJECTORS = ("mlp", "linear")
 # Bounds of a config's sizes (checked before any allocation; far above MiniMind2's 768 x 16).
 LIMITS = {"hidden_size": (1, 8192), "num_hidden_layers": (1, 256), "num_attention_heads": (1, 256),

@@ -25,9 +25,12 @@ RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_si
 # trained with it.
 REMOVED_FLAGS = {**{k: (off, "ab73515") for k, off in (
     ("balance_closed", False), ("pair_closed", False), ("projector_lr_scale", 1.0), ("debias", 0.0),
-    ("debias_until", 1.0), ("rank_weight", 0.0), ("rank_margin", 1.0), ("prior_weight", 0.0),
-    ("look_fallback", "none"))}, "patch_loss": (0.0, "27ee718"), "projector": ("mlp", "27ee718"),
+    ("debias_until", 1.0), ("rank_weight", 0.0), ("rank_margin", 1.0))}, "prior_weight": (0.0, "934e6a6"),
+    "look_fallback": ("none", "934e6a6"), "patch_loss": (0.0, "27ee718"), "projector": ("mlp", "27ee718"),
     "train_vision": ("none", "5bbdddf"), "vision_lr": (2e-5, "5bbdddf")}
+
+
+ALL_REMOVED_AT = "934e6a6"  # a commit that still had every removed flag
 
 
 def removed_flags_used(train_config: dict) -> dict[str, tuple[object, str]]:
@@ -133,8 +136,7 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
         raise TrainingError(f"--resume: {resume_path} was trained with flags this toolkit no longer has "
                             f"({', '.join(f'--{k} {v}' for k, (v, _) in used.items())}; they lost their measurements, "
                             f"docs/learning.md); continue it with the toolkit at commit "
-                            f"{'ab73515' if any(c == 'ab73515' for _, c in used.values()) else '27ee718'} (it has all of "
-                            "them), or start fresh without --resume")
+                            f"{ALL_REMOVED_AT} (it has all of them), or start fresh without --resume")
     mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
                 if state["train_config"].get(k) != getattr(cfg, k)}
     if state.get("world") != dist.world:
