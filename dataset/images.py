@@ -99,6 +99,8 @@ def read_dicom(path: str | Path, data: bytes | None = None) -> Image.Image:
         samples = int(header.get("SamplesPerPixel", 1) or 1)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as exc:
         raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
+    if rows and cols:
+        check_shape(cols, rows, str(path))  # the one shape rule (aspect ratio, megapixels), from the header alone
     if rows * cols > MAX_PIXELS or rows * cols * max(frames, 1) * max(samples, 1) > MAX_DICOM_VALUES:
         raise ImageReadError(f"{path}: DICOM image of {rows}x{cols} pixels x {frames} frame(s) x {samples} sample(s) "
                              f"is too large (more than {MAX_PIXELS // 1_000_000} megapixels per frame or "

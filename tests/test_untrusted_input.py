@@ -324,3 +324,11 @@ def test_deflated_dicom_inflation_is_bounded(tmp_path, mb, monkeypatch):
     else:
         with pytest.raises(RuntimeError, match="reached the parser"):  # small enough: parsed as usual
             load_image("bomb.dcm", bomb)
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 6000), (6000, 2), (10, 400)])
+def test_elongated_dicom_refused_from_its_header(tmp_path, rows, cols):
+    from tests.test_bad_input import _deflated_dicom
+    path = _deflated_dicom(tmp_path / "thin.dcm", rows, cols)
+    with pytest.raises(ImageReadError, match="longer than wide"):
+        load_image(path)
