@@ -26,45 +26,50 @@ RELEVANCE_METHODS = ("look", "rollout", "grad_x_input", "attn_grad")
 
 def parse_args(argv=None):
     ap = flags.ArgumentParser(description=__doc__)
-    ap.add_argument("--model_mode", type=int, choices=[0, 1], default=1, help="0 = pretrain model, 1 = SFT model")
-    ap.add_argument("--hidden_size", type=flags.positive_int, default=768, help="picks the default checkpoint name")
-    ap.add_argument("--use_moe", action="store_true", help="picks the default checkpoint name (_moe)")
-    ap.add_argument("--out_dir", default="out", help="where checkpoints are and eval/ is written")
-    ap.add_argument("--model_path", help="checkpoint to evaluate: a .pth, a model folder (export_hf) or a hub id "
+    g0 = ap.add_argument_group("which model")
+    g0.add_argument("--model_mode", type=int, choices=[0, 1], default=1, help="0 = pretrain model, 1 = SFT model")
+    g0.add_argument("--hidden_size", type=flags.positive_int, default=768, help="picks the default checkpoint name")
+    g0.add_argument("--use_moe", action="store_true", help="picks the default checkpoint name (_moe)")
+    g0.add_argument("--out_dir", default="out", help="where checkpoints are and eval/ is written")
+    g0.add_argument("--model_path", help="checkpoint to evaluate: a .pth, a model folder (export_hf) or a hub id "
                                          "(overrides --model_mode/--hidden_size)")
-    ap.add_argument("--data_path", default="dataset/medical_vqa_test.jsonl", help="the questions to evaluate (JSONL)")
-    ap.add_argument("--train_path", default="dataset/medical_vqa_train.jsonl", help="for the answer baselines")
-    ap.add_argument("--images_path", default="dataset/medical_images", help="folder the 'image' paths are relative to")
-    ap.add_argument("--cache_dir", default="dataset/cache", help="frozen-feature cache ('' = none)")
-    ap.add_argument("--vision_model", help="load the vision tower from here instead of the stored id "
+    g0.add_argument("--vision_model", help="load the vision tower from here instead of the stored id "
                                            "(its weights must match the checkpoint)")
-    ap.add_argument("--device", default="auto", help=flags.DEVICE_HELP)
-    ap.add_argument("--batch_size", type=flags.positive_int, default=64, help="questions generated together")
-    ap.add_argument("--max_new_tokens", type=flags.int_range(1, 1024), default=32, help="longest answer, in tokens")
-    ap.add_argument("--image", help="answer questions about this PNG/JPEG/DICOM image instead")
-    ap.add_argument("--question", type=flags.text("question"),
+    g1 = ap.add_argument_group("data")
+    g1.add_argument("--data_path", default="dataset/medical_vqa_test.jsonl", help="the questions to evaluate (JSONL)")
+    g1.add_argument("--train_path", default="dataset/medical_vqa_train.jsonl", help="for the answer baselines")
+    g1.add_argument("--images_path", default="dataset/medical_images", help="folder the 'image' paths are relative to")
+    g1.add_argument("--cache_dir", default="dataset/cache", help="frozen-feature cache ('' = none)")
+    g2 = ap.add_argument_group("one image instead of a split")
+    g2.add_argument("--image", help="answer questions about this PNG/JPEG/DICOM image instead")
+    g2.add_argument("--question", type=flags.text("question"),
                     help="with --image: one question (otherwise an interactive prompt)")
-    ap.add_argument("--constrain", choices=["none", "closed", "all"], default="none",
+    g2.add_argument("--temperature", type=flags.float_range(0, 10), default=0.0, help="0 = greedy")
+    g2.add_argument("--top_p", type=flags.float_range(0, 1, lo_open=True), default=1.0,
+                    help="nucleus sampling (with --temperature > 0)")
+    g3 = ap.add_argument_group("what the evaluation reports")
+    g3.add_argument("--constrain", choices=["none", "closed", "all"], default="none",
                     help="also decode with answers restricted to the training split's: closed questions to its "
                          "closed answers ('closed'), and open ones to its answer vocabulary ('all'); both results "
                          "are reported")
-    ap.add_argument("--relevance", choices=[*RELEVANCE_METHODS, "all"], default=RELEVANCE_METHODS[0],
+    g3.add_argument("--relevance", choices=[*RELEVANCE_METHODS, "all"], default=RELEVANCE_METHODS[0],
                     help="how the pointing game and --overlays find where the model looked: look (the head "
                          "--look_loss trains), rollout (attention rollout), grad_x_input, attn_grad (attention x "
                          "its gradient); all: score every method (docs/evaluation.md)")
-    ap.add_argument("--overlays", type=flags.non_negative_int, default=0,
+    g3.add_argument("--overlays", type=flags.non_negative_int, default=0,
                     help="write the relevance map over the scan for this many questions (spread over the split) "
                          "to out/eval/<name>/overlays/")
-    ap.add_argument("--explain", action="store_true",
+    g3.add_argument("--explain", action="store_true",
                     help="give every prediction in predictions.jsonl its probability and top alternatives "
                          "(batched scoring passes; closed: over the training split's closed answers, open: the "
                          "product of its token probabilities)")
-    ap.add_argument("--abstain_below", type=flags.float_range(0, 1), default=None,
+    g3.add_argument("--abstain_below", type=flags.float_range(0, 1), default=None,
                     help="also report coverage and accuracy on closed questions when answers below this "
                          "probability are withheld ('not sure')")
-    ap.add_argument("--temperature", type=flags.float_range(0, 10), default=0.0, help="0 = greedy")
-    ap.add_argument("--top_p", type=flags.float_range(0, 1, lo_open=True), default=1.0,
-                    help="nucleus sampling (with --temperature > 0)")
+    g4 = ap.add_argument_group("hardware and generation")
+    g4.add_argument("--device", default="auto", help=flags.DEVICE_HELP)
+    g4.add_argument("--batch_size", type=flags.positive_int, default=64, help="questions generated together")
+    g4.add_argument("--max_new_tokens", type=flags.int_range(1, 1024), default=32, help="longest answer, in tokens")
     args = ap.parse_args(argv)
     for name in ("out_dir", "data_path", "train_path", "images_path", "cache_dir", "image", "vision_model", "model_path"):
         setattr(args, name, user_path(getattr(args, name), ap.get_default(name),

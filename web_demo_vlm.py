@@ -19,14 +19,16 @@ log = logging.getLogger("web_demo")
 
 def parse_args(argv=None):
     ap = flags.ArgumentParser(description=__doc__)
-    ap.add_argument("--model_path", default="out/medical_vlm_768.pth",
-                    help="a checkpoint (.pth, model folder or hub id) or a folder of them")
-    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your local network")
-    ap.add_argument("--port", type=flags.port, default=7860, help="the port to serve on")
-    ap.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    ap.add_argument("--device", default="auto", help=flags.DEVICE_HELP)
-    ap.add_argument("--vision_model", help="load the vision tower from here (weights must match)")
-    ap.add_argument("--train_path", default="dataset/medical_vqa_train.jsonl",
+    model = ap.add_argument_group("the model")
+    model.add_argument("--model_path", default="out/medical_vlm_768.pth",
+                       help="a checkpoint (.pth, model folder or hub id) or a folder of them")
+    model.add_argument("--vision_model", help="load the vision tower from here (weights must match)")
+    model.add_argument("--device", default="auto", help=flags.DEVICE_HELP)
+    serve = ap.add_argument_group("serving")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve your local network")
+    serve.add_argument("--port", type=flags.port, default=7860, help="the port to serve on")
+    serve.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    model.add_argument("--train_path", default="dataset/medical_vqa_train.jsonl",
                     help="the training split whose answers the confidence panel scores as alternatives "
                          "(without it: Yes / No for closed questions, none for open ones)")
     args = ap.parse_args(argv)

@@ -270,3 +270,13 @@ def test_plots_a_student_reads(tmp_path):
     plot_losses(rows, tmp_path / "l.png", "run")
     for name in ("r.png", "l.png"):
         assert (tmp_path / name).stat().st_size > 5000
+
+
+@pytest.mark.parametrize("script", ["eval_vlm.py", "web_demo_vlm.py"])
+def test_flags_are_grouped(script):
+    """Every flag of the evaluation and demo scripts sits in a named group (not the catch-all 'options')."""
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120).stdout
+    loose = out.split("options:", 1)[1].split("\n\n", 1)[0]
+    assert [line for line in loose.splitlines() if line.strip().startswith("--")] == []
+    assert out.count(":\n  --") >= 2
