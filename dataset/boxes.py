@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
 from infra.errors import UserError
 
 BOXES_FILE = "medical_boxes.json"

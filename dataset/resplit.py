@@ -47,7 +47,12 @@ class Resplit:
     texts_movable: int           # question texts with two or more answers, on both sides
 
 
-def _gains(by_image: dict[str, list[tuple[str, str]]], commonest: dict[str, str], quota: dict[str, int],
+def commonest(counts: Counter) -> str:
+    """The most frequent answer (ties: the first in sorted order)."""
+    return min(counts, key=lambda a: (-counts[a], a))
+
+
+def _gains(by_image: dict[str, list[tuple[str, str]]], usual: dict[str, str], quota: dict[str, int],
            minor_in_test: Counter, image: str) -> float:
     """How much putting ``image`` into the test split helps: per question text, a question with
     a non-commonest answer counts +1 while that text's test quota of such answers is not yet
@@ -57,7 +62,7 @@ def _gains(by_image: dict[str, list[tuple[str, str]]], commonest: dict[str, str]
     for text, answer in by_image[image]:
         if text not in quota:
             continue
-        if answer == commonest[text]:
+        if answer == usual[text]:
             g -= 1.0 / quota[text]
         elif minor_in_test[text] < quota[text]:
             g += 1.0 / quota[text]
@@ -80,20 +85,19 @@ def changing_prior_split(qas: list[QA], n_validation: int, n_test: int, seed: in
     order = images[:]
     rng.shuffle(order)  # ties are broken in a seeded order
     rank = {img: i for i, img in enumerate(order)}
-    commonest = {t: min(c, key=lambda a: (-c[a], a)) for t, c in answers.items()}
+    usual = {t: commonest(c) for t, c in answers.items()}
     share = n_test / len(images)
     # a text can move when it has another answer; its test quota is its share of the test split
-    quota = {t: max(1, round(share * sum(c.values()))) for t, c in answers.items()
-             if len(c) > 1 and sum(c.values()) >= 2}
+    quota = {t: max(1, round(share * sum(c.values()))) for t, c in answers.items() if len(c) > 1}
     minor_in_test: Counter = Counter()
     test: set[str] = set()
     remaining = set(images)
     for _ in range(n_test):
-        best = max(remaining, key=lambda img: (_gains(by_image, commonest, quota, minor_in_test, img), -rank[img]))
+        best = max(remaining, key=lambda img: (_gains(by_image, usual, quota, minor_in_test, img), -rank[img]))
         test.add(best)
         remaining.discard(best)
         for t, a in by_image[best]:
-            if t in quota and a != commonest[t]:
+            if t in quota and a != usual[t]:
                 minor_in_test[t] += 1
     rest = sorted(remaining, key=rank.__getitem__)
     validation = set(rest[:n_validation])
@@ -110,8 +114,7 @@ def _moved(by_image: dict[str, list[tuple[str, str]]], split_of: dict[str, str])
         for t, a in pairs:
             side[t][a] += 1
     movable = [t for t in train if t in test and len(train[t] | test[t]) > 1]
-    top = lambda c: min(c, key=lambda a: (-c[a], a))
-    return sum(top(train[t]) != top(test[t]) for t in movable), len(movable)
+    return sum(commonest(train[t]) != commonest(test[t]) for t in movable), len(movable)
 
 
 def prior_conflicting(train: list[QA], test: list[QA]) -> list[bool]:
@@ -127,6 +130,6 @@ def prior_conflicting(train: list[QA], test: list[QA]) -> list[bool]:
     keep = []
     for qa in test:
         t, c = text_key(qa.question), answers.get(text_key(qa.question))
-        usual = min(c, key=lambda a: (-c[a], a)) if c else None
+        usual = commonest(c) if c else None
         keep.append(not (usual == text_key(qa.answer) and len(seen[t]) > 1))
     return keep

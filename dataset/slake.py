@@ -29,7 +29,7 @@ from dataset.boxes import BOXES_FILE, MAX_BOX_QUESTIONS, BoxError, grounded_ques
 from dataset.contract import (IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath,
                               validate_record)
 from dataset.images import ImageReadError, load_image
-from dataset.resplit import QA, changing_prior_split, prior_conflicting
+from dataset.resplit import QA, changing_prior_split, prior_conflicting, text_key
 from infra.atomic import atomic_write_text
 from model.config import IMAGE_PLACEHOLDER
 from infra.lock import LockError, output_lock
@@ -365,12 +365,12 @@ def verification_questions(per_image: dict[str, list[tuple[str, str, str]]], see
     for qas in per_image.values():
         for q, a, t in qas:
             if t == "OPEN":
-                pool[" ".join(q.lower().split())].add(a)
+                pool[text_key(q)].add(a)
     out: dict[str, list[tuple[str, str]]] = {}
     for key in sorted(per_image):
         qs = []
         for q, a, t in per_image[key]:
-            others = sorted(pool.get(" ".join(q.lower().split()), set()) - {a})
+            others = sorted(pool.get(text_key(q), set()) - {a})
             if t != "OPEN" or not others or len(a) > 40:
                 continue
             stem = q.strip()
@@ -462,11 +462,10 @@ def _changing_prior(records: list[SourceRecord], seed: int, priors) -> tuple[lis
         raise ConversionError("--split cp needs a source with a test split")
 
     def closed_prior() -> float | None:
-        rows = lambda s: [{"question": r.question, "answer": r.answer, "answer_type": r.answer_type,
-                           "content_type": None, "modality": None} for r in records if r.split == s]
-        if priors is None:
-            return None
-        return priors(rows("train"), rows("test"))["majority_per_question"]["closed_accuracy"]
+        by_split = defaultdict(list)
+        for r in records:
+            by_split[r.split].append(r)
+        return _test_baselines(priors, by_split).get("majority_per_question", {}).get("closed_accuracy")
 
     before = closed_prior()
     try:
@@ -479,9 +478,8 @@ def _changing_prior(records: list[SourceRecord], seed: int, priors) -> tuple[lis
     test = [r for r in records if r.split == "test"]
     qa = lambda r: QA(r.image_key, r.question, r.answer)
     keep = dict(zip(map(id, test), prior_conflicting([qa(r) for r in records if r.split == "train"], list(map(qa, test)))))
-    kept = [r for r in records if keep.get(id(r), True)]
-    records = kept
-    return kept, {"kind": "cp", "seed": seed, "texts_moved": cp.texts_moved, "texts_movable": cp.texts_movable,
+    records = [r for r in records if keep.get(id(r), True)]
+    return records, {"kind": "cp", "seed": seed, "texts_moved": cp.texts_moved, "texts_movable": cp.texts_movable,
                   "test_questions_dropped": len(test) - sum(keep.values()),
                   "closed_prior_test_before": before, "closed_prior_test_after": closed_prior()}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import socket
+
 from infra.errors import UserError
 
 
@@ -36,13 +37,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         import difflib
-        hints = []
+        hints, names = [], self.flag_names()
         unknown = message.split("unrecognized arguments:", 1)[1] if "unrecognized arguments:" in message else ""
-        for word in unknown.replace(",", " ").split():
-            if word.startswith("--") and word.split("=")[0] not in self.flag_names():
-                close = difflib.get_close_matches(word.split("=")[0], self.flag_names(), n=1, cutoff=0.6)
-                if close:
-                    hints.append(f"{word.split('=')[0]}: did you mean {close[0]}?")
+        for flag in (w.split("=")[0] for w in unknown.replace(",", " ").split() if w.startswith("--")):
+            close = difflib.get_close_matches(flag, names, n=1, cutoff=0.6) if flag not in names else []
+            if close:
+                hints.append(f"{flag}: did you mean {close[0]}?")
         self.exit(2, f"usage: {self.prog} [flags]  (all flags: {self.prog} --help)\n{self.prog}: error: {message}\n"
                   + "".join(f"  {h}\n" for h in hints))
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from infra.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,21 +32,26 @@ class LockError(UserError, RuntimeError):
 YOUNG_SECONDS = 10.0  # an unreadable lock younger than this belongs to a run that is starting
 
 
+def _owner_file(path: Path, owner: dict) -> str:
+    """A complete temporary file beside ``path`` holding ``owner``, to be linked or renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(owner, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
 def _create(path: Path, owner: dict) -> bool:
     """Creates ``path`` holding ``owner``, atomically; False when it exists already."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = _owner_file(path, owner)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(owner, f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
     finally:
         os.unlink(tmp)
+    return True
 
 
 def _age(path: Path) -> float:
@@ -77,10 +83,7 @@ def _take_over(path: Path, seen: str, me: dict) -> bool:
             return _create(path, me)
         if now != seen:
             return False
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(me, f)
-        os.replace(tmp, path)  # never a moment without a lock file
+        os.replace(_owner_file(path, me), path)  # never a moment without a lock file
         return True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+
 from infra.errors import UserError
 
 MAX_IMAGE_BYTES = 256 * 2**20   # an image file; a 50-megapixel 16-bit DICOM is 100 MB

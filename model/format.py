@@ -5,6 +5,7 @@ keeps checkpoint, pretrained and vlm free of import circles."""
 from __future__ import annotations
 
 import torch
+
 from infra.errors import UserError
 
 FORMAT = "medical-vlm"

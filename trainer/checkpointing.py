@@ -26,8 +26,9 @@ RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_si
 REMOVED_FLAGS = {**{k: (off, "ab73515") for k, off in (
     ("balance_closed", False), ("pair_closed", False), ("projector_lr_scale", 1.0), ("debias", 0.0),
     ("debias_until", 1.0), ("rank_weight", 0.0), ("rank_margin", 1.0))}, "prior_weight": (0.0, "934e6a6"),
-    "look_fallback": ("none", "934e6a6"), "patch_loss": (0.0, "27ee718"), "projector": ("mlp", "27ee718"),
+    "look_fallback": ("none", "934e6a6"), "patch_loss": (0.0, "27ee718"),
     "train_vision": ("none", "5bbdddf"), "vision_lr": (2e-5, "5bbdddf")}
+REMOVED_CHOICES = {("projector", "film"): "27ee718"}  # values of kept flags that were removed
 
 
 ALL_REMOVED_AT = "934e6a6"  # a commit that still had every removed flag
@@ -37,9 +38,8 @@ def removed_flags_used(train_config: dict) -> dict[str, tuple[object, str]]:
     """The removed flags (and the removed --projector film) a stored run configuration used:
     flag -> (its value, the last commit that had it)."""
     used = {k: (v, REMOVED_FLAGS[k][1]) for k, v in train_config.items()
-            if k in REMOVED_FLAGS and k != "projector" and v != REMOVED_FLAGS[k][0]}
-    if train_config.get("projector") == "film":
-        used["projector"] = ("film", REMOVED_FLAGS["projector"][1])
+            if k in REMOVED_FLAGS and v != REMOVED_FLAGS[k][0]}
+    used.update({k: (v, commit) for (k, v), commit in REMOVED_CHOICES.items() if train_config.get(k) == v})
     return used
 
 

@@ -1,5 +1,6 @@
 """The trainer's user-facing errors (the stage scripts print them and exit with code 2)."""
 from __future__ import annotations
+
 from infra.errors import UserError
 
 
