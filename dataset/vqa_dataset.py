@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from dataset.answers import normalize
+from dataset.boxes import look_mask
 from dataset.contract import DataError, image_file, images_of, read_jsonl
 from model.config import IMAGE_PLACEHOLDER
 from model.tokenization import IGNORE_INDEX, ChatEncoder
@@ -100,7 +102,6 @@ def _prompt_text(record: dict) -> str:
 
 def _closed_key(s: Sample) -> tuple[str, str] | None:
     """(normalised question text, normalised answer) of a closed sample, else None."""
-    from dataset.answers import normalize
     if s.record.get("answer_type") != "CLOSED":
         return None
     return normalize(_prompt_text(s.record)), normalize(s.record["conversations"][-1]["content"])
@@ -134,7 +135,6 @@ def annotate_look(data: VQADataset, classes: list[str], targets: torch.Tensor, k
     image's patches (``dataset.boxes.look_mask``, as a distribution). ``targets`` [n_images,
     patches, names] and ``known`` from dataset.boxes.patch_targets over the data's image table.
     Returns how many questions got one."""
-    from dataset.boxes import look_mask
     marked = 0
     for s in data.samples:
         if len(s.images) != 1 or not known[s.images[0]]:

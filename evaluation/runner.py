@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, look_mask, patch_targets, pointing_group, read_boxes_file
 from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
@@ -343,7 +343,6 @@ def _safe_name(qid) -> str:
 
 def captioned(image: Image.Image, text: str, width: int = 448) -> Image.Image:
     """The image scaled to ``width`` with ``text`` (wrapped) on a white band below it."""
-    from PIL import ImageDraw
     scaled = image.resize((width, round(image.height * width / image.width)), Image.BILINEAR)
     lines = [chunk for line in text.splitlines() for chunk in textwrap.wrap(line, 60) or [""]]
     band = 16 * len(lines) + 8
@@ -357,7 +356,6 @@ def captioned(image: Image.Image, text: str, width: int = 448) -> Image.Image:
 
 def with_scale(image: Image.Image, height: int = 22) -> Image.Image:
     """An overlay with its colour scale below it: clear (looked at least) to full red (most)."""
-    from PIL import ImageDraw
     out = Image.new("RGB", (image.width, image.height + height), "white")
     out.paste(image, (0, 0))
     draw = ImageDraw.Draw(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from dataset.vqa_dataset import MODEL_INPUTS, Sample, collate
 from model.tokenization import IGNORE_INDEX
 
 
@@ -15,7 +16,6 @@ def pair_log_likelihoods(model, prompts: list[list[int]], image_features: torch.
     """[len(pairs)]: log p(answer tokens | prompts[i], image i) for every (i, answer tokens) pair,
     all in one teacher-forced pass. ``image_features`` [n_images, tokens, width] in prompt order
     (one image per prompt, as in evaluation); every answer ends with the end-of-turn token."""
-    from dataset.vqa_dataset import MODEL_INPUTS, Sample, collate
     device = next(model.parameters()).device
     samples = []
     for i, c in pairs:
@@ -27,8 +27,8 @@ def pair_log_likelihoods(model, prompts: list[list[int]], image_features: torch.
     if image_features is not None and len(batch["image_index"]):
         feats = image_features.index_select(0, batch["image_index"].to(image_features.device))
     b = {key: v.to(device) for key, v in batch.items()}
-    _, _, _, logits, _ = model(b["input_ids"], feats, **{key: b[key] for key in MODEL_INPUTS if key in b},
-                               return_logits=True)
+    logits = model(b["input_ids"], feats, **{key: b[key] for key in MODEL_INPUTS if key in b},
+                   return_logits=True).logits
     token_lp = torch.log_softmax(logits.float(), -1).gather(1, b["targets"][:, None]).squeeze(1)
     rows = b["target_pos"] // b["input_ids"].shape[1]
     return torch.zeros(len(samples), device=device).index_add_(0, rows, token_lp)
@@ -45,7 +45,6 @@ def candidate_log_likelihoods(model, prompts: list[list[int]], image_features: t
 def next_token_log_probs(model, prompts: list[list[int]], image_features: torch.Tensor | None) -> torch.Tensor:
     """[len(prompts), vocab]: the log-probabilities of each prompt's next token (right-padded
     batch; causal attention keeps the padding out of every real position)."""
-    from dataset.vqa_dataset import Sample, collate
     device = next(model.parameters()).device
     samples = [Sample(list(p), [IGNORE_INDEX] * len(p), [i] * (p.count(model.config.image_token_id)
                                                              // max(model.config.image_tokens, 1)), {})

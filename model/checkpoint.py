@@ -271,3 +271,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", vision_mode
     model.to(device).eval()
     return LoadedCheckpoint(model, tok, config, obj["stage"], obj["step"], path, obj.get("extra", {}), obj["vision"])
 
+
+def from_pretrained(source, device: str | torch.device = "cpu", vision_model: str | None = None) -> MedicalVLM:
+    """The model from a folder written by ``MedicalVLM.save_pretrained``, a hub id of one, or a
+    ``.pth`` checkpoint, with its tokenizer as ``model.tokenizer`` (the Hugging Face convention)."""
+    loaded = load_model(source, device, vision_model=vision_model)
+    loaded.model.tokenizer = loaded.tokenizer
+    return loaded.model

@@ -21,7 +21,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from infra.runtime import unwrap
+from infra.safe_files import MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, SourceError, checked, read_bytes
 from model.format import FORMAT, FORMAT_VERSION, TOKENIZER_FILES, CheckpointError, ensure_finite
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
@@ -60,7 +64,7 @@ def looks_like_hub_id(spec: str) -> bool:
 
 def download(repo_id: str) -> Path:
     """A hub model folder, fetched once into the huggingface_hub cache."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # local: only a hub id needs it (keeps start-up light)
     try:
         local = snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG, WEIGHTS, CARD, *TOKENIZER_FILES])
     except Exception as exc:  # offline, unknown repo, no access: one message for the user
@@ -80,9 +84,6 @@ def save_pretrained(folder: str | Path, model, tokenizer, stage: str, step: int,
     """Writes the folder through a staging folder beside it, swapped in at the end: a failed
     export never leaves half a model under ``folder``. ``vision``: the tower id and
     fingerprint, when the model was loaded without its tower."""
-    from safetensors.torch import save_file
-
-    from infra.runtime import unwrap
     model = unwrap(model)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous().clone()
@@ -143,10 +144,6 @@ def claim_model_folder(folder: Path):
 
 def read_pretrained(folder: str | Path) -> dict:
     """The folder as the dictionary a ``.pth`` checkpoint holds; nothing is unpickled."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from infra.safe_files import MAX_TEXT_BYTES, MAX_WEIGHTS_BYTES, SourceError, checked, read_bytes
     folder = Path(folder)
     try:  # every file through the source rule: inside the folder, regular, below a size limit
         meta = json.loads(read_bytes(folder / CONFIG, MAX_TEXT_BYTES, folder, "model file").decode("utf-8"))

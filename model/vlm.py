@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from model.config import VLMConfig
 from model.language_model import KVCache, MiniMindLM
 from model.tokenization import IGNORE_INDEX
 from infra.runtime import unwrap  # noqa: F401  (re-exported: model.vlm.unwrap)
+from model.pretrained import save_pretrained
 from model.vision import VisionTower
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,19 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pos, nxt.reshape(-1)[pos]
 
 
+@dataclass
+class VLMOutput:
+    """What ``MedicalVLM.forward`` returns when it is given targets. ``n_targets`` is a host int
+    (known from the batch's shapes, no device sync); ``hits``, ``logits`` and ``hidden`` are only
+    filled when asked for (validation's exact match; scoring and the look loss)."""
+    loss_sum: torch.Tensor          # summed cross-entropy over the target tokens
+    n_targets: int
+    aux_loss: torch.Tensor          # the MoE balance loss (0 for a dense model)
+    hits: torch.Tensor | None = None    # [n_targets] bool: the arg-max is the target
+    logits: torch.Tensor | None = None  # [n_targets, vocab] at the target positions
+    hidden: torch.Tensor | None = None  # [B, T, hidden] last hidden states
+
+
 class MedicalVLM(nn.Module):
     def __init__(self, config: VLMConfig, vision_tower: VisionTower | None = None):
         super().__init__()
@@ -117,12 +132,11 @@ class MedicalVLM(nn.Module):
                 position_ids=None, attn_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0,
                 image_slots: torch.Tensor | None = None, target_pos: torch.Tensor | None = None,
                 targets: torch.Tensor | None = None, with_hits: bool = False, return_logits: bool = False):
-        """With ``labels`` (or ``target_pos`` + ``targets`` from ``collate``): returns (sum of
-        token losses, number of target tokens as an int, aux loss); logits are computed only
-        at target positions, which are a few percent of the sequence in VQA. ``with_hits`` adds
-        a fourth item: whether each target token is the arg-max prediction (validation exact
-        match), ``return_logits`` the logits at the target positions and the last hidden states instead. Without labels: logits
-        for the last ``logits_to_keep`` positions (0 = all)."""
+        """With ``labels`` (or ``target_pos`` + ``targets`` from ``collate``): a ``VLMOutput``; logits
+        are computed only at target positions, which are a few percent of the sequence in VQA.
+        ``with_hits`` fills its ``hits`` (validation's exact match), ``return_logits`` its ``logits``
+        and ``hidden``. Without targets: the logits of the last ``logits_to_keep`` positions
+        (0 = all), as a tensor (generation)."""
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         look = self.llm.layers[-1].self_attn
@@ -135,28 +149,17 @@ class MedicalVLM(nn.Module):
             target_pos, targets = target_positions(labels)
         logits = self.llm.lm_head(h.reshape(-1, h.shape[-1]).index_select(0, target_pos))
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        if return_logits:  # scoring (evaluation/scoring.py) needs the logits at the targets
-            return loss_sum, target_pos.shape[0], self.llm.aux_loss(), logits, h
-        if with_hits:
-            return loss_sum, target_pos.shape[0], self.llm.aux_loss(), logits.argmax(-1) == targets
-        return loss_sum, target_pos.shape[0], self.llm.aux_loss()
+        return VLMOutput(loss_sum, target_pos.shape[0], self.llm.aux_loss(),
+                         hits=(logits.argmax(-1) == targets) if with_hits else None,
+                         logits=logits if return_logits else None, hidden=h if return_logits else None)
 
     def save_pretrained(self, folder, tokenizer, stage: str = "sft", step: int = 0, extra: dict | None = None,
                         metrics: dict | None = None, dtype: str = "float32", vision: dict | None = None):
         """A Hugging Face-style folder: config.json, model.safetensors, the tokenizer and a model
         card (see model/pretrained.py). The frozen vision tower is not saved, only its id and
-        weight fingerprint."""
-        from model.pretrained import save_pretrained
+        weight fingerprint. Loading one: ``model.checkpoint.from_pretrained`` (the loader owns
+        loading, so this module never imports it back)."""
         return save_pretrained(folder, self, tokenizer, stage, step, extra, metrics, dtype, vision)
-
-    @classmethod
-    def from_pretrained(cls, source, device="cpu", vision_model: str | None = None) -> "MedicalVLM":
-        """The model from a folder written by ``save_pretrained``, a hub id of one, or a ``.pth``
-        checkpoint; its tokenizer is ``model.tokenizer``."""
-        from model.checkpoint import load_model
-        loaded = load_model(source, device, vision_model=vision_model)
-        loaded.model.tokenizer = loaded.tokenizer
-        return loaded.model
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen vision tower (its weights come from its own source)."""

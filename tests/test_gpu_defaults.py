@@ -95,7 +95,7 @@ def test_padding_to_a_step_shape_changes_no_loss(lengths, looks, tokenizer, tiny
         q, k = model.llm.layers[-1].self_attn.kept_qk
         look = look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"], b["look_target"], b["look_weight"]) \
             if "look_pos" in b else torch.zeros(())
-        results.append((out[0].item(), b.n_targets, look.item(), tuple(b["input_ids"].shape), b["targets"].shape[0]))
+        results.append((out.loss_sum.item(), b.n_targets, look.item(), tuple(b["input_ids"].shape), b["targets"].shape[0]))
     plain, padded = results
     assert padded[3][1] in shapes.widths and padded[4] == shapes.targets
     assert padded[1] == plain[1] and plain[4] == plain[1]
@@ -129,7 +129,7 @@ def test_compiled_step_has_no_graph_breaks_and_compiles_once_per_shape(moe, toke
         keys.add(shape_key([b]))
         out = runner(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=True)
         q, k = model.llm.layers[-1].self_attn.kept_qk
-        loss = out[0] / b.n_targets + out[2] + look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
+        loss = out.loss_sum / b.n_targets + out.aux_loss + look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
                                                 b["look_target"], b["look_weight"])
         loss.backward()
     assert dict(counters["graph_break"]) == {}

@@ -87,8 +87,8 @@ def test_compile_has_no_graph_breaks(tokenizer, tiny_tower):
     feats = tiny_tower(tiny_tower.preprocess([random_image(0)]))
     for lengths in ([2, 5], [30, 3], [70, 1], [3, 3, 3], [100, 2], [4]):
         b = collate(_samples(enc, lengths), tokenizer.pad_token_id, enc.image_id, pad_multiple=64)
-        loss, n, aux = model(b["input_ids"], feats.expand(len(lengths), -1, -1),
-                             **{k: b[k] for k in MODEL_INPUTS if k in b})
+        out = model(b["input_ids"], feats.expand(len(lengths), -1, -1), **{k: b[k] for k in MODEL_INPUTS if k in b})
+        loss, n, aux = out.loss_sum, out.n_targets, out.aux_loss
         (loss / n + aux).backward()
     assert dict(counters["graph_break"]) == {}
     train_graphs = counters["stats"]["unique_graphs"]
@@ -149,7 +149,7 @@ def test_batch_without_images_still_trains_the_projector(tokenizer, tiny_tower):
     enc = ChatEncoder(tokenizer, 196)
     e = enc.encode([{"role": "user", "content": "no image here"}, {"role": "assistant", "content": "ok"}])
     b = collate([Sample(e.input_ids, e.labels, [], {})], tokenizer.pad_token_id, enc.image_id)
-    loss, n, _ = model(b["input_ids"], None, **{k: b[k] for k in MODEL_INPUTS if k in b})
+    loss = model(b["input_ids"], None, **{k: b[k] for k in MODEL_INPUTS if k in b}).loss_sum
     loss.backward()
     assert all(p.grad is not None for p in model.projector.parameters())  # DDP needs a gradient for each
 

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dataset.demo import write_demo_release
 from dataset.slake import convert, read_release
-from model.checkpoint import build_config, load_model
+from model.checkpoint import build_config, from_pretrained, load_model
 from model.minimind_weights import load_minimind_llm
 from model.tokenization import ChatEncoder, chat_markers, load_tokenizer
 from model.vlm import MedicalVLM
@@ -268,7 +268,7 @@ def test_save_pretrained_round_trip_is_exact(pth, tmp_path, monkeypatch):
     folder = ckpt.model.save_pretrained(tmp_path / "hf", ckpt.tokenizer, ckpt.stage, ckpt.step, extra=ckpt.meta)
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in folder.iterdir()}
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a model folder must load without pickle"))
-    again = MedicalVLM.from_pretrained(folder, vision_model="random-tiny")
+    again = from_pretrained(folder, vision_model="random-tiny")
     ids = torch.randint(10, 500, (2, 9), generator=torch.Generator().manual_seed(0))  # no image token
     feats = ckpt.model.vision_tower(ckpt.model.vision_tower.preprocess([random_image(1)]))
     with torch.no_grad():

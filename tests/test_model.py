@@ -37,7 +37,8 @@ def test_moe_adds_experts_and_aux_loss(tokenizer, tiny_tower):
     enc = ChatEncoder(tokenizer, 196).encode([{"role": "user", "content": "<image>\nWhat?"},
                                               {"role": "assistant", "content": "Liver"}])
     feats = tiny_tower(tiny_tower.preprocess([random_image(0)]))
-    loss, n, aux = model(torch.tensor([enc.input_ids]), feats, torch.tensor([enc.labels]))
+    out = model(torch.tensor([enc.input_ids]), feats, torch.tensor([enc.labels]))
+    loss, n, aux = out.loss_sum, out.n_targets, out.aux_loss
     assert n == len([t for t in enc.labels if t != IGNORE_INDEX])
     assert aux.item() > 0
     (loss + aux).backward()
@@ -91,7 +92,8 @@ def test_multi_image_sample(tokenizer, tiny_tower):
     assert enc.n_images == 2
     assert enc.input_ids.count(image_token_id(tokenizer)) == 2 * 196
     feats = tiny_tower(tiny_tower.preprocess([random_image(1), random_image(2)]))
-    loss, n, _ = model(torch.tensor([enc.input_ids]), feats, torch.tensor([enc.labels]))
+    out = model(torch.tensor([enc.input_ids]), feats, torch.tensor([enc.labels]))
+    loss, n = out.loss_sum, out.n_targets
     assert torch.isfinite(loss) and n > 0
     with pytest.raises(ValueError, match="mismatch"):
         model(torch.tensor([enc.input_ids]), feats[:1], torch.tensor([enc.labels]))

@@ -396,7 +396,8 @@ def test_shared_prefix_packing_equals_separate_samples(demo_data, tokenizer, tin
         model.zero_grad()
         b = collate(samples, tokenizer.pad_token_id)
         extra = {k: b[k] for k in ("position_ids", "attn_mask") if k in b}
-        loss, n, _ = model(b["input_ids"], feats.get(b["image_index"]), b["labels"], **extra)
+        out = model(b["input_ids"], feats.get(b["image_index"]), b["labels"], **extra)
+        loss, n = out.loss_sum, out.n_targets
         loss.backward()
         return loss.detach(), int(n), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 

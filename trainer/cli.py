@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 from trainer.config import parse_train_args
@@ -21,9 +22,9 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
     its resume state is saved and its message logged, so an in-process caller (a test suite, a
     notebook) is interrupted too (``run`` turns it into exit code 130 for the scripts)."""
     cfg = parse_train_args(stage, argv, description)
-    import os
     # idle OpenMP threads sleep instead of spinning: a busy machine (another job) is shared, not fought over
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # local: torch and the trainer load only once the flags are good (--help and typos answer at once)
     import torch.distributed as tdist
 
     from infra.errors import UserError

@@ -236,7 +236,7 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
         with ctx:
             with amp:
                 out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=looking)
-                loss_sum, _, aux = out[:3]
+                loss_sum, aux = out.loss_sum, out.aux_loss
                 if looking:
                     look = model.llm.layers[-1].self_attn
                     q, k = look.kept_qk

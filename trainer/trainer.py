@@ -30,7 +30,7 @@ from infra.lock import output_lock
 from model.minimind_weights import load_minimind_llm
 from infra.runtime import Progress, autocast, compute_dtype, seed_everything
 from model.tokenization import ChatEncoder, load_tokenizer
-from model.vision import load_vision_tower
+from model.vision import CLONE_HINT, RANDOM_TOWERS, load_vision_tower
 from model.vlm import MedicalVLM
 from dataset.features import FeatureStore
 from trainer.checkpointing import Checkpointer, load_resume
@@ -229,7 +229,6 @@ def preflight(cfg: TrainConfig):
     """What a user must fetch or convert, checked together before any model is built: when both
     the data and the CLIP weights are missing, one message names both fixes (each alone keeps
     its own detailed message, raised where it is found)."""
-    from model.vision import CLONE_HINT, RANDOM_TOWERS
     problems = []
     if not resolve_path(cfg.data_path).is_file():
         problems.append(f"the training data {resolve_path(cfg.data_path)} is missing: run `python "

@@ -8,6 +8,7 @@ import torch
 
 from dataset.contract import answer_of, question_of
 from dataset.features import FeatureStore
+from evaluation.metrics import baselines
 from dataset.vqa_dataset import MODEL_INPUTS, StepShapes, VQADataset, collate
 from infra.runtime import unwrap
 from model.tokenization import IGNORE_INDEX
@@ -49,7 +50,6 @@ def validation_prior(data: VQADataset, val: VQADataset | None) -> Validation | N
     """What answering every validation question with the commonest training answer for the same
     question text scores (the per-question prior; loss unknown). A model whose closed exact match
     stays there answers closed questions from the text alone."""
-    from evaluation.metrics import baselines
     if val is None:
         return None
 
@@ -121,8 +121,8 @@ def evaluate(model, data: VQADataset, features: FeatureStore, cfg: TrainConfig, 
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with amp:
-            loss_sum, _, _, hits = model(batch["input_ids"], feats, with_hits=True,
-                                         **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+            out = model(batch["input_ids"], feats, with_hits=True, **{k: batch[k] for k in MODEL_INPUTS if k in batch})
+            loss_sum, hits = out.loss_sum, out.hits
         misses = torch.zeros(len(samples), device=device, dtype=torch.float64).index_add_(
             0, batch["rows"], (~(hits | (batch["targets"] == IGNORE_INDEX))).double())
         exact = (misses == 0).double()
