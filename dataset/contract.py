@@ -137,3 +137,11 @@ def question_of(record: dict) -> str:
 
 def answer_of(record: dict) -> str:
     return record["conversations"][-1]["content"]
+
+
+def read_answers(path: str | Path, hint: str = "") -> list[dict]:
+    """Each question of a VQA file as {"question", "answer", "answer_type"}: what the answer-prior
+    baselines, the answer sets of the explanations and ``--constrain`` are built from (one reader
+    for all of them)."""
+    return [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
+            for r in read_jsonl(path, require_vqa=True, hint=hint)]

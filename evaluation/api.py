@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dataset.contract import answer_of, read_jsonl
+from dataset.contract import read_answers
 from dataset.features import run_tower
 from dataset.images import as_image
-from evaluation.explain import Explanation, answer_sets, explain
+from evaluation.explain import Explanation, answer_sets, explain, read_answer_sets
 from evaluation.relevance import DEFAULT_RELEVANCE
 from evaluation.inference import generation_autocast
 from model.checkpoint import LoadedCheckpoint, load_model
@@ -67,18 +67,17 @@ class MedicalVQA:
         if mode == "none":
             self.trie = None
             return self
-        train = read_jsonl(resolve_path(train_path), require_vqa=True)
-        self.trie = build_answer_trie(self.tokenizer, [(answer_of(r), r["answer_type"]) for r in train],
+        train = read_answers(resolve_path(train_path))
+        self.trie = build_answer_trie(self.tokenizer, [(r["answer"], r["answer_type"]) for r in train],
                                       self.model.config.eos_token_id, mode)
-        self.sets = answer_sets([{"answer": answer_of(r), "answer_type": r["answer_type"]} for r in train])
+        self.sets = answer_sets(train)
         return self
 
     def candidates(self, train_path: str | Path = "dataset/medical_vqa_train.jsonl") -> "MedicalVQA":
         """The answer sets explanations score alternatives from: the training split's closed and
         open answers (without it, closed questions are scored over Yes / No and open answers get
         their own probability only). ``constrain`` loads them too. Returns self."""
-        train = read_jsonl(resolve_path(train_path), require_vqa=True)
-        self.sets = answer_sets([{"answer": answer_of(r), "answer_type": r["answer_type"]} for r in train])
+        self.sets = read_answer_sets(resolve_path(train_path))
         return self
 
     def answer(self, image: str | Path | Image.Image, question: str, answer_type: str | None = None,

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from dataset.answers import normalize
+from dataset.contract import read_answers
 from model.tokenization import answer_ids
 from evaluation.relevance import DEFAULT_RELEVANCE, model_view, overlay, relevance_maps
 from evaluation.scoring import next_token_log_probs, pair_log_likelihoods
@@ -65,6 +66,11 @@ def answer_sets(records: list[dict]) -> dict[str, list[str]]:
         forms[r["answer"]] = forms.get(r["answer"], 0) + 1
     return {kind: [max(f, key=lambda a: (f[a], a)) for f in sorted(table.values(), key=lambda f: -sum(f.values()))]
             for kind, table in counts.items()}
+
+
+def read_answer_sets(train_path) -> dict[str, list[str]]:
+    """``answer_sets`` of a training split's file."""
+    return answer_sets(read_answers(train_path))
 
 
 def score_answers(model, tok, prompts: list[list[int]], features: torch.Tensor, answers: list[str],

@@ -14,10 +14,9 @@ to spaces, articles dropped, whitespace collapsed; answers in Chinese get rules 
 """
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 
-from dataset.answers import ARTICLES, CHINESE_NUMBERS, NUMBER_WORDS, is_chinese, normalize  # noqa: F401
+from dataset.answers import is_chinese, normalize  # noqa: F401  (normalize and is_chinese: the metrics' own API too)
 
 def exact_match(pred: str, gt: str) -> bool:
     return normalize(pred) == normalize(gt)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dataset.boxes import BOXES_FILE, BoxError, grid_side, image_keys, look_mask, patch_targets, pointing_group, read_boxes_file
-from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_jsonl
+from dataset.contract import DataError, answer_of, image_file, images_of, question_of, read_answers, read_jsonl
 from dataset.features import FeatureStore
 from dataset.images import ImageReadError, load_image
 from evaluation.metrics import baselines, compute_metrics, exact_match, image_use, image_use_verdict, normalize
@@ -155,8 +155,7 @@ def _train_split(train_path: Path | None, constrain: str, tok, eos_id: int):
     """(the training split's questions or None, the answer trie for --constrain or None)."""
     train, trie = None, None
     if train_path is not None and train_path.is_file():
-        train = [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
-                 for r in read_jsonl(train_path, require_vqa=True)]
+        train = read_answers(train_path)
     if constrain != "none":
         if train is None:
             raise FileNotFoundError(f"--constrain {constrain} takes its answer sets from the training split: "

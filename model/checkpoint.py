@@ -21,13 +21,13 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from infra.atomic import atomic_open
+from infra.runtime import unwrap
 from model.config import VLMConfig, resolve_path
 from model.tokenization import end_token_id, image_token_id, prepare_tokenizer
 from model.vision import VisionTower, load_vision_tower
 from model.pretrained import CONFIG, WEIGHTS, download, is_pretrained_dir, looks_like_hub_id, read_pretrained
-from model.format import (FORMAT, FORMAT_VERSION, TOKENIZER_FILES, CheckpointError, ensure_finite,  # noqa: F401
-                          non_finite)
-from model.vlm import MedicalVLM, unwrap
+from model.format import FORMAT, FORMAT_VERSION, TOKENIZER_FILES, CheckpointError, ensure_finite  # noqa: F401
+from model.vlm import MedicalVLM
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from torch import nn
 from model.config import VLMConfig
 from model.language_model import KVCache, MiniMindLM
 from model.tokenization import IGNORE_INDEX
-from infra.runtime import unwrap  # noqa: F401  (re-exported: model.vlm.unwrap)
 from model.pretrained import save_pretrained
 from model.vision import VisionTower
 

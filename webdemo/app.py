@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataset.contract import answer_of, read_jsonl
+
 from dataset.images import ImageReadError, load_image
 from evaluation.api import guess_answer_type
-from evaluation.explain import Explanation, answer_sets, explain
+from evaluation.explain import Explanation, explain, read_answer_sets
 from evaluation.inference import answer_stream, chat_prompt, generation_autocast, image_features
 from model.checkpoint import LoadedCheckpoint, load_model, locate_checkpoint
 from model.pretrained import is_pretrained_dir
@@ -136,8 +136,7 @@ class Session:
         # the answers alternatives are scored from (closed: Yes / No without a training split)
         self.sets = None
         if train_path is not None and train_path.is_file():
-            self.sets = answer_sets([{"answer": answer_of(r), "answer_type": r["answer_type"]}
-                                     for r in read_jsonl(train_path, require_vqa=True)])
+            self.sets = read_answer_sets(train_path)
 
     def model(self, path: str | Path | None = None) -> LoadedCheckpoint:
         path = resolve_path(path) if path else resolve_path(self.paths[0])
