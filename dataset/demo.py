@@ -45,6 +45,35 @@ def _ellipse(yy, xx, cy, cx, ry, rx):
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
+# The drawn organ of each region, (centre y, centre x, radius y, radius x) per ellipse: what ``draw``
+# paints and ``boxes`` reports.
+ORGAN_SHAPES = {"head": [(112, 112, 60, 55)], "chest": [(108, 67, 48, 30), (108, 157, 48, 30)],
+                "abdomen": [(95, 75, 30, 38)], "pelvis": [(150, 62, 15, 15), (150, 162, 15, 15)]}
+
+
+def lesion_spots(params: dict, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """(centre y, centre x, radius) of each lesion; ``rng`` is the image's own generator, so the
+    drawing and its boxes (``boxes`` re-creates it from the noise seed) agree to the pixel."""
+    radius = 9 if params["size"] == "Small" else 18
+    cx = 70 if params["side"] == "Left" else 154
+    spots = []
+    for i in range(params["lesions"]):
+        cy = 62 + 50 * i + int(rng.integers(-3, 4))
+        spots.append((cy, cx + int(rng.integers(-4, 5)), radius))
+    return spots
+
+
+def boxes(params: dict) -> list[dict]:
+    """The drawn organ and lesions as SLAKE's ``detection.json`` ([{"Liver": [x, y, w, h]}, ...]):
+    with them the quick start trains where to look (--look_loss) and its evaluation plays the
+    pointing game, like real SLAKE. The prior traps stay without boxes (Learning III is about
+    data that has none)."""
+    organ = REGIONS[params["region"]][2].title()
+    out = [{organ: [cx - rx, cy - ry, 2 * rx, 2 * ry]} for cy, cx, ry, rx in ORGAN_SHAPES[params["region"]]]
+    return out + [{"Lesion": [cx - r, cy - r, 2 * r, 2 * r]}
+                  for cy, cx, r in lesion_spots(params, np.random.default_rng(params["noise_seed"]))]
+
+
 def draw(params: dict) -> Image.Image:
     rng = np.random.default_rng(params["noise_seed"])
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
@@ -61,26 +90,16 @@ def draw(params: dict) -> Image.Image:
     img[inside] = level
     rim = inside & ~_ellipse(yy, xx, body[0], body[1], body[2] - 6, body[3] - 6)
     img[rim] = {"CT": 245, "MRI": 60, "X-Ray": 250}[mod]  # bone rim bright on CT/X-ray, dark on MRI
-    if region == "chest":
-        for cx in (67, 157):
-            img[_ellipse(yy, xx, 108, cx, 48, 30)] = level * 0.35
-    elif region == "abdomen":
-        img[_ellipse(yy, xx, 95, 75, 30, 38)] = min(level + 45, 255)
-    elif region == "pelvis":
-        for cx in (62, 162):
-            img[_ellipse(yy, xx, 150, cx, 15, 15)] = 250 if mod != "MRI" else 90
-    elif region == "head":
-        img[_ellipse(yy, xx, 112, 112, 60, 55)] = level + (25 if mod == "MRI" else -20)
-    if params["lesions"]:
-        # Lesions are heterogeneous (a coarse speckle), as tumours often are; this also keeps
-        # them distinct from flat bright bone or dark background under any vision tower.
-        radius = 9 if params["size"] == "Small" else 18
-        cx = 70 if params["side"] == "Left" else 154
-        speckle = np.where(((xx // 3) + (yy // 3)) % 2 == 0, 255.0, 0.0)
-        for i in range(params["lesions"]):
-            cy = 62 + 50 * i + rng.integers(-3, 4)
-            spot = _ellipse(yy, xx, cy, cx + rng.integers(-4, 5), radius, radius)
-            img[spot] = speckle[spot]
+    organ_level = {"chest": level * 0.35, "abdomen": min(level + 45, 255),
+                   "pelvis": 250 if mod != "MRI" else 90, "head": level + (25 if mod == "MRI" else -20)}[region]
+    for shape in ORGAN_SHAPES[region]:
+        img[_ellipse(yy, xx, *shape)] = organ_level
+    # Lesions are heterogeneous (a coarse speckle), as tumours often are; this also keeps
+    # them distinct from flat bright bone or dark background under any vision tower.
+    speckle = np.where(((xx // 3) + (yy // 3)) % 2 == 0, 255.0, 0.0)
+    for cy, cx, radius in lesion_spots(params, rng):
+        spot = _ellipse(yy, xx, cy, cx, radius, radius)
+        img[spot] = speckle[spot]
     img += rng.normal(0, 4 if mod == "MRI" else 7, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
 
@@ -213,10 +232,12 @@ def verify_questions(params: dict, rng: random.Random) -> list[dict]:
 
 def write_demo_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
                        n_test: int = 60, prior: bool = False, attribute: bool = False) -> Path:
-    """The easy demo set in the release layout (see ``write_release``); ``prior``: the variant
-    whose yes/no texts are answered Yes PRIOR_YES of the time (a language-prior trap);
-    ``attribute``: the attribute-prior trap (``verify_questions``)."""
+    """The easy demo set in the release layout (see ``write_release``), with its organ and lesion
+    boxes; ``prior``: the variant whose yes/no texts are answered Yes PRIOR_YES of the time (a
+    language-prior trap); ``attribute``: the attribute-prior trap (``verify_questions``). The traps
+    have no boxes."""
     ask = verify_questions if attribute else (lambda p, rng: questions(p, rng, PRIOR_YES)) if prior else questions
     return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw, ask, "xmlab{}/source.jpg",
                          lambda p: {"location": REGIONS[p["region"]][0], "modality": p["modality"],
-                                    "base_type": "vqa", "triple": ["vhead", "_", "_"]})
+                                    "base_type": "vqa", "triple": ["vhead", "_", "_"]},
+                         boxes=None if prior or attribute else boxes)

@@ -6,12 +6,12 @@ import os
 import random
 import shutil
 import sys
-import time
 
 import numpy as np
 import torch
 
 from infra.errors import UserError
+from infra.machine import busy_cores, cpu_threads  # noqa: F401  (re-exported)
 
 
 def is_rank0() -> bool:
@@ -55,31 +55,6 @@ def pick_device(requested: str | None = None) -> torch.device:
     else:
         configure_cpu_threads()
     return dev
-
-
-def cpu_threads(cores: int, load: float) -> int:
-    """Threads for a CPU run: the cores that are not already busy (1-minute load average),
-    at least one. Two jobs that each take every core of a 2-core machine run about 10x slower
-    each (OpenMP threads spin waiting for each other); with one thread each, about half speed."""
-    return max(1, min(cores, round(cores - load)))
-
-
-def busy_cores(seconds: float = 0.3) -> float | None:
-    """How many cores other processes keep busy right now: /proc/stat sampled over ``seconds``
-    while this process waits (the load average lags by a minute and would count the stage that
-    just ended). None where /proc/stat is not available."""
-    def sample():
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    cores = os.cpu_count() or 1
-    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 
 def configure_cpu_threads() -> None:

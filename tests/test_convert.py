@@ -313,3 +313,31 @@ def test_demo_cli_writes_contract(tmp_path):
     assert rc == 0
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["source"] == "demo:seed=0" and m["images"]["test"] == 3 and m["pretrain_captions"] == 10
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_easy_demo_boxes_hold_what_was_drawn(seed):
+    """The easy demo's detection.json boxes are the drawing's own organ and lesions: each lesion box
+    is mostly speckle (pure black/white pixels), its organ box centres on the organ, and the
+    traps have no boxes."""
+    import numpy as np
+    from dataset.demo import ORGAN_SHAPES, boxes
+    params = sample_params(random.Random(seed))
+    img = np.asarray(draw(params), dtype=np.float32)
+    found = boxes(params)
+    lesions = [b["Lesion"] for b in found if "Lesion" in b]
+    organs = [(name, box) for b in found for name, box in b.items() if name != "Lesion"]
+    assert len(lesions) == params["lesions"] and len(organs) == len(ORGAN_SHAPES[params["region"]])
+    assert {name for name, _ in organs} == {REGIONS[params["region"]][2].title()}
+    for x, y, w, h in lesions:
+        core = img[y + h // 3:y + 2 * h // 3, x + w // 3:x + 2 * w // 3]
+        assert ((core < 60) | (core > 190)).mean() > 0.8  # the lesion's speckle (noise included)
+    for _, (x, y, w, h) in organs:
+        assert 0 <= x and 0 <= y and x + w <= 224 and y + h <= 224
+
+
+def test_only_the_plain_easy_demo_has_boxes(tmp_path):
+    plain = write_demo_release(tmp_path / "plain", seed=0, n_train=3, n_val=1, n_test=1)
+    trap = write_demo_release(tmp_path / "trap", seed=0, n_train=3, n_val=1, n_test=1, prior=True)
+    assert len(list(plain.glob("imgs/*/detection.json"))) == 5
+    assert not list(trap.glob("imgs/*/detection.json"))

@@ -380,3 +380,20 @@ def test_removed_vision_config_at_its_default_still_loads(ckpt_for_compat):
     obj["config"].update(vision_tuned_layers=0, vision_layer_config={}, patch_labels=[])
     torch.save(obj, tmp_path / "old.pth")
     assert load_model(tmp_path / "old.pth", vision_model="random-tiny").model.config.projector == "mlp"
+
+
+def test_look_loss_sum_is_the_mean_times_the_questions():
+    """The training step sums the look loss and divides by the global count of look questions
+    (so two processes or two micro-batches give the mean of one big batch); padding slots count 0."""
+    from trainer.losses import look_loss
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 20, 8), torch.randn(2, 20, 8)
+    slots = torch.cat([torch.arange(0, 4), torch.arange(20, 24)])
+    target = torch.softmax(torch.randn(3, 4), -1)
+    pos, img, weight = torch.tensor([7, 18, 30]), torch.tensor([0, 1, 1]), torch.tensor([1.0, 1.0, 0.0])
+    mean = look_loss(q, k, pos, slots, img, target, weight)
+    total = look_loss(q, k, pos, slots, img, target, weight, reduction="sum")
+    assert float(total) == pytest.approx(2 * float(mean)) and float(mean) > 0
+    first = look_loss(q, k, pos[:1], slots, img[:1], target[:1], reduction="sum")
+    second = look_loss(q, k, pos[1:2], slots, img[1:2], target[1:2], reduction="sum")
+    assert float(first + second) == pytest.approx(float(total))

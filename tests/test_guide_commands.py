@@ -126,6 +126,8 @@ def test_readme_demo_block_runs(tmp_path):
     assert (root / "out" / "medical_vlm_128.pth").is_file()
     metrics = json.loads((root / "out" / "eval" / "medical_vlm_128" / "metrics.json").read_text())
     assert metrics["count"]["all"] > 0 and (root / "out" / "eval" / "medical_vlm_128" / "baselines.png").is_file()
+    # the easy demo has organ and lesion boxes: its evaluation plays the pointing game
+    assert metrics["pointing"]["count"] > 0 and 0 <= metrics["pointing"]["hit_rate"] <= 1
     import web_demo_vlm
     demo = web_demo_vlm.parse_args(commands[4][1:])
     assert (root / demo.model_path).is_file()

@@ -180,3 +180,10 @@ def test_converter_verification_questions(tmp_path, mode, in_train):
     assert not any(r.get("source") == "verify" for r in test)  # never in validation or test
     train_images = {r["image"] for r in train if r.get("source") != "verify"}
     assert {r["image"] for r in verify_pre} <= train_images
+
+
+def test_verification_questions_are_the_default_in_one_place():
+    """The converter's flag default mirrors the library's (kept apart so --help imports nothing)."""
+    from dataset.slake import VERIFY_DEFAULT, BuildOptions
+    assert convert_slake_dataset.VERIFY_DEFAULT == VERIFY_DEFAULT == BuildOptions().verify_qa == "both"
+    assert convert_slake_dataset.parse_args([]).verify_questions == VERIFY_DEFAULT

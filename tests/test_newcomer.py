@@ -71,6 +71,20 @@ def test_cpu_threads_leave_busy_cores_alone(cores, load, want):
     assert cpu_threads(cores, load) == want
 
 
+@pytest.mark.parametrize("load, want", [(None, None), (0.0, None), (0.3, None), (0.5, "PASSIVE"), (1.7, "PASSIVE")])
+def test_openmp_threads_spin_alone_and_sleep_on_a_shared_machine(load, want, monkeypatch):
+    """Sleeping waiters made a CPU epoch alone 16 % slower (docs/benchmarks.md): only a busy machine gets them;
+    the stage scripts decide before torch is imported and never override the user's OMP_WAIT_POLICY."""
+    import ast
+    from infra.machine import omp_wait_policy
+    assert omp_wait_policy(load) == want
+    cli = ast.parse((ROOT / "trainer" / "cli.py").read_text())
+    main = next(n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    src = ast.unparse(main)
+    assert src.index("omp_wait_policy(busy_cores())") < src.index("import torch")
+    assert "os.environ.setdefault('OMP_WAIT_POLICY', policy)" in src
+
+
 def _fenced_commands(text: str) -> list[str]:
     import re
     out = []

@@ -186,6 +186,9 @@ def test_resume_reproduces_uninterrupted_run(demo_data, tmp_path):
 
 
 def test_two_process_ddp_matches_single_process(demo_data, tmp_path):
+    """Both losses are means over the global batch: the answer tokens and, since the demo has boxes,
+    the questions with a look target (a per-process mean of the look loss made two processes differ)."""
+    assert json.loads((demo_data / "medical_boxes.json").read_text())  # the look loss takes part
     common = dict(epochs=1, learning_rate=2e-3, from_weight="none", val_path="", cache_dir=tmp_path / "cache")
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     from trainer.cli import main

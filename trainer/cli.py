@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 
+from infra.machine import busy_cores, omp_wait_policy
 from trainer.config import parse_train_args
 
 
@@ -22,8 +23,11 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
     its resume state is saved and its message logged, so an in-process caller (a test suite, a
     notebook) is interrupted too (``run`` turns it into exit code 130 for the scripts)."""
     cfg = parse_train_args(stage, argv, description)
-    # idle OpenMP threads sleep instead of spinning: a busy machine (another job) is shared, not fought over
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # idle OpenMP threads sleep instead of spinning when another job keeps a core busy (shared, not
+    # fought over); alone they spin (faster). Decided before torch starts OpenMP.
+    policy = omp_wait_policy(busy_cores())
+    if policy:
+        os.environ.setdefault("OMP_WAIT_POLICY", policy)
     # local: torch and the trainer load only once the flags are good (--help and typos answer at once)
     import torch.distributed as tdist
 

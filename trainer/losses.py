@@ -14,8 +14,9 @@ import torch
 
 
 def look_loss(q: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, image_slots: torch.Tensor,
-              image_of: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the N supervised questions (``weight`` [N]: 1, or 0 for the padding slots of a
+              image_of: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+              reduction: str = "mean") -> torch.Tensor:
+    """Mean (``reduction='sum'``: sum) over the N supervised questions (``weight`` [N]: 1, or 0 for the padding slots of a
     fixed step shape) of the cross-entropy between ``target`` [N, P] (a
     distribution over the patches of the question's image) and head 0's attention at
     ``query_pos`` [N] (flat positions) over that image's P keys. ``q`` [B, T, D] and ``k``
@@ -29,6 +30,8 @@ def look_loss(q: torch.Tensor, k: torch.Tensor, query_pos: torch.Tensor, image_s
     keys = k.reshape(-1, d).index_select(0, slots.reshape(-1)).view(len(query_pos), n_patch, d).float()
     logits = (keys @ qa.unsqueeze(-1)).squeeze(-1) / d ** 0.5
     per_question = -(target * torch.log_softmax(logits, dim=-1)).sum(-1)
-    if weight is None:
-        return per_question.mean()
-    return (per_question * weight).sum() / weight.sum().clamp(min=1.0)
+    if weight is not None:
+        per_question = per_question * weight
+    if reduction == "sum":
+        return per_question.sum()
+    return per_question.sum() / (weight.sum().clamp(min=1.0) if weight is not None else len(per_question))

@@ -217,11 +217,15 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
     """One optimizer step over the micro-batches; returns this process's share of the
     step's mean loss as a device tensor. Nothing here waits for the device: counts come from
     the host batches, and the global answer-token count is summed on the device."""
-    n_local = float(sum(b.n_targets for b in batches))  # padding slots of a fixed shape excluded
+    # Both losses are means over the *global* batch: answer tokens, and questions with a look target
+    # (padding slots of a fixed shape excluded; the look count is a host tensor of the batch, no sync)
+    n_local = float(sum(b.n_targets for b in batches))
+    n_look = float(sum(float(b["look_weight"].sum()) for b in batches if "look_weight" in b))
     if dist.enabled:
-        total_targets = dist.all_sum(to_device({"n": torch.tensor([n_local], dtype=torch.float32)}, device)["n"])[0]
+        totals = dist.all_sum(to_device({"n": torch.tensor([n_local, n_look], dtype=torch.float32)}, device)["n"])
+        total_targets, total_look = totals[0], totals[1].clamp(min=1.0)
     else:
-        total_targets = n_local
+        total_targets, total_look = n_local, max(n_look, 1.0)
     for group in opt.param_groups:
         group["lr"] = lr
     step_loss = torch.zeros((), device=device, dtype=torch.float32)
@@ -236,16 +240,17 @@ def train_step(ddp, model, batches: list[dict], features: FeatureStore, opt, sca
         with ctx:
             with amp:
                 out = ddp(b["input_ids"], feats, **{k: b[k] for k in MODEL_INPUTS if k in b}, return_logits=looking)
-                loss_sum, aux = out.loss_sum, out.aux_loss
+                loss_sum, aux, look_term = out.loss_sum, out.aux_loss, 0.0
                 if looking:
                     look = model.llm.layers[-1].self_attn
                     q, k = look.kept_qk
                     look.kept_qk = None  # not kept past this micro-batch
-                    aux = aux + cfg.look_loss * look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"],
-                                                          b["look_target"], b["look_weight"])
+                    look_sum = look_loss(q, k, b["look_pos"], b["image_slots"], b["look_image"], b["look_target"],
+                                         b["look_weight"], reduction="sum")
+                    look_term = cfg.look_loss * look_sum / total_look
             # DDP averages gradients over processes: scale so the result is the mean over
-            # every answer token of the global batch.
-            loss = loss_sum * dist.world / total_targets + aux / len(batches)
+            # every answer token (and every look question) of the global batch.
+            loss = (loss_sum / total_targets + look_term) * dist.world + aux / len(batches)
             scaler.scale(loss).backward()
         step_loss += loss_sum.detach().float()
     if cfg.grad_clip > 0:
