@@ -139,9 +139,18 @@ def answer_of(record: dict) -> str:
     return record["conversations"][-1]["content"]
 
 
+DERIVED_SOURCES = ("verify",)  # questions the converter derives from others (--verify_questions)
+
+
+def is_derived(record: dict) -> bool:
+    """A question the converter made from the source's own (its ``source`` says so): trained on,
+    but left out of the answer priors a model is compared with."""
+    return record.get("source") in DERIVED_SOURCES
+
+
 def read_answers(path: str | Path, hint: str = "") -> list[dict]:
-    """Each question of a VQA file as {"question", "answer", "answer_type"}: what the answer-prior
-    baselines, the answer sets of the explanations and ``--constrain`` are built from (one reader
-    for all of them)."""
+    """The source's own questions of a VQA file as {"question", "answer", "answer_type"}: what the
+    answer-prior baselines, the answer sets of the explanations and ``--constrain`` are built from
+    (one reader for all of them; derived questions are left out)."""
     return [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
-            for r in read_jsonl(path, require_vqa=True, hint=hint)]
+            for r in read_jsonl(path, require_vqa=True, hint=hint) if not is_derived(r)]

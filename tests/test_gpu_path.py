@@ -171,7 +171,9 @@ def test_mixed_precision_training_matches_float32(demo, tmp_path):
     for dtype, tol in (("bfloat16", 0.01), ("float16", 0.04)):
         got = _run(demo, tmp_path / dtype, dtype)
         assert len(got) == len(ref) >= 20
-        assert got[:4] == pytest.approx(ref[:4], rel=1e-3), dtype
+        # float16 may skip its first step (the look loss's gradients overflow the initial scale)
+        same = 4 if dtype == "bfloat16" else 1
+        assert got[:same] == pytest.approx(ref[:same], rel=1e-3), dtype
         assert got == pytest.approx(ref, rel=tol), dtype
         assert got != ref and got[-1] < got[0] - 1  # it really ran in lower precision, and learned
 

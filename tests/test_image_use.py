@@ -187,3 +187,16 @@ def test_verification_questions_are_the_default_in_one_place():
     from dataset.slake import VERIFY_DEFAULT, BuildOptions
     assert convert_slake_dataset.VERIFY_DEFAULT == VERIFY_DEFAULT == BuildOptions().verify_qa == "both"
     assert convert_slake_dataset.parse_args([]).verify_questions == VERIFY_DEFAULT
+
+
+def test_answer_priors_leave_the_derived_questions_out(tmp_path):
+    """The baselines a model is compared with come from the source's own training questions: the
+    converter's verification questions (balanced by construction) are trained on, not counted."""
+    from dataset.contract import read_answers
+    out = tmp_path / "d"
+    assert convert_slake_dataset.main(["--demo", "easy-prior", "--out_dir", str(out), "--demo_images", "12", "2", "2",
+                                       "--verify_questions", "both"]) == 0
+    rows = read_jsonl(out / "medical_vqa_train.jsonl", require_vqa=True)
+    own = [r for r in rows if r.get("source") != "verify"]
+    assert len(own) < len(rows) and len(read_answers(out / "medical_vqa_train.jsonl")) == len(own)
+    assert not any(" Is it " in r["question"] for r in read_answers(out / "medical_vqa_train.jsonl"))

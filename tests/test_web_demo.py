@@ -79,15 +79,18 @@ def test_folder_and_missing_checkpoint(checkpoint, tmp_path, capsys):
     assert web_demo_vlm.main(["--model_path", str(tmp_path / "empty")]) == 2
 
 
-def _pixel_difference(a: bytes, b: bytes) -> float:
-    """Mean absolute difference (0-255) of two PNG screenshots, the second resized to the first."""
+def _tinted_share(a: bytes, b: bytes, threshold: int = 40) -> float:
+    """The share of pixels that differ by more than ``threshold`` (0-255, any channel) between two
+    PNG screenshots, the second resized to the first. A model trained where to look tints a few
+    patches strongly, so a mean over the image would hide the overlay."""
     import io
 
     import numpy as np
     from PIL import Image
     x = Image.open(io.BytesIO(a)).convert("RGB")
     y = Image.open(io.BytesIO(b)).convert("RGB").resize(x.size)
-    return float(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).mean())
+    diff = np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max(-1)
+    return float((diff > threshold).mean())
 
 
 def _free_port() -> int:
@@ -171,10 +174,10 @@ def test_browser_end_to_end(checkpoint, tmp_path):
             deadline = time.time() + 30
             while True:  # the preview is swapped for the overlay
                 shown = page.locator("#preview img").screenshot()
-                if _pixel_difference(plain, shown) > 10 or time.time() > deadline:
+                if _tinted_share(plain, shown) > 0.005 or time.time() > deadline:
                     break
                 time.sleep(0.5)
-            assert _pixel_difference(plain, shown) > 10, "the overlay looks like the plain image"
+            assert _tinted_share(plain, shown) > 0.005, "the overlay looks like the plain image"  # one patch of 196
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / "web_demo_overlay.png").write_bytes(shown)
             page.locator("#show-look input[type=checkbox]").uncheck()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dataset.contract import answer_of, question_of
+from dataset.contract import answer_of, is_derived, question_of
 from dataset.features import FeatureStore
 from evaluation.metrics import baselines
 from dataset.vqa_dataset import MODEL_INPUTS, StepShapes, VQADataset, collate
@@ -55,7 +55,7 @@ def validation_prior(data: VQADataset, val: VQADataset | None) -> Validation | N
 
     def items(d):
         return [{"question": question_of(s.record), "answer": answer_of(s.record), "answer_type": s.record["answer_type"]}
-                for s in d.samples if s.record.get("answer_type") in ("OPEN", "CLOSED")]
+                for s in d.samples if s.record.get("answer_type") in ("OPEN", "CLOSED") and not is_derived(s.record)]
     train_items, val_items = items(data), items(val)
     if not train_items or not val_items:
         return None
