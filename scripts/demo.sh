@@ -26,7 +26,7 @@ if [ "$KIND" = hard ]; then
   CHECK=(--margin 0.15 --open_margin 0.30)  # issue #13's bar: +15 points on closed, +30 on open questions
 else
   PRE_EPOCHS=2; EPOCHS=${DEMO_EPOCHS:-8}; SFT=(--batch_size 8 --pack_questions 4 --lr_schedule constant)
-  CHECK=(--margin 0.05)
+  CHECK=(--margin 0.20)  # measured: closed +39.1, open +52.3 at 1 and at 2 threads (identical runs, 2026-12-03)
 fi
 MODEL=(--vision_model random-tiny --hidden_size 128 --num_hidden_layers 2 --num_attention_heads 4
        --num_key_value_heads 2 --images_path "$DATA/medical_images" --out_dir "$OUT" --cache_dir "$DATA/cache")
