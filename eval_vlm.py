@@ -76,18 +76,18 @@ def parse_args(argv=None):
                                       may_be_remote=name in ("model_path", "vision_model")))
     if args.question is not None and not args.image:
         ap.error("--question needs --image (the picture the question is about)")
-    if args.question is not None:
-        from model.tokenization import clean_question
-        try:
-            args.question = clean_question(args.question)
-        except ValueError as exc:
-            ap.error(f"argument --question: {exc}")
     if args.image:  # before any heavy import: a wrong path answers at once
         image = resolve_path(args.image)
         if not image.exists():
             ap.error(f"argument --image: {image} does not exist")
         if image.is_dir():
             ap.error(f"argument --image: {image} is a folder; give one image file (PNG, JPEG or DICOM)")
+    if args.question is not None:
+        from model.tokenization import clean_question  # imports transformers: after the path checks
+        try:
+            args.question = clean_question(args.question)
+        except ValueError as exc:
+            ap.error(f"argument --question: {exc}")
     return args
 
 
