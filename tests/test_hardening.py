@@ -410,9 +410,13 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("script,argv,flag", BAD_FLAGS, ids=[f"{s}{'_'.join(a)[:40]}" for s, a, _ in BAD_FLAGS])
-def test_bad_flags_are_messages(script, argv, flag, tmp_path, capsys):
+def test_bad_flags_are_messages(script, argv, flag, tmp_path, capsys, monkeypatch):
     mains = {"train": lambda a: train_main("sft", a), "pretrain": lambda a: train_main("pretrain", a),
              "eval": eval_vlm.main, "convert": convert_slake_dataset.main, "web": web_demo_vlm.main}
+    here = tmp_path.parent / f"{tmp_path.name}-cwd"  # x.png exists: a bad --question is what gets reported
+    here.mkdir()
+    (here / "x.png").write_bytes(b"x")
+    monkeypatch.chdir(here)
     args = argv + (["--out_dir", str(tmp_path)] if script in ("train", "pretrain", "convert") else [])
     with pytest.raises(SystemExit) as exc:
         mains[script](args)
