@@ -148,9 +148,14 @@ def is_derived(record: dict) -> bool:
     return record.get("source") in DERIVED_SOURCES
 
 
-def read_answers(path: str | Path, hint: str = "") -> list[dict]:
-    """The source's own questions of a VQA file as {"question", "answer", "answer_type"}: what the
-    answer-prior baselines, the answer sets of the explanations and ``--constrain`` are built from
-    (one reader for all of them; derived questions are left out)."""
+def own_answers(records: list[dict]) -> list[dict]:
+    """The source's own questions among VQA records as {"question", "answer", "answer_type"}: what
+    the answer-prior baselines, the answer sets of the explanations and ``--constrain`` are built
+    from (derived questions and records without an answer type are left out)."""
     return [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
-            for r in read_jsonl(path, require_vqa=True, hint=hint) if not is_derived(r)]
+            for r in records if r.get("answer_type") in ANSWER_TYPES and not is_derived(r)]
+
+
+def read_answers(path: str | Path, hint: str = "") -> list[dict]:
+    """``own_answers`` of a VQA file."""
+    return own_answers(read_jsonl(path, require_vqa=True, hint=hint))

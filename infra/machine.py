@@ -33,6 +33,20 @@ def busy_cores(seconds: float = 0.3) -> float | None:
     return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 
+_last: tuple[float, float | None] | None = None  # (when, busy cores) of the latest measurement
+
+
+def recent_busy_cores(max_age: float = 10.0) -> float | None:
+    """``busy_cores``, measured once per start: a caller within ``max_age`` seconds of the last
+    measurement reuses it (a stage script asks for its OpenMP policy, then its thread count) instead
+    of waiting another 0.3 s; a later run in the same process measures again."""
+    global _last
+    if _last is None or time.monotonic() - _last[0] > max_age:
+        load = busy_cores()
+        _last = (time.monotonic(), load)
+    return _last[1]
+
+
 def omp_wait_policy(load: float | None) -> str | None:
     """OpenMP's wait policy for a CPU run: None (OpenMP's own: waiting threads spin, fastest alone)
     on a quiet machine; PASSIVE (they sleep) when other work keeps a core busy, so two jobs share

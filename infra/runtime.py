@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from infra.errors import UserError
-from infra.machine import busy_cores, cpu_threads  # noqa: F401  (re-exported)
+from infra.machine import busy_cores, cpu_threads, recent_busy_cores  # noqa: F401  (busy_cores re-exported)
 
 
 def is_rank0() -> bool:
@@ -62,7 +62,7 @@ def configure_cpu_threads() -> None:
     if os.environ.get("OMP_NUM_THREADS"):
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = busy_cores()
+    load = recent_busy_cores()
     if load is None:
         if not hasattr(os, "getloadavg"):
             return

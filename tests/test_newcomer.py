@@ -81,7 +81,7 @@ def test_openmp_threads_spin_alone_and_sleep_on_a_shared_machine(load, want, mon
     cli = ast.parse((ROOT / "trainer" / "cli.py").read_text())
     main = next(n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == "main")
     src = ast.unparse(main)
-    assert src.index("omp_wait_policy(busy_cores())") < src.index("import torch")
+    assert src.index("omp_wait_policy(recent_busy_cores())") < src.index("import torch")
     assert "os.environ.setdefault('OMP_WAIT_POLICY', policy)" in src
 
 
@@ -307,3 +307,14 @@ def test_a_wrong_image_path_answers_before_any_heavy_import(tmp_path, extra):
     res = subprocess.run([sys.executable, "-c", code, "--image", str(tmp_path / "nope.png"), *extra],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "does not exist" in res.stderr and res.stdout.split("\n")[:2] == ["exit 2", "[]"], res
+
+
+def test_the_machine_is_measured_once_per_start(monkeypatch):
+    """The OpenMP policy and the thread count share one 0.3 s measurement; a later run measures again."""
+    from infra import machine
+    calls = []
+    monkeypatch.setattr(machine, "busy_cores", lambda seconds=0.3: calls.append(seconds) or 0.25)
+    monkeypatch.setattr(machine, "_last", None)
+    assert machine.recent_busy_cores() == machine.recent_busy_cores() == 0.25 and len(calls) == 1
+    monkeypatch.setattr(machine, "_last", (machine._last[0] - 60, 0.25))
+    assert machine.recent_busy_cores() == 0.25 and len(calls) == 2

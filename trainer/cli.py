@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 
-from infra.machine import busy_cores, omp_wait_policy
+from infra.machine import omp_wait_policy, recent_busy_cores
 from trainer.config import parse_train_args
 
 
@@ -25,7 +25,7 @@ def main(stage: str, argv=None, description: str | None = None) -> int:
     cfg = parse_train_args(stage, argv, description)
     # idle OpenMP threads sleep instead of spinning when another job keeps a core busy (shared, not
     # fought over); alone they spin (faster). Decided before torch starts OpenMP.
-    policy = omp_wait_policy(busy_cores())
+    policy = omp_wait_policy(recent_busy_cores())
     if policy:
         os.environ.setdefault("OMP_WAIT_POLICY", policy)
     # local: torch and the trainer load only once the flags are good (--help and typos answer at once)

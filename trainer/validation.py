@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dataset.contract import answer_of, is_derived, question_of
+from dataset.contract import own_answers
 from dataset.features import FeatureStore
-from evaluation.metrics import baselines
 from dataset.vqa_dataset import MODEL_INPUTS, StepShapes, VQADataset, collate
+from evaluation.metrics import baselines
 from infra.runtime import unwrap
 from model.tokenization import IGNORE_INDEX
 from trainer.config import TrainConfig
@@ -52,11 +52,7 @@ def validation_prior(data: VQADataset, val: VQADataset | None) -> Validation | N
     stays there answers closed questions from the text alone."""
     if val is None:
         return None
-
-    def items(d):
-        return [{"question": question_of(s.record), "answer": answer_of(s.record), "answer_type": s.record["answer_type"]}
-                for s in d.samples if s.record.get("answer_type") in ("OPEN", "CLOSED") and not is_derived(s.record)]
-    train_items, val_items = items(data), items(val)
+    train_items, val_items = (own_answers([s.record for s in d.samples]) for d in (data, val))
     if not train_items or not val_items:
         return None
     b = baselines(train_items, val_items)["majority_per_question"]

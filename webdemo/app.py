@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from dataset.images import ImageReadError, load_image
 from evaluation.api import guess_answer_type
 from evaluation.explain import Explanation, explain, read_answer_sets
