@@ -351,11 +351,8 @@ def make_caption(meta: dict, qas: list[tuple[str, str, str | None]]) -> str:
     return " ".join(parts)
 
 
-VERIFY_NEGATED = 0.0  # EXPERIMENT: share of pairs asked in the negated form
-
-
-def verification_questions(per_image: dict[str, list[tuple[str, str, str]]], seed: int = 0,
-                           negated_share: float | None = None) -> dict[str, list[tuple[str, str]]]:
+def verification_questions(per_image: dict[str, list[tuple[str, str, str]]], seed: int = 0
+                           ) -> dict[str, list[tuple[str, str]]]:
     """Yes/no questions that check a named value against the image, from the open questions of
     the training images (no boxes needed): for an open question q answered a, "q Is it a?" ->
     Yes and "q Is it b?" -> No, b drawn (seeded) from the other answers of the same question
@@ -364,7 +361,6 @@ def verification_questions(per_image: dict[str, list[tuple[str, str, str]]], see
     the closed questions of stage 2 need and which captions do not teach. ``per_image``: image ->
     (question, answer, answer_type) of its training questions."""
     rng = random.Random(seed)
-    negated_share = VERIFY_NEGATED if negated_share is None else negated_share
     pool: dict[str, set] = defaultdict(set)
     for qas in per_image.values():
         for q, a, t in qas:
@@ -377,11 +373,8 @@ def verification_questions(per_image: dict[str, list[tuple[str, str, str]]], see
             others = sorted(pool.get(text_key(q), set()) - {a})
             if t != "OPEN" or not others or len(a) > 40:
                 continue
-            stem, wrong = q.strip(), rng.choice(others)
-            if rng.random() < negated_share:  # the same pair, negated: each form stays balanced
-                qs += [(f"{stem} Is it not {a}?", "No"), (f"{stem} Is it not {wrong}?", "Yes")]
-            else:
-                qs += [(f"{stem} Is it {a}?", "Yes"), (f"{stem} Is it {wrong}?", "No")]
+            stem = q.strip()
+            qs += [(f"{stem} Is it {a}?", "Yes"), (f"{stem} Is it {rng.choice(others)}?", "No")]
         if qs:
             out[key] = qs
     return out
