@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     if manifest.get("pretrain_verify_questions"):
         log.info("  verification questions from the open answers: %d (stage 1%s)", manifest["pretrain_verify_questions"],
                  " and stage 2" if manifest.get("train_verify_questions") else "")
+    if manifest.get("pretrain_train_questions"):
+        log.info("  stage 1 also trains on the %d training questions", manifest["pretrain_train_questions"])
     log.info("  image overlap between splits: %s", manifest["image_overlap"])
     cp = manifest["split"]
     if cp["kind"] == "cp":

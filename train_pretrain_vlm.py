@@ -1,4 +1,5 @@
-"""Stage 1: align image features with the language model on captions of the training images.
+"""Stage 1: align image features with the language model on captions of the training images,
+with the box, verification and training questions the converter adds (docs/data.md).
 
 Run from any folder (after convert_slake_dataset.py):
     python train_pretrain_vlm.py --epochs 4

@@ -39,7 +39,7 @@ resume() {  # $1 = run name; prints --resume when that run left a resume state o
 start=$(date +%s)
 echo "== 1/4 build the synthetic mini-SLAKE"
 $PY convert_slake_dataset.py --demo "$KIND" --out_dir "$DATA"   # idempotent: unchanged images are not rewritten
-echo "== 2/4 stage 1: align image features (captions, and box questions on the hard set)"
+echo "== 2/4 stage 1: align image features (captions, box and verification questions, the training questions)"
 mkdir -p "$OUT"
 R=$(resume medical_pretrain_vlm_128 "$PRE_EPOCHS"); echo "$PRE_EPOCHS" > "$OUT/.medical_pretrain_vlm_128.epochs"
 $PY train_pretrain_vlm.py "${MODEL[@]}" --data_path "$DATA/medical_pretrain.jsonl" --epochs "$PRE_EPOCHS" --batch_size 16 \

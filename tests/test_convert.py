@@ -98,10 +98,14 @@ def test_jsonl_schema_and_disjointness(real_converted):
 def test_captions_cover_training_images_only(real_converted):
     out, _ = real_converted
     pre = read_jsonl(out / "medical_pretrain.jsonl")
-    caps = [r for r in pre if not r.get("source")]  # captions; box and verification questions follow them
+    caps = [r for r in pre if not r.get("source") and "qid" not in r]  # captions; box, verification and
+    # training questions follow them
     assert {r.get("source") for r in pre} == {None, "verify"}  # real copies here have no detection.json
-    train_imgs = {r["image"] for r in read_jsonl(out / "medical_vqa_train.jsonl")}
+    train = read_jsonl(out / "medical_vqa_train.jsonl")
+    train_imgs = {r["image"] for r in train}
     test_imgs = {r["image"] for r in read_jsonl(out / "medical_vqa_test.jsonl")}
+    own = sorted(r["qid"] for r in train if r.get("source") != "verify")
+    assert sorted(r["qid"] for r in pre if "qid" in r) == own and len(own) > 4000  # every training question
     assert len(caps) == 450 and {c["image"] for c in caps} == train_imgs
     assert not {c["image"] for c in caps} & test_imgs
     first = next(c for c in caps if c["image"] == "xmlab1/source.jpg")

@@ -182,6 +182,25 @@ def test_converter_verification_questions(tmp_path, mode, in_train):
     assert {r["image"] for r in verify_pre} <= train_images
 
 
+@pytest.mark.parametrize("demo, also", [("easy-prior", []), ("hard", []), ("easy", ["--lang", "all"])])
+def test_stage_one_trains_on_every_training_question(tmp_path, demo, also):
+    """Stage 1 holds each training question once (open and closed, every language), with its
+    qid and answer type, and no validation or test question or image."""
+    out = tmp_path / demo
+    assert convert_slake_dataset.main(["--demo", demo, "--out_dir", str(out), "--demo_images", "12", "3", "3",
+                                       *also]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    pre = read_jsonl(out / "medical_pretrain.jsonl")
+    own = [r for r in read_jsonl(out / "medical_vqa_train.jsonl") if r.get("source") != "verify"]
+    asked = [r for r in pre if "qid" in r]
+    key = lambda r: (r["qid"], r["image"], r["answer_type"], question_of(r), answer_of(r))
+    assert sorted(map(key, asked)) == sorted(map(key, own)) and len(asked) == m["pretrain_train_questions"] > 0
+    assert {r["answer_type"] for r in asked} == {"OPEN", "CLOSED"}
+    held_out = read_jsonl(out / "medical_vqa_validation.jsonl") + read_jsonl(out / "medical_vqa_test.jsonl")
+    assert not {r["image"] for r in pre} & {r["image"] for r in held_out}
+    assert not {r["qid"] for r in asked} & {r["qid"] for r in held_out}
+
+
 def test_verification_questions_are_the_default_in_one_place():
     """The converter's flag default mirrors the library's (kept apart so --help imports nothing)."""
     from dataset.slake import VERIFY_DEFAULT, BuildOptions
