@@ -60,9 +60,14 @@ def test_chinese_end_to_end(tmp_path):
     (data / "test_small.jsonl").write_text("\n".join(lines["test"][:120]) + "\n")
     common = TINY + ["--images_path", str(data / "medical_images"), "--out_dir", str(out), "--cache_dir",
                      str(data / "cache"), "--log_interval", "50"]
-    captions = [json.loads(line) for line in (data / "medical_pretrain.jsonl").read_text().splitlines()]
-    assert captions and all(c["image"] in {json.loads(x)["image"] for x in lines["train"]} for c in captions)
-    assert train_main("pretrain", common + ["--data_path", str(data / "medical_pretrain.jsonl"), "--epochs", "1",
+    stage1 = [json.loads(line) for line in (data / "medical_pretrain.jsonl").read_text().splitlines()]
+    assert stage1 and all(c["image"] in {json.loads(x)["image"] for x in lines["train"]} for c in stage1)
+    asked = [r for r in stage1 if "qid" in r]  # the training questions follow the captions, in Chinese
+    assert len(asked) == len(lines["train"]) and all(is_chinese(r["conversations"][0]["content"]) for r in asked[:50])
+    # the same slice for stage 1: every caption, and the questions of the 40 images
+    small = [r for r in stage1 if "qid" not in r or r["image"] in train_images]
+    (data / "pretrain_small.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in small))
+    assert train_main("pretrain", common + ["--data_path", str(data / "pretrain_small.jsonl"), "--epochs", "1",
                                             "--batch_size", "8"]) == 0
     assert train_main("sft", common + ["--data_path", str(data / "train_small.jsonl"), "--val_path", "",
                                        "--epochs", "6", "--batch_size", "8", "--learning_rate", "3e-3",
