@@ -647,12 +647,18 @@ def _qa_line(key: str, question: str, answer: str, **fields) -> str:
                        "image": key, **fields}, ensure_ascii=False)
 
 
+def _question_line(rec: SourceRecord, **fields) -> str:
+    """One source question with its qid, answer type and (for --also rows) source, then ``fields``:
+    the same line in the VQA files and in stage 1's file."""
+    return _qa_line(rec.image_key, rec.question, rec.answer, qid=rec.qid, answer_type=rec.answer_type,
+                    **({"source": rec.source} if rec.source else {}), **fields)
+
+
 def _write_vqa(out_dir: Path, by_split: dict, verify: dict, in_train: bool):
     """The three VQA files; the verification questions join the training file when ``in_train``."""
     for split, fname in VQA_FILES.items():
-        lines = [_qa_line(rec.image_key, rec.question, rec.answer, qid=rec.qid, answer_type=rec.answer_type,
-                          **({"source": rec.source} if rec.source else {}), content_type=rec.content_type,
-                          modality=rec.modality, location=rec.location) for rec in by_split.get(split, [])]
+        lines = [_question_line(rec, content_type=rec.content_type, modality=rec.modality, location=rec.location)
+                 for rec in by_split.get(split, [])]
         if split == "train" and in_train:
             lines += [_qa_line(key, q, a, qid=f"verify-{n}", answer_type="CLOSED", source="verify",
                                content_type="Verify", modality=None, location=None)
@@ -673,11 +679,10 @@ def _write_stage1(out_dir: Path, per_image: dict, box_questions: dict, verify: d
         lines += [_qa_line(key, q, a, source=source) for key, qas in sorted(table.items()) for q, a in qas]
     # Then the training questions themselves (open and closed): stage 1's 4 epochs of captions teach
     # nothing about answering a question, and a model trained from scratch learns closed questions
-    # late; with them the guide's 4 + 4 epochs are 8 on the task. At three seeds this raised the
-    # closed lead over the text prior and open accuracy on both box-less traps, and the hard set's
-    # lead at seed 42 (docs/learning.md, Learning III); it costs stage-1 time (about 1.5-2x samples).
-    lines += [_qa_line(r.image_key, r.question, r.answer, qid=r.qid, answer_type=r.answer_type,
-                       **({"source": r.source} if r.source else {})) for r in train]
+    # late; with them the guide's 4 + 4 epochs are 8 on the task. On the mean of three seeds this
+    # raised the closed lead over the text prior and open accuracy on both box-less traps and kept
+    # the hard set's lead (docs/learning.md, Learning III); it costs stage-1 time (about 1.5-2x samples).
+    lines += [_question_line(rec) for rec in train]
     atomic_write_text(out_dir / PRETRAIN_FILE, "".join(line + "\n" for line in lines))
     return captions
 
