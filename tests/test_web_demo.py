@@ -143,19 +143,23 @@ def test_browser_end_to_end(checkpoint, tmp_path):
                 img = page.locator("#preview img")
                 return img.first.get_attribute("src") if img.count() else None
 
+            seen = {None}  # every preview shown so far (sources are content-addressed)
+
             def upload(path, expect_preview=True):
-                """Uploads and waits until the preview shows *this* file (the old preview stays on
-                screen until the new one replaces it: asking before that would ask about no image)."""
-                before = preview_src()
+                """Uploads and waits until the preview shows *this* file. Events still queued (the
+                overlay switched off, the conversation cleared) repaint an older preview meanwhile,
+                so any change is not enough: the preview must be one never shown before."""
+                seen.add(preview_src())
                 clear_file = page.locator("#upload button[aria-label=Clear]")
                 if clear_file.count():
                     clear_file.click()
                 page.locator("input[type=file]").first.set_input_files(str(path))
                 if expect_preview:
                     deadline = time.time() + 30
-                    while preview_src() in (None, before) and time.time() < deadline:
+                    while preview_src() in seen and time.time() < deadline:
                         time.sleep(0.2)
-                    assert preview_src() not in (None, before), "the preview did not change"
+                    assert preview_src() not in seen, "the preview did not show the new file"
+                    seen.add(preview_src())
 
             upload(EXAMPLES_DIR / "ct_chest_lesions.png")
             expect(page.locator("#preview img")).to_be_visible(timeout=30000)
@@ -180,7 +184,12 @@ def test_browser_end_to_end(checkpoint, tmp_path):
             assert _tinted_share(plain, shown) > 0.005, "the overlay looks like the plain image"  # one patch of 196
             ARTIFACTS.mkdir(exist_ok=True)
             (ARTIFACTS / "web_demo_overlay.png").write_bytes(shown)
+            seen.add(preview_src())
             page.locator("#show-look input[type=checkbox]").uncheck()
+            deadline = time.time() + 30
+            while _tinted_share(plain, page.locator("#preview img").screenshot()) > 0.005 and time.time() < deadline:
+                time.sleep(0.5)  # switched off: the plain scan again
+            assert _tinted_share(plain, page.locator("#preview img").screenshot()) <= 0.005, "the overlay stayed"
 
             page.locator("#clear").click()
             upload(EXAMPLES_DIR / "ct_abdomen_lesion.dcm")
@@ -195,7 +204,14 @@ def test_browser_end_to_end(checkpoint, tmp_path):
             bad.write_text("this is not an image")
             upload(bad, expect_preview=False)
             expect(page.locator("#error")).to_contain_text("Cannot use this file", timeout=30000)
+            page.locator("#clear").click()  # clears the error too, so the ask's own error is seen
+            expect(page.locator("#error")).not_to_contain_text("Cannot use this file", timeout=30000)
             page.locator("#question textarea").fill("Is it normal?")
+            page.locator("#ask").click()  # the ask reads the file itself, never an earlier image
+            expect(page.locator("#error")).to_contain_text("Cannot use this file", timeout=30000)
+            expect(page.locator("#question textarea")).to_have_value("Is it normal?")
+            assert page.locator("#chat .message.bot").count() == 0
+            page.locator("#upload button[aria-label=Clear]").click()
             page.locator("#ask").click()
             expect(page.locator("#error")).to_contain_text("Upload an image", timeout=30000)
             browser.close()

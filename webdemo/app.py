@@ -253,7 +253,13 @@ def build_app(session: Session):
             img, err = Session.read_upload(path)
             return img, img, [], _error_html(err), None, ""
 
-        def on_ask(q, chat, img, path, t, p, n, a, show):
+        def on_ask(q, chat, file_path, path, t, p, n, a, show):
+            # The image is read from the file the browser shows, in this call: the upload event may
+            # not have run yet (a quick click), and its state would then be the previous image.
+            img, err = Session.read_upload(file_path)
+            if err:
+                yield chat, _error_html(err), q, "", gr.update(), gr.update()
+                return
             for reply in session.respond(q, chat, img, path, t, p, n, a):
                 why = reply.explanation
                 look = why.overlay if why is not None else None
@@ -268,7 +274,7 @@ def build_app(session: Session):
             return model_card(session.model(path)), []
 
         upload.change(on_upload, upload, [preview, image_state, chatbot, error, overlay_state, confidence])
-        ask_inputs = [question, chatbot, image_state, ckpt, temperature, top_p, max_new, abstain, show_look]
+        ask_inputs = [question, chatbot, upload, ckpt, temperature, top_p, max_new, abstain, show_look]
         ask_outputs = [chatbot, error, question, confidence, overlay_state, preview]
         send.click(on_ask, ask_inputs, ask_outputs)
         question.submit(on_ask, ask_inputs, ask_outputs)
