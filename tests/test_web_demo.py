@@ -61,6 +61,9 @@ def test_session_streams_and_validates(tokenizer, tiny_tower, tmp_path, monkeypa
     bad.write_text("not an image")
     img2, err2 = s.read_upload(str(bad))
     assert img2 is None and "Cannot use this file" in err2
+    assert str(tmp_path) not in err2 and "notes.png" in err2  # the file's name, not the server's folder
+    gone = s.read_upload(str(tmp_path / "deleted_by_the_cache_cleanup.png"))
+    assert gone[0] is None and "expired" in gone[1] and "upload it again" in gone[1]
     truncated = tmp_path / "cut.png"
     truncated.write_bytes((EXAMPLES_DIR / "mri_head_normal.png").read_bytes()[:3000])
     assert s.read_upload(str(truncated))[0] is None and "Cannot use this file" in s.read_upload(str(truncated))[1]

@@ -151,12 +151,14 @@ class Session:
         if not file_path:
             return None, ""
         p = Path(file_path)
+        if not p.is_file():  # deleted by the upload cache's clean-up (UPLOAD_CACHE)
+            return None, f"The upload has expired on the server (kept {UPLOAD_CACHE[1] // 60} minutes): upload it again."
         if p.stat().st_size > MAX_UPLOAD_MB * 1024 * 1024:
             return None, f"The file is larger than {MAX_UPLOAD_MB} MB."
         try:
             return load_image(p), ""
-        except ImageReadError as exc:
-            return None, f"Cannot use this file: {exc.args[0].split(': ', 1)[-1]}"
+        except ImageReadError as exc:  # the server's upload folder is not the user's business
+            return None, f"Cannot use this file: {exc.args[0].split(': ', 1)[-1].replace(str(p), p.name)}"
 
     def explain(self, ckpt: LoadedCheckpoint, image, feats, history: list[dict], question: str, answer: str,
                 abstain_below: float | None) -> Explanation:
@@ -204,6 +206,10 @@ class Session:
         yield Reply(turn + [{"role": "assistant", "content": shown}], explanation=why)
 
 
+def _image_of(uploaded):
+    return uploaded[1] if uploaded is not None else None
+
+
 def _error_html(msg: str) -> str:
     return f'<div class="demo-error" role="alert">{html.escape(msg)}</div>' if msg else ""
 
@@ -217,7 +223,7 @@ def build_app(session: Session):
                               font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="Medical VQA demo", analytics_enabled=False, delete_cache=UPLOAD_CACHE) as app:
         gr.Markdown("# Medical visual question answering\n" + DISCLAIMER)
-        image_state = gr.State(None)
+        image_state = gr.State(None)  # (upload path, image, error) of the last upload event
         with gr.Row():
             with gr.Column(scale=1):
                 ckpt = gr.Dropdown([str(p) for p in session.paths], value=str(session.paths[0]),
@@ -251,12 +257,17 @@ def build_app(session: Session):
 
         def on_upload(path):
             img, err = Session.read_upload(path)
-            return img, img, [], _error_html(err), None, ""
+            return img, (path, img, err), [], _error_html(err), None, ""
 
-        def on_ask(q, chat, file_path, path, t, p, n, a, show):
-            # The image is read from the file the browser shows, in this call: the upload event may
-            # not have run yet (a quick click), and its state would then be the previous image.
-            img, err = Session.read_upload(file_path)
+        def on_ask(q, chat, file_path, uploaded, path, t, p, n, a, show):
+            # The image is the file the browser shows, decided in this call: after a quick click the
+            # upload event may not have run yet, and its state would still hold the previous image.
+            # The state is used when it is of this very file (read once; the server deletes uploads
+            # after UPLOAD_CACHE, while a conversation may go on).
+            if uploaded is not None and uploaded[0] == file_path:
+                _, img, err = uploaded
+            else:
+                img, err = Session.read_upload(file_path)
             if err:
                 yield chat, _error_html(err), q, "", gr.update(), gr.update()
                 return
@@ -267,19 +278,19 @@ def build_app(session: Session):
                        look if why is not None else gr.update(), look if (show and look is not None) else
                        (img if why is not None else gr.update()))
 
-        def on_show(show, img, look):
-            return look if show and look is not None else img
+        def on_show(show, uploaded, look):
+            return look if show and look is not None else _image_of(uploaded)
 
         def on_checkpoint(path):
             return model_card(session.model(path)), []
 
         upload.change(on_upload, upload, [preview, image_state, chatbot, error, overlay_state, confidence])
-        ask_inputs = [question, chatbot, upload, ckpt, temperature, top_p, max_new, abstain, show_look]
+        ask_inputs = [question, chatbot, upload, image_state, ckpt, temperature, top_p, max_new, abstain, show_look]
         ask_outputs = [chatbot, error, question, confidence, overlay_state, preview]
         send.click(on_ask, ask_inputs, ask_outputs)
         question.submit(on_ask, ask_inputs, ask_outputs)
         show_look.change(on_show, [show_look, image_state, overlay_state], preview)
-        clear.click(lambda img: ([], "", "", None, img), image_state, [chatbot, error, confidence, overlay_state, preview])
+        clear.click(lambda uploaded: ([], "", "", None, _image_of(uploaded)), image_state, [chatbot, error, confidence, overlay_state, preview])
         ckpt.change(on_checkpoint, ckpt, [card, chatbot])
     app.queue(default_concurrency_limit=1, max_size=64)
     css = (".demo-error{color:#b00020;font-weight:600;padding:6px 0}"
