@@ -64,6 +64,10 @@ declare -A V=(
   [guide_look_both]="scratch | --look_loss 1 | --look_loss 1"
   [guide_look_both_seed1]="scratch | --look_loss 1 --seed 1 | --look_loss 1 --seed 1"
   [guide_look_both_seed2]="scratch | --look_loss 1 --seed 2 | --look_loss 1 --seed 2"
+  # Learning III schedules (stage 1 now trains on the task too; stage 2's re-warm spiked validation loss)
+  [guide_s1const]="scratch | --lr_schedule constant | "             # one stable phase over both stages
+  [guide_decay0.5]="scratch | | --decay_ratio 0.5"                  # a longer final anneal in stage 2
+  [guide_lr5e-4]="scratch | | --learning_rate 5e-4"                 # stage 2 continues a task-trained model (the default since)
   [llm_guide]="llm | | "
   [llm_lr1e-3]="llm | | --learning_rate 1e-3"
   [llm_demo32]="llm | $DEMO_PRE | --epochs 32 --batch_size 8 --pack_questions 4"

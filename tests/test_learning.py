@@ -276,7 +276,7 @@ def test_also_merges_training_splits_only_and_refuses_shared_images(tmp_path, ca
 
 
 @pytest.mark.parametrize("stage,argv,before,expected,lm_pretrained", [
-    ("sft", [], {}, 1e-3, False),                                    # scratch
+    ("sft", [], {}, 5e-4, False),                                    # scratch: continues stage 1
     ("pretrain", [], {}, 1e-3, False),
     ("pretrain", ["--from_llm", "llm_128.pth"], {}, 4e-4, True),     # MiniMind2 start, this run
     ("sft", [], {"from_llm": "llm_128.pth"}, 1e-4, True),            # ... or the run it continues
