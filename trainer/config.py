@@ -183,10 +183,9 @@ class TrainConfig:
 # Stage 2 from scratch continues a stage-1 model that has already trained on the task (stage 1's
 # file ends with every training question), so it warms up to half stage 1's rate: re-warming to
 # 1e-3 undid part of stage 1 (attribute-prior, seed 42: validation loss 0.32 after epoch 1, 0.51
-# after epoch 2; at 5e-4 0.20, 0.16, 0.14, 0.12), and at
-# 5e-4 the guide's 4 + 4 epochs gained on the mean of three seeds on both box-less traps (closed
-# lead +9.3 vs +8.3 and -1.1 vs -2.7, open 91.3 vs 85.3 % and 94.6 vs 92.8 %) and on the hard set
-# (docs/learning.md, Learning III).
+# after epoch 2; at 5e-4 0.20, 0.16, 0.14, 0.12), and at 5e-4 the guide's 4 + 4 epochs gained on
+# the mean of three seeds on both box-less traps (closed lead +9.3 vs +8.3 and -1.1 vs -2.7, open
+# 91.3 vs 85.3 % and 94.6 vs 92.8 %) and on the hard set (docs/learning.md, Learning III).
 AUTO_LEARNING_RATE = {("pretrain", "scratch"): 1e-3, ("pretrain", "llm"): 4e-4,
                       ("sft", "scratch"): 5e-4, ("sft", "llm"): 1e-4}
 

@@ -206,8 +206,21 @@ class Session:
         yield Reply(turn + [{"role": "assistant", "content": shown}], explanation=why)
 
 
-def _image_of(uploaded):
-    return uploaded[1] if uploaded is not None else None
+@dataclass(frozen=True)
+class Upload:
+    """A file as an upload event read it: its server path, and its image or why there is none."""
+    path: str | None
+    image: object = None
+    error: str = ""
+
+    @classmethod
+    def read(cls, path: str | None) -> Upload:
+        image, error = Session.read_upload(path)
+        return cls(path, image, error)
+
+
+def _image_of(uploaded: Upload | None):
+    return uploaded.image if uploaded is not None else None
 
 
 def _error_html(msg: str) -> str:
@@ -223,7 +236,7 @@ def build_app(session: Session):
                               font_mono=["ui-monospace", "monospace"])
     with gr.Blocks(title="Medical VQA demo", analytics_enabled=False, delete_cache=UPLOAD_CACHE) as app:
         gr.Markdown("# Medical visual question answering\n" + DISCLAIMER)
-        image_state = gr.State(None)  # (upload path, image, error) of the last upload event
+        image_state = gr.State(None)  # the Upload of the last upload event
         with gr.Row():
             with gr.Column(scale=1):
                 ckpt = gr.Dropdown([str(p) for p in session.paths], value=str(session.paths[0]),
@@ -256,21 +269,19 @@ def build_app(session: Session):
         overlay_state = gr.State(None)
 
         def on_upload(path):
-            img, err = Session.read_upload(path)
-            return img, (path, img, err), [], _error_html(err), None, ""
+            up = Upload.read(path)
+            return up.image, up, [], _error_html(up.error), None, ""
 
         def on_ask(q, chat, file_path, uploaded, path, t, p, n, a, show):
             # The image is the file the browser shows, decided in this call: after a quick click the
             # upload event may not have run yet, and its state would still hold the previous image.
             # The state is used when it is of this very file (read once; the server deletes uploads
             # after UPLOAD_CACHE, while a conversation may go on).
-            if uploaded is not None and uploaded[0] == file_path:
-                _, img, err = uploaded
-            else:
-                img, err = Session.read_upload(file_path)
-            if err:
-                yield chat, _error_html(err), q, "", gr.update(), gr.update()
+            up = uploaded if uploaded is not None and uploaded.path == file_path else Upload.read(file_path)
+            if up.error:
+                yield chat, _error_html(up.error), q, "", gr.update(), gr.update()
                 return
+            img = up.image
             for reply in session.respond(q, chat, img, path, t, p, n, a):
                 why = reply.explanation
                 look = why.overlay if why is not None else None
