@@ -326,3 +326,49 @@ def collate(samples: list[Sample], pad_id: int, image_id: int | None = None,
 
 # batch entries the model takes as keyword arguments (all but the image table index)
 MODEL_INPUTS = ("position_ids", "attn_mask", "image_slots", "target_pos", "targets")
+
+
+CONTRAST_SHARE = 8  # a contrast look target is the top 1/8 of its image's patches
+
+
+def _feature_sum(rows, images: list[int], chunk: int = 256) -> torch.Tensor:
+    """Sum of the frozen features [P, D] of ``images`` (rows of the image table), in chunks."""
+    total = None
+    for start in range(0, len(images), chunk):
+        part = rows(torch.tensor(images[start:start + chunk])).float().sum(0)
+        total = part if total is None else total + part
+    return total
+
+
+def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) -> int:
+    """Look targets without boxes (issue #26, lever f): for a closed question text answered more
+    than one way in the training data, each of its single-image questions that has no box target
+    is told to look at the patches where its image's features differ most from the mean features
+    of the images that text was answered otherwise on: the evidence that tells the answers apart
+    (a lesion against lesion-free images, an organ against images without it). ``rows(index)``:
+    frozen features [len(index), P, D] of image-table rows. Returns how many questions got one."""
+    marked = 0
+    for by_answer in _closed_index_groups(data.samples).values():
+        if len(by_answer) < 2:
+            continue
+        images = {a: [data.samples[i].images[0] for i in idx if len(data.samples[i].images) == 1]
+                  for a, idx in by_answer.items()}
+        if sum(1 for v in images.values() if v) < 2:
+            continue
+        sums = {a: _feature_sum(rows, v) for a, v in images.items() if v}
+        total, count = sum(sums.values()), sum(len(v) for v in images.values())
+        for a, idx in by_answer.items():
+            todo = [i for i in idx if len(data.samples[i].images) == 1 and data.samples[i].look is None]
+            if not todo:
+                continue
+            other = (total - sums[a]) / (count - len(images[a]))
+            for start in range(0, len(todo), 256):
+                part = todo[start:start + 256]
+                feats = rows(torch.tensor([data.samples[i].images[0] for i in part])).float()
+                dist = (feats - other).norm(dim=-1)  # [n, P]
+                k = max(1, dist.shape[1] // share)
+                target = torch.zeros_like(dist).scatter_(1, dist.topk(k, dim=1).indices, 1.0 / k).cpu()
+                for i, t in zip(part, target):
+                    data.samples[i].look = t
+                marked += len(part)
+    return marked

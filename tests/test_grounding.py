@@ -397,3 +397,63 @@ def test_look_loss_sum_is_the_mean_times_the_questions():
     first = look_loss(q, k, pos[:1], slots, img[:1], target[:1], reduction="sum")
     second = look_loss(q, k, pos[1:2], slots, img[1:2], target[1:2], reduction="sum")
     assert float(first + second) == pytest.approx(float(total))
+
+
+def test_contrast_look_targets_point_at_what_tells_the_answers_apart(tokenizer, tmp_path):
+    """--look_contrast: a closed text answered both ways looks where its image differs from the
+    images answered otherwise (for a Yes: the cyst; for a No: where the Yes images have one);
+    texts answered one way, open questions and questions with a box target are left alone."""
+    from dataset.vqa_dataset import annotate_contrast_look
+    rows = [("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED"),
+            ("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED"),
+            ("Is this a CT?", "Yes", "CLOSED"), ("How many cysts?", "1", "OPEN"),
+            ("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "no", "CLOSED")]  # images 0-3, 0-3
+    data = VQADataset(_write(tmp_path, rows), tmp_path / "img", ChatEncoder(tokenizer, 196), 512)
+    feats = torch.randn(4, 16, 6, generator=torch.Generator().manual_seed(0)) * 0.01
+    feats[[0, 2], 5] += 3.0  # images 0 and 2 (the Yes rows) have something at patches 5 and 6
+    feats[[0, 2], 6] += 2.0
+    boxed = torch.zeros(16)
+    boxed[1] = 1.0
+    data.samples[6].look = boxed  # a box target wins over the contrast
+    calls = []
+
+    def rows_of(index):
+        calls.append(index.tolist())
+        return feats[index]
+
+    assert annotate_contrast_look(data, rows_of, share=8) == 5  # 16 patches -> the top 2
+    for i in (0, 1, 2, 3, 7):  # Yes and No rows of the cyst text (row 7's "no" is the same answer as "No")
+        look = data.samples[i].look
+        assert look.shape == (16,) and torch.isclose(look.sum(), torch.tensor(1.0))
+        assert look.nonzero().flatten().tolist() == [5, 6], i
+    assert [data.samples[i].look for i in (4, 5)] == [None, None]
+    assert torch.equal(data.samples[6].look, boxed)
+    # texts with one answer cost no feature reads; batches of the image table rows only
+    assert all(set(c) <= {0, 1, 2, 3} for c in calls) and calls
+
+
+def test_contrast_look_is_off_by_default():
+    assert parse_train_args("sft", []).look_contrast == "none"
+    assert parse_train_args("sft", ["--look_contrast", "contrast"]).look_contrast == "contrast"
+
+
+@pytest.mark.parametrize("argv, want", [([], 0), (["--look_contrast", "contrast"], 4),
+                                        (["--look_contrast", "contrast", "--look_loss", "0"], 0)])
+def test_training_attaches_contrast_looks_only_when_asked(argv, want, tokenizer, tmp_path, caplog):
+    """The trainer's wiring: without boxes, --look_contrast gives the closed texts answered both
+    ways their targets from the frozen features; off by default and with --look_loss 0."""
+    from types import SimpleNamespace
+    from trainer.trainer import look_targets
+    rows = [("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED")] * 2 + \
+           [("How many cysts?", "1", "OPEN")]
+    path = _write(tmp_path, rows)
+    data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 16), 512)
+    cfg = parse_train_args("sft", ["--data_path", str(path)] + argv)
+    feats = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(1))
+    model = SimpleNamespace(config=SimpleNamespace(image_tokens=16))
+    with caplog.at_level("INFO"):
+        look_targets(cfg, model, data, SimpleNamespace(get=lambda index: feats[index]))
+    looks = [s.look for s in data.samples]
+    assert sum(t is not None for t in looks) == want
+    assert all(t is None or int((t > 0).sum()) == 2 for t in looks)  # 16 patches: the top eighth
+    assert ("not told where to look" in caplog.text) == (want == 0 and "--look_loss" not in argv)

@@ -93,6 +93,9 @@ class TrainConfig:
                             "boxed in their image, one attention head at the answer is trained to look at those "
                             "patches (uses medical_boxes.json when the data has one; 0 = off)", GROUNDING,
                             flags.non_negative_float)
+    look_contrast: str = flag("none", "look targets for closed questions that name no box: contrast = the patches "
+                              "where the image differs most from the images its question text was answered "
+                              "otherwise on (no boxes needed)", GROUNDING, choices=("none", "contrast"))
     # hardware
     device: str = flag("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", HARDWARE)
     dtype: str = flag("auto", "auto | bfloat16 | float16 | float32", HARDWARE,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dataset.boxes import BOXES_FILE, grid_side, image_keys, patch_targets, read_boxes_file
-from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_look,
+from dataset.vqa_dataset import (PackedQuestions, VQADataset, annotate_contrast_look, annotate_look,
                                  closed_text_prior)
 from infra.atomic import remove_stale_temps
 from model.checkpoint import (build_config, checkpoint_path, load_weights, locate_checkpoint,
@@ -178,9 +178,10 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
     return data, val, features, packed
 
 
-def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset):
-    """Attaches the --look_loss targets (where each question should look, from the boxes file) to
-    the training samples; says in the log when the data gives none."""
+def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, features: FeatureStore):
+    """Attaches the --look_loss targets (where each question should look: from the boxes file,
+    then --look_contrast for closed questions naming no box) to the training samples; says in the
+    log when the data gives none."""
     if not cfg.look_loss:
         return
     grid = grid_side(model.config.image_tokens)
@@ -188,9 +189,18 @@ def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset):
         log.info("--look_loss: the tower's %d image tokens are not a square grid; the loss is off",
                  model.config.image_tokens)
         return
+    _box_looks(cfg, data, grid, contrast=cfg.look_contrast == "contrast")
+    if cfg.look_contrast == "contrast":
+        n = annotate_contrast_look(data, features.get)
+        log.info("--look_contrast: %d closed training questions look where their image differs from the images "
+                 "their text was answered otherwise on", n)
+
+
+def _box_looks(cfg: TrainConfig, data: VQADataset, grid: int, contrast: bool):
     if not boxes_file(cfg).is_file():
-        log.info("--look_loss: no %s beside the data (no organ/finding boxes), so the model is not told where to "
-                 "look; convert_slake_dataset.py writes it from SLAKE's detection.json files", BOXES_FILE)
+        log.info("--look_loss: no %s beside the data (no organ/finding boxes)%s; convert_slake_dataset.py writes it "
+                 "from SLAKE's detection.json files", BOXES_FILE,
+                 "" if contrast else ", so the model is not told where to look")
         return
     table = read_boxes_file(boxes_file(cfg))  # a BoxError names the image and the field
     classes, targets, known = patch_targets(table, image_keys(data.image_paths, resolve_path(cfg.images_path)), grid)
@@ -199,8 +209,9 @@ def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset):
         log.info("--look_loss %g: %d of %d training questions name a box of their image (%s)", cfg.look_loss,
                  n, len(data), ", ".join(classes[:6]) + (", ..." if len(classes) > 6 else ""))
     else:
-        log.info("--look_loss: no question names a box of its image (%s), so the model is not told where to "
-                 "look", "no boxes in the data" if not classes else f"{int(known.sum())} images with boxes")
+        log.info("--look_loss: no question names a box of its image (%s)%s",
+                 "no boxes in the data" if not classes else f"{int(known.sum())} images with boxes",
+                 "" if contrast else ", so the model is not told where to look")
 
 
 def stop_now(stop: StopRequest, dist: Dist, step: int, every: int, device) -> bool:
@@ -294,7 +305,7 @@ def _setup(cfg: TrainConfig) -> Run:
     model, tok = build_model(cfg, device)
     log.info(model.parameter_line())
     data, val, features, packed = setup_data(cfg, model, ChatEncoder(tok, model.config.image_tokens), dist, device)
-    look_targets(cfg, model, data)
+    look_targets(cfg, model, data, features)
     n_seq = len(packed) if packed else len(data)
     global_batch = cfg.batch_size * dist.world * cfg.accumulation_steps
     steps_per_epoch = n_seq // global_batch
