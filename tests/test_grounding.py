@@ -432,16 +432,17 @@ def test_contrast_look_targets_point_at_what_tells_the_answers_apart(tokenizer, 
     assert all(set(c) <= {0, 1, 2, 3} for c in calls) and calls
 
 
-def test_contrast_look_is_off_by_default():
-    assert parse_train_args("sft", []).look_contrast == "none"
-    assert parse_train_args("sft", ["--look_contrast", "contrast"]).look_contrast == "contrast"
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_contrast_look_is_on_by_default_in_both_stages(stage):
+    assert parse_train_args(stage, []).look_contrast == "contrast"
+    assert parse_train_args(stage, ["--look_contrast", "none"]).look_contrast == "none"
 
 
-@pytest.mark.parametrize("argv, want", [([], 0), (["--look_contrast", "contrast"], 4),
-                                        (["--look_contrast", "contrast", "--look_loss", "0"], 0)])
-def test_training_attaches_contrast_looks_only_when_asked(argv, want, tokenizer, tmp_path, caplog):
-    """The trainer's wiring: without boxes, --look_contrast gives the closed texts answered both
-    ways their targets from the frozen features; off by default and with --look_loss 0."""
+@pytest.mark.parametrize("argv, want", [([], 4), (["--look_contrast", "none"], 0),
+                                        (["--look_loss", "0"], 0)])
+def test_training_attaches_contrast_looks_unless_told_not_to(argv, want, tokenizer, tmp_path, caplog):
+    """The trainer's wiring: without boxes, the closed texts answered both ways get their targets
+    from the frozen features by default; none with --look_contrast none or --look_loss 0."""
     from types import SimpleNamespace
     from trainer.trainer import look_targets
     rows = [("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED")] * 2 + \
