@@ -168,7 +168,8 @@ def test_mixed_precision_training_matches_float32(demo, tmp_path):
     ref = _run(demo, tmp_path / "f32", "float32")
     # float16 trains with a GradScaler, which skips a step whose gradients overflow while it
     # calibrates its scale: afterwards the curve runs about one step behind, hence the wider band
-    for dtype, tol in (("bfloat16", 0.01), ("float16", 0.04)):
+    # (with --look_contrast on by default more questions carry the look loss: up to 4.9 % seen)
+    for dtype, tol in (("bfloat16", 0.01), ("float16", 0.06)):
         got = _run(demo, tmp_path / dtype, dtype)
         assert len(got) == len(ref) >= 20
         # float16 may skip its first step (the look loss's gradients overflow the initial scale)
