@@ -329,13 +329,14 @@ MODEL_INPUTS = ("position_ids", "attn_mask", "image_slots", "target_pos", "targe
 
 
 CONTRAST_SHARE = 8  # a contrast look target is the top 1/8 of its image's patches
+FEATURE_CHUNK = 256  # images whose features are read at once (bounded memory with CLIP's 196 x 768)
 
 
-def _feature_sum(rows, images: list[int], chunk: int = 256) -> torch.Tensor:
+def _feature_sum(rows, images: list[int]) -> torch.Tensor:
     """Sum of the frozen features [P, D] of ``images`` (rows of the image table), in chunks."""
     total = None
-    for start in range(0, len(images), chunk):
-        part = rows(torch.tensor(images[start:start + chunk])).float().sum(0)
+    for start in range(0, len(images), FEATURE_CHUNK):
+        part = rows(torch.tensor(images[start:start + FEATURE_CHUNK])).float().sum(0)
         total = part if total is None else total + part
     return total
 
@@ -346,24 +347,22 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) 
     is told to look at the patches where its image's features differ most from the mean features
     of the images that text was answered otherwise on: the evidence that tells the answers apart
     (a lesion against lesion-free images, an organ against images without it). ``rows(index)``:
-    frozen features [len(index), P, D] of image-table rows. Returns how many questions got one."""
+    frozen features [len(index), P, D] of image-table rows. Two reads per text (the answers' means
+    first, then each question's distance to them) keep memory bounded. Returns how many questions
+    got one."""
     marked = 0
     for by_answer in _closed_index_groups(data.samples).values():
-        if len(by_answer) < 2:
+        singles = {a: [i for i in idx if len(data.samples[i].images) == 1] for a, idx in by_answer.items()}
+        images = {a: [data.samples[i].images[0] for i in v] for a, v in singles.items() if v}
+        if len(images) < 2:
             continue
-        images = {a: [data.samples[i].images[0] for i in idx if len(data.samples[i].images) == 1]
-                  for a, idx in by_answer.items()}
-        if sum(1 for v in images.values() if v) < 2:
-            continue
-        sums = {a: _feature_sum(rows, v) for a, v in images.items() if v}
+        sums = {a: _feature_sum(rows, v) for a, v in images.items()}
         total, count = sum(sums.values()), sum(len(v) for v in images.values())
-        for a, idx in by_answer.items():
-            todo = [i for i in idx if len(data.samples[i].images) == 1 and data.samples[i].look is None]
-            if not todo:
-                continue
-            other = (total - sums[a]) / (count - len(images[a]))
-            for start in range(0, len(todo), 256):
-                part = todo[start:start + 256]
+        for a, v in images.items():
+            other = (total - sums[a]) / (count - len(v))
+            todo = [i for i in singles[a] if data.samples[i].look is None]
+            for start in range(0, len(todo), FEATURE_CHUNK):
+                part = todo[start:start + FEATURE_CHUNK]
                 feats = rows(torch.tensor([data.samples[i].images[0] for i in part])).float()
                 dist = (feats - other).norm(dim=-1)  # [n, P]
                 k = max(1, dist.shape[1] // share)
