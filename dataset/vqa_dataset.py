@@ -100,18 +100,20 @@ def _prompt_text(record: dict) -> str:
     return " ".join(m["content"] for m in record["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, " ")
 
 
-def _closed_key(s: Sample) -> tuple[str, str] | None:
-    """(normalised question text, normalised answer) of a closed sample, else None."""
-    if s.record.get("answer_type") != "CLOSED":
+def _closed_key(s: Sample, closed_only: bool = True) -> tuple[str, str] | None:
+    """(normalised question text, normalised answer) of a closed sample (of any question sample
+    with ``closed_only=False``), else None."""
+    if s.record.get("answer_type") != "CLOSED" and (closed_only or "answer_type" not in s.record):
         return None
     return normalize(_prompt_text(s.record)), normalize(s.record["conversations"][-1]["content"])
 
 
-def _closed_index_groups(samples: list[Sample]) -> dict[str, dict[str, list[int]]]:
-    """Indices of the closed samples grouped by normalised question text, then by normalised answer."""
+def _closed_index_groups(samples: list[Sample], closed_only: bool = True) -> dict[str, dict[str, list[int]]]:
+    """Indices of the closed samples (every question with ``closed_only=False``) grouped by
+    normalised question text, then by normalised answer."""
     groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, s in enumerate(samples):
-        key = _closed_key(s)
+        key = _closed_key(s, closed_only)
         if key is not None:
             groups[key[0]][key[1]].append(i)
     return groups
@@ -341,7 +343,7 @@ def _feature_sum(rows, images: list[int]) -> torch.Tensor:
     return total
 
 
-def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) -> int:
+def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE, closed_only: bool = True) -> int:
     """Look targets without boxes (issue #26, lever f): for a closed question text answered more
     than one way in the training data, each of its single-image questions that has no box target
     is told to look at the patches where its image's features differ most from the mean features
@@ -349,9 +351,9 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) 
     (a lesion against lesion-free images, an organ against images without it). ``rows(index)``:
     frozen features [len(index), P, D] of image-table rows. Two reads per text (the answers' means
     first, then each question's distance to them) keep memory bounded. Returns how many questions
-    got one."""
+    got one. ``closed_only=False``: open questions too (their text answered more than one way)."""
     marked = 0
-    for by_answer in _closed_index_groups(data.samples).values():
+    for by_answer in _closed_index_groups(data.samples, closed_only).values():
         singles = {a: [i for i in idx if len(data.samples[i].images) == 1] for a, idx in by_answer.items()}
         images = {a: [data.samples[i].images[0] for i in v] for a, v in singles.items() if v}
         if len(images) < 2:

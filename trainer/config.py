@@ -97,8 +97,8 @@ class TrainConfig:
     # +16.4 vs +9.3 (easy-prior trap) and +8.9 vs -1.1 (attribute-prior trap), open within 2 points (docs/learning.md)
     look_contrast: str = flag("contrast", "look targets for closed questions that name no box: contrast = the "
                               "patches where the image differs most from the images its question text was "
-                              "answered otherwise on (no boxes needed); none = only boxes", GROUNDING,
-                              choices=("none", "contrast"))
+                              "answered otherwise on (no boxes needed); all = open questions too; none = only boxes",
+                              GROUNDING, choices=("none", "contrast", "all"))
     # hardware
     device: str = flag("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", HARDWARE)
     dtype: str = flag("auto", "auto | bfloat16 | float16 | float32", HARDWARE,

@@ -189,11 +189,11 @@ def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, features
         log.info("--look_loss: the tower's %d image tokens are not a square grid; the loss is off",
                  model.config.image_tokens)
         return
-    _box_looks(cfg, data, grid, contrast=cfg.look_contrast == "contrast")
-    if cfg.look_contrast == "contrast":
-        n = annotate_contrast_look(data, features.get)
-        log.info("--look_contrast: %d closed training questions look where their image differs from the images "
-                 "their text was answered otherwise on", n)
+    _box_looks(cfg, data, grid, contrast=cfg.look_contrast != "none")
+    if cfg.look_contrast != "none":
+        n = annotate_contrast_look(data, features.get, closed_only=cfg.look_contrast == "contrast")
+        log.info("--look_contrast %s: %d training questions look where their image differs from the images "
+                 "their text was answered otherwise on", cfg.look_contrast, n)
 
 
 def _box_looks(cfg: TrainConfig, data: VQADataset, grid: int, contrast: bool):
