@@ -458,3 +458,29 @@ def test_training_attaches_contrast_looks_unless_told_not_to(argv, want, tokeniz
     assert sum(t is not None for t in looks) == want
     assert all(t is None or int((t > 0).sum()) == 2 for t in looks)  # 16 patches: the top eighth
     assert ("not told where to look" in caplog.text) == (want == 0 and "--look_loss" not in argv)
+
+
+def test_contrast_look_all_gives_open_questions_targets_too(tokenizer, tmp_path):
+    """--look_contrast all: an open text answered more than one way ("How many cysts?" 2 / 0) looks
+    where its image differs from the images answered otherwise, like the closed ones; an open text
+    answered one way and a caption (no answer_type: not a question) get none."""
+    from dataset.vqa_dataset import annotate_contrast_look
+    rows = [("How many cysts?", "2", "OPEN"), ("How many cysts?", "0", "OPEN"),
+            ("How many cysts?", "2", "OPEN"), ("How many cysts?", "0", "OPEN"),
+            ("What modality?", "CT", "OPEN"), ("What modality?", "CT", "OPEN")]
+    path = _write(tmp_path, rows)
+    caption = {"conversations": [{"role": "user", "content": "<image>\nDescribe the image."},
+                                 {"role": "assistant", "content": "Two cysts."}], "image": "0.png"}
+    other = dict(caption, image="1.png", conversations=[caption["conversations"][0],
+                                                         {"role": "assistant", "content": "No cyst."}])
+    path.write_text(path.read_text() + json.dumps(caption) + "\n" + json.dumps(other) + "\n")
+    feats = torch.randn(4, 16, 6, generator=torch.Generator().manual_seed(0)) * 0.01
+    feats[[0, 2], 5] += 3.0  # the "2" images have their cysts at patches 5 and 6
+    feats[[0, 2], 6] += 2.0
+    closed_only = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 16), 512)
+    assert annotate_contrast_look(closed_only, lambda index: feats[index]) == 0  # open questions: not by default
+    data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 16), 512)
+    assert annotate_contrast_look(data, lambda index: feats[index], share=8, closed_only=False) == 4
+    for i in range(4):
+        assert data.samples[i].look.nonzero().flatten().tolist() == [5, 6], i
+    assert [data.samples[i].look for i in range(4, 8)] == [None] * 4
