@@ -6,6 +6,7 @@ computed once per image and gathered per batch.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections import defaultdict
@@ -93,6 +94,15 @@ class VQADataset:
 
     def num_tokens(self) -> int:
         return sum(len(s.input_ids) for s in self.samples)
+
+    def fingerprint(self) -> str:
+        """What the run trains on, in order: every sample's tokens, which of them are learned, and its
+        image names (as the data file writes them, so a moved dataset folder keeps its fingerprint).
+        ``--resume`` compares it, so a re-converted or edited data file is not continued silently."""
+        h = hashlib.sha256()
+        for s in self.samples:
+            h.update(repr((s.input_ids, s.labels, images_of(s.record))).encode())
+        return h.hexdigest()[:16]
 
 
 def _prompt_text(record: dict) -> str:

@@ -126,3 +126,61 @@ def test_resume_state_of_a_removed_lever_is_a_clear_message(demo_data, tmp_path,
     assert main("sft", stage_args(demo_data, out, epochs=2, batch_size=4) + ["--resume"]) == 2
     err = capsys.readouterr().err
     assert f"--{flag} {value}" in err and "no longer has" in err and "Traceback" not in err
+
+
+def _edit_rows(path: Path, how: str):
+    import json
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    if how == "answer":  # one answer re-labelled
+        rows[3]["conversations"][-1]["content"] += " changed"
+    elif how == "added":
+        rows.append(rows[0])
+    elif how == "removed":
+        rows.pop(5)
+    elif how == "reordered":
+        rows[0], rows[-1] = rows[-1], rows[0]
+    elif how == "image":  # a question moved to another image
+        rows[2]["image"] = next(r["image"] for r in rows if r["image"] != rows[2]["image"])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("how", ["answer", "added", "removed", "reordered", "image"])
+def test_resume_refuses_changed_training_data(demo_data, tmp_path, capsys, how):  # noqa: F811
+    """--resume continues only on the data the run trained on: an edited, re-converted or re-ordered
+    data file under the same path is refused with both sample counts and what to do; the data
+    moved to another folder (same contents) resumes."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    out = tmp_path / "run"
+    assert main("sft", stage_args(data, out, epochs=2, batch_size=4, stop_at_step=2)) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert main("sft", stage_args(moved, out, epochs=2, batch_size=4, stop_at_step=3) + ["--resume"]) == 0
+    _edit_rows(moved / "medical_vqa_train.jsonl", how)
+    before = (out / "medical_vlm_32_resume.pth").read_bytes()
+    capsys.readouterr()
+    assert main("sft", stage_args(moved, out, epochs=2, batch_size=4) + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the training data changed" in err and "start fresh without --resume" in err and "Traceback" not in err
+    assert "medical_vqa_train.jsonl" in err
+    assert (out / "medical_vlm_32_resume.pth").read_bytes() == before  # nothing overwritten
+
+
+def test_resume_state_from_before_the_data_fingerprint_resumes_with_a_warning(demo_data, tmp_path, capsys):  # noqa: F811
+    """A resume state written before the fingerprint (no "data", no look_contrast in its config)
+    still resumes, saying it cannot check the data; with a different --look_contrast it is refused."""
+    out = tmp_path / "run"
+    assert main("sft", stage_args(demo_data, out, epochs=2, batch_size=4, stop_at_step=2,
+                                  look_contrast="none")) == 0
+    resume = out / "medical_vlm_32_resume.pth"
+    state = torch.load(resume, map_location="cpu", weights_only=False)
+    assert state["data"]["samples"] > 0 and len(state["data"]["sha"]) == 16
+    del state["data"], state["train_config"]["look_contrast"]
+    torch.save(state, resume)
+    assert main("sft", stage_args(demo_data, out, epochs=2, batch_size=4) + ["--resume"]) == 2  # look_contrast differs
+    capsys.readouterr()
+    assert main("sft", stage_args(demo_data, out, epochs=2, batch_size=4, stop_at_step=3,
+                                  look_contrast="none") + ["--resume"]) == 0
+    said = "".join(capsys.readouterr())
+    assert "does not record which training data" in said and "resumed from" in said

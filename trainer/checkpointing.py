@@ -19,7 +19,9 @@ log = logging.getLogger("train")
 # fields that must agree between a resume state and the run continuing it
 RESUME_KEYS = ("stage", "hidden_size", "num_hidden_layers", "use_moe", "batch_size", "accumulation_steps",
                "epochs", "seed", "data_path", "learning_rate", "vision_model", "projector", "pack_questions",
-               "look_loss")
+               "look_loss", "look_contrast")
+# what a resume state written before a RESUME_KEYS field existed trained with
+RESUME_KEY_BEFORE = {"look_contrast": "none"}
 # Flags that lost their measurements and were removed (docs/learning.md has the numbers): the value
 # that meant "off", and the last commit that had the flag. A resume state that recorded another value
 # trained with it.
@@ -66,6 +68,7 @@ class Checkpointer:
     dist: Dist
     last_saved: tuple[Path, int] | None = None
     resume_saved: int | None = None  # the step of the resume state this run wrote, if any
+    data_fingerprint: dict | None = None  # {"samples", "sha"} of the training data (VQADataset.fingerprint)
     previous: list[Path] = field(default_factory=list)
 
     def __post_init__(self):
@@ -102,7 +105,7 @@ class Checkpointer:
     def _save_resume(self, model, opt, scaler, step: int):
         atomic_save({"model": model.trainable_state_dict(), "optimizer": opt.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "world": self.dist.world,
-                     "train_config": self.cfg.to_dict()}, self.resume_path)
+                     "train_config": self.cfg.to_dict(), "data": self.data_fingerprint}, self.resume_path)
         self.resume_saved = step
 
     def save_resume(self, model, opt, scaler, metrics: MetricsLog, step: int):
@@ -121,7 +124,11 @@ class Checkpointer:
         return f"; continue with --resume (it reads {self.resume_path}, step {self.resume_saved})"
 
 
-def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: Dist, total_steps: int) -> int:
+def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: Dist, total_steps: int,
+                data: dict | None = None) -> int:
+    """Continues from a resume state after checking that it is this run's: the same settings
+    (RESUME_KEYS), world size and training data (``data``: {"samples", "sha"}, as the Checkpointer
+    stores it); a mismatch stops with what differs. Returns the step to continue from."""
     try:
         state = safe_load(resume_path, "resume state", "run without --resume to start fresh")
     except CheckpointError as exc:
@@ -137,13 +144,7 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
                             f"({', '.join(f'--{k} {v}' for k, (v, _) in used.items())}; they lost their measurements, "
                             f"docs/learning.md); continue it with the toolkit at commit "
                             f"{ALL_REMOVED_AT} (it has all of them), or start fresh without --resume")
-    mismatch = {k: (state["train_config"].get(k), getattr(cfg, k)) for k in RESUME_KEYS
-                if state["train_config"].get(k) != getattr(cfg, k)}
-    if state.get("world") != dist.world:
-        mismatch["world size"] = (state.get("world"), dist.world)
-    if mismatch:
-        raise TrainingError(f"--resume: {resume_path} was written with different settings "
-                            f"{mismatch}; use the same flags or start fresh")
+    _check_same_run(cfg, state, resume_path, dist, data)
     try:
         ensure_finite(state["model"], str(resume_path))
     except CheckpointError as exc:
@@ -155,3 +156,27 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
     if state["step"] >= total_steps:
         log.info("nothing left to do: the run had finished")
     return state["step"]
+
+
+def _check_same_run(cfg: TrainConfig, state: dict, resume_path: Path, dist: Dist, data: dict | None):
+    stored = {**RESUME_KEY_BEFORE, **state["train_config"]}
+    then = state.get("data")
+    # the data's fingerprint supersedes its path: the same data in another folder resumes
+    keys = [k for k in RESUME_KEYS if not (k == "data_path" and then is not None and data is not None)]
+    mismatch = {k: (stored.get(k), getattr(cfg, k)) for k in keys if stored.get(k) != getattr(cfg, k)}
+    if state.get("world") != dist.world:
+        mismatch["world size"] = (state.get("world"), dist.world)
+    if mismatch:
+        raise TrainingError(f"--resume: {resume_path} was written with different settings "
+                            f"{mismatch}; use the same flags or start fresh")
+    if data is None or then is None:  # a resume state from before the data was fingerprinted
+        if data is not None:
+            log.warning("--resume: %s does not record which training data it saw (an older toolkit wrote it); "
+                        "continuing on %s as it is now", resume_path, cfg.data_path)
+        return
+    if then != data:
+        raise TrainingError(
+            f"--resume: the training data changed since {resume_path} was written: {cfg.data_path} now gives "
+            f"{data['samples']} samples (fingerprint {data['sha']}), the run trained on {then.get('samples')} "
+            f"(fingerprint {then.get('sha')}). Continuing would mix two datasets in one run: put back the data it "
+            "was trained on (re-convert with the same flags and --seed), or start fresh without --resume")

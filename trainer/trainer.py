@@ -319,7 +319,9 @@ def _setup(cfg: TrainConfig) -> Run:
              steps_per_epoch, cfg.epochs, global_batch)
     params, opt, scaler = make_optimizer(model, cfg, device, dtype)
     resume_path = out_dir / f"{name}_resume.pth"
-    start_step = load_resume(cfg, resume_path, model, opt, scaler, dist, total_steps) if cfg.resume else 0
+    fingerprint = {"samples": len(data), "sha": data.fingerprint()}
+    start_step = load_resume(cfg, resume_path, model, opt, scaler, dist, total_steps, fingerprint) \
+        if cfg.resume else 0
     ddp = model
     if dist.enabled:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -343,7 +345,8 @@ def _setup(cfg: TrainConfig) -> Run:
                  prior.exact_match_text())
     return Run(cfg, dist, device, model, tok, data, val, features, packed, n_seq, steps_per_epoch, total_steps,
                start_step, params, opt, scaler, runner, BatchFeed(plan, overlap=overlap), epoch0, metrics,
-               Checkpointer(cfg, out_dir / f"{name}.pth", resume_path, dist), autocast(device, dtype), prior,
+               Checkpointer(cfg, out_dir / f"{name}.pth", resume_path, dist, data_fingerprint=fingerprint),
+               autocast(device, dtype), prior,
                out_dir, name, wandb_run)
 
 
