@@ -29,13 +29,15 @@ def parse_args(argv=None):
     src.add_argument("--slake_dir", help="local copy of the SLAKE release or hub snapshot")
     src.add_argument("--hub_id", help="hub dataset with image/question/answer columns (or a local folder of it); "
                                       f"without any source flag: {DEFAULT_HUB_ID}")
-    src.add_argument("--demo", nargs="?", const="easy", choices=["easy", "easy-prior", "attribute-prior", "hard", "hard-prior"],
+    src.add_argument("--demo", nargs="?", const="easy",
+                     choices=["easy", "easy-prior", "attribute-prior", "shifted-prior", "hard", "hard-prior"],
                      help="built-in synthetic set, no download: 'easy' (the quick start) or 'hard' (compositional "
                           "questions, yes/no balanced per question text: the answer priors are useless) or 'easy-prior' / "
                           "'hard-prior' (the same sets with yes/no texts that mostly have one usual answer, as in real "
                           "VQA sets: a trap for models that answer from the text) or 'attribute-prior' (the easy images; "
                           "yes/no questions name a value an open question asks about, in varied and negated phrasings, "
-                          "each text with its own usual answer: a second trap)")
+                          "each text with its own usual answer: a second trap) or 'shifted-prior' (easy-prior with "
+                          "each image's anatomy moved and scaled, as real scans are not aligned: a third trap)")
     ap.add_argument("--also", action="append", default=[], metavar="SOURCE",
                     help="add the training split of another medical VQA dataset (repeatable): a release-layout "
                          "folder, a hub id or a local folder of image/question/answer parquet files (VQA-RAD, "
@@ -84,11 +86,13 @@ def main(argv=None) -> int:
             f"No dataset was written to {out_dir}.")
     try:
         if args.demo:
-            kind = {"easy": "", "easy-prior": "_prior", "attribute-prior": "_attribute_prior", "hard": "_hard",
+            kind = {"easy": "", "easy-prior": "_prior", "attribute-prior": "_attribute_prior",
+                    "shifted-prior": "_shifted_prior", "hard": "_hard",
                     "hard-prior": "_hard_prior"}[args.demo]
             if not args.demo.startswith("hard"):
                 raw = write_demo_release(out_dir / f"slake_demo{kind}_raw", args.seed, *args.demo_images,
-                                         prior=args.demo == "easy-prior", attribute=args.demo == "attribute-prior")
+                                         prior=args.demo in ("easy-prior", "shifted-prior"),
+                                         attribute=args.demo == "attribute-prior", shifted=args.demo == "shifted-prior")
             else:
                 raw = write_hard_release(out_dir / f"slake_demo{kind}_raw", args.seed, *args.demo_images,
                                          prior=args.demo == "hard-prior")

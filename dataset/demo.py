@@ -41,6 +41,39 @@ def sample_params(rng: random.Random) -> dict:
             "noise_seed": rng.randrange(2**31)}
 
 
+# The "shifted-prior" trap: real scans are not aligned, the anatomy moves and changes size from image to
+# image, so evidence is not at fixed pixels (a lever that compares an image with the mean of others must
+# still find it). Each image's drawing is moved by up to SHIFT_MAX pixels and scaled by ZOOM about the
+# centre; lesions stay on their side (x 70 / 154 of 224, at most 112 - 42 * 1.15 + 24 < 112).
+SHIFT_MAX = 24
+ZOOM = (0.85, 1.15)
+
+
+def sample_shifted_params(rng: random.Random) -> dict:
+    """The easy set's parameters, plus where the drawing sits in the image ("shift" [dy, dx],
+    "zoom")."""
+    params = sample_params(rng)
+    params["shift"] = [rng.randint(-SHIFT_MAX, SHIFT_MAX), rng.randint(-SHIFT_MAX, SHIFT_MAX)]
+    params["zoom"] = round(rng.uniform(*ZOOM), 3)
+    return params
+
+
+def _placed(params: dict, y: float, x: float) -> tuple[float, float]:
+    """Where the drawing's point (y, x) lands in the image (``shift`` and ``zoom`` about the centre)."""
+    dy, dx = params.get("shift", (0, 0))
+    z, c = params.get("zoom", 1.0), SIZE / 2
+    return (y - c) * z + c + dy, (x - c) * z + c + dx
+
+
+def _place_image(params: dict, img: Image.Image, background: float) -> Image.Image:
+    if "shift" not in params:
+        return img
+    dy, dx = params["shift"]
+    z, c = params["zoom"], SIZE / 2  # PIL's affine maps each output pixel back to its input pixel
+    return img.transform(img.size, Image.Transform.AFFINE, (1 / z, 0, c - (c + dx) / z, 0, 1 / z, c - (c + dy) / z),
+                         resample=Image.Resampling.BILINEAR, fillcolor=int(background))
+
+
 def _ellipse(yy, xx, cy, cx, ry, rx):
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
@@ -69,8 +102,15 @@ def boxes(params: dict) -> list[dict]:
     pointing game, like real SLAKE. The prior traps stay without boxes (Learning III is about
     data that has none)."""
     organ = REGIONS[params["region"]][2].title()
-    out = [{organ: [cx - rx, cy - ry, 2 * rx, 2 * ry]} for cy, cx, ry, rx in ORGAN_SHAPES[params["region"]]]
-    return out + [{"Lesion": [cx - r, cy - r, 2 * r, 2 * r]}
+    z = params.get("zoom", 1.0)
+
+    def box(cy, cx, ry, rx):
+        if "shift" not in params:
+            return [cx - rx, cy - ry, 2 * rx, 2 * ry]
+        y, x = _placed(params, cy - ry, cx - rx)
+        return [round(x, 1), round(y, 1), round(2 * rx * z, 1), round(2 * ry * z, 1)]
+    out = [{organ: box(*shape)} for shape in ORGAN_SHAPES[params["region"]]]
+    return out + [{"Lesion": box(cy, cx, r, r)}
                   for cy, cx, r in lesion_spots(params, np.random.default_rng(params["noise_seed"]))]
 
 
@@ -101,7 +141,8 @@ def draw(params: dict) -> Image.Image:
         spot = _ellipse(yy, xx, cy, cx, radius, radius)
         img[spot] = speckle[spot]
     img += rng.normal(0, 4 if mod == "MRI" else 7, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L")
+    background = float(np.median(img[0]))
+    return _place_image(params, Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="L"), background)
 
 
 def questions(params: dict, rng: random.Random, yes_share: float = 0.5) -> list[dict]:
@@ -231,13 +272,15 @@ def verify_questions(params: dict, rng: random.Random) -> list[dict]:
 
 
 def write_demo_release(root: str | Path, seed: int = 0, n_train: int = 300, n_val: int = 40,
-                       n_test: int = 60, prior: bool = False, attribute: bool = False) -> Path:
+                       n_test: int = 60, prior: bool = False, attribute: bool = False, shifted: bool = False) -> Path:
     """The easy demo set in the release layout (see ``write_release``), with its organ and lesion
     boxes; ``prior``: the variant whose yes/no texts are answered Yes PRIOR_YES of the time (a
-    language-prior trap); ``attribute``: the attribute-prior trap (``verify_questions``). The traps
-    have no boxes."""
+    language-prior trap); ``attribute``: the attribute-prior trap (``verify_questions``);
+    ``shifted``: each image's drawing moved and scaled (``sample_shifted_params``; with ``prior``,
+    the shifted-prior trap). The traps have no boxes."""
     ask = verify_questions if attribute else (lambda p, rng: questions(p, rng, PRIOR_YES)) if prior else questions
-    return write_release(root, seed, (n_train, n_val, n_test), sample_params, draw, ask, "xmlab{}/source.jpg",
+    sample = sample_shifted_params if shifted else sample_params
+    return write_release(root, seed, (n_train, n_val, n_test), sample, draw, ask, "xmlab{}/source.jpg",
                          lambda p: {"location": REGIONS[p["region"]][0], "modality": p["modality"],
                                     "base_type": "vqa", "triple": ["vhead", "_", "_"]},
                          boxes=None if prior or attribute else boxes)

@@ -92,7 +92,7 @@ def test_changing_prior_split_refuses_too_few_images():
         changing_prior_split([QA("a", "q?", "yes"), QA("b", "q?", "no")], 1, 1)
 
 
-@pytest.mark.parametrize("kind", ["easy-prior", "attribute-prior"])
+@pytest.mark.parametrize("kind", ["easy-prior", "attribute-prior", "shifted-prior"])
 def test_cp_split_demo_sets(tmp_path, kind, capsys):
     out = tmp_path / kind
     assert convert_slake_dataset.main(["--demo", kind, "--split", "cp", "--out_dir", str(out),
@@ -102,6 +102,40 @@ def test_cp_split_demo_sets(tmp_path, kind, capsys):
     assert after < 0.45 and m["split"]["closed_prior_test_before"] > 0.6
     assert m["baselines_test"]["majority_per_question"]["closed_accuracy"] == pytest.approx(after)
     assert m["images"] == {"train": 60, "validation": 10, "test": 15}
+
+
+def test_shifted_prior_trap_moves_the_anatomy_and_keeps_the_answers():
+    """--demo shifted-prior: each image's drawing moves (up to SHIFT_MAX pixels) and changes size,
+    so the organ is not at fixed pixels; its boxes follow the drawing; every lesion stays on the
+    side its answer names (the extremes of shift and zoom included); with no shift the image is
+    the easy set's, pixel for pixel."""
+    import numpy as np
+    from dataset.demo import SHIFT_MAX, SIZE, ZOOM, boxes, draw, sample_shifted_params
+    rng = random.Random(0)
+    organ_x, organ_y = [], []
+    for i in range(400):
+        p = sample_shifted_params(rng)
+        if i % 4 == 0:  # the extremes
+            p = dict(p, shift=[rng.choice([-SHIFT_MAX, SHIFT_MAX]), rng.choice([-SHIFT_MAX, SHIFT_MAX])],
+                     zoom=rng.choice(ZOOM))
+        (x, y, w, h), = boxes(p)[0].values()
+        organ_x.append(x + w / 2)
+        organ_y.append(y + h / 2)
+        for b in boxes(p):
+            x, _, w, _ = b.get("Lesion", [0, 0, SIZE, 0])
+            assert "Lesion" not in b or (x + w / 2 < SIZE / 2) == (p["side"] == "Left"), p
+    assert np.std(organ_x) > 8 and np.std(organ_y) > 8  # more than half a 14-pixel patch
+    p = sample_shifted_params(random.Random(5))
+    p["lesions"], p["side"], p["size"] = 2, "Left", "Large"
+    img = np.asarray(draw(p), dtype=np.float32)
+    for b in [b for b in boxes(p) if "Lesion" in b]:  # the speckled lesion is inside its box: high contrast
+        x, y, w, h = b["Lesion"]
+        inner = img[int(y + h / 3):int(y + 2 * h / 3), int(x + w / 3):int(x + 2 * w / 3)]
+        assert inner.std() > 60, b
+    still = {k: v for k, v in p.items() if k not in ("shift", "zoom")}
+    assert np.array_equal(np.asarray(draw(dict(still, shift=[0, 0], zoom=1.0))), np.asarray(draw(still)))
+    assert boxes(still) == [{k: [round(c) for c in v]} for b in boxes(dict(still, shift=[0, 0], zoom=1.0))
+                            for k, v in b.items()]
 
 
 def test_attribute_prior_trap_structure():
