@@ -353,17 +353,17 @@ def _feature_sum(rows, images: list[int]) -> torch.Tensor:
     return total
 
 
-def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE, closed_only: bool = True) -> int:
-    """Look targets without boxes (issue #26, lever f): for a closed question text answered more
-    than one way in the training data, each of its single-image questions that has no box target
+def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) -> int:
+    """Look targets without boxes (issue #26, lever f): for a question text (open or closed)
+    answered more than one way in the training data, each of its single-image questions that has no box target
     is told to look at the patches where its image's features differ most from the mean features
     of the images that text was answered otherwise on: the evidence that tells the answers apart
     (a lesion against lesion-free images, an organ against images without it). ``rows(index)``:
     frozen features [len(index), P, D] of image-table rows. Two reads per text (the answers' means
     first, then each question's distance to them) keep memory bounded. Returns how many questions
-    got one. ``closed_only=False``: open questions too (their text answered more than one way)."""
+    got one. Open questions too: giving only the closed ones targets lost (docs/learning.md)."""
     marked = 0
-    for by_answer in _closed_index_groups(data.samples, closed_only).values():
+    for by_answer in _closed_index_groups(data.samples, closed_only=False).values():
         singles = {a: [i for i in idx if len(data.samples[i].images) == 1] for a, idx in by_answer.items()}
         images = {a: [data.samples[i].images[0] for i in v] for a, v in singles.items() if v}
         if len(images) < 2:

@@ -35,7 +35,8 @@ ROWS = [("Is there a cyst?", "Yes", "CLOSED")] * 6 + [("Is there a cyst?", "No",
 
 
 @pytest.mark.parametrize("argv", [["--projector", "film"], ["--patch_loss", "1"], ["--debias", "1"],
-                                  ["--pair_closed"], ["--balance_closed"], ["--rank_weight", "1"]])
+                                  ["--pair_closed"], ["--balance_closed"], ["--rank_weight", "1"],
+                                  ["--look_contrast", "contrast"]])
 def test_removed_levers_are_unknown_flags(argv, capsys):
     """Levers that lost their measurements are gone (docs/learning.md keeps their numbers)."""
     with pytest.raises(SystemExit) as exc:
@@ -402,7 +403,7 @@ def test_look_loss_sum_is_the_mean_times_the_questions():
 def test_contrast_look_targets_point_at_what_tells_the_answers_apart(tokenizer, tmp_path):
     """--look_contrast: a closed text answered both ways looks where its image differs from the
     images answered otherwise (for a Yes: the cyst; for a No: where the Yes images have one);
-    texts answered one way, open questions and questions with a box target are left alone."""
+    texts answered one way and questions with a box target are left alone."""
     from dataset.vqa_dataset import annotate_contrast_look
     rows = [("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED"),
             ("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED"),
@@ -434,7 +435,7 @@ def test_contrast_look_targets_point_at_what_tells_the_answers_apart(tokenizer, 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
 def test_contrast_look_is_on_by_default_in_both_stages(stage):
-    assert parse_train_args(stage, []).look_contrast == "contrast"
+    assert parse_train_args(stage, []).look_contrast == "all"
     assert parse_train_args(stage, ["--look_contrast", "none"]).look_contrast == "none"
 
 
@@ -460,7 +461,7 @@ def test_training_attaches_contrast_looks_unless_told_not_to(argv, want, tokeniz
     assert ("not told where to look" in caplog.text) == (want == 0 and "--look_loss" not in argv)
 
 
-def test_contrast_look_all_gives_open_questions_targets_too(tokenizer, tmp_path):
+def test_contrast_look_gives_open_questions_targets_too(tokenizer, tmp_path):
     """--look_contrast all: an open text answered more than one way ("How many cysts?" 2 / 0) looks
     where its image differs from the images answered otherwise, like the closed ones; an open text
     answered one way and a caption (no answer_type: not a question) get none."""
@@ -477,10 +478,8 @@ def test_contrast_look_all_gives_open_questions_targets_too(tokenizer, tmp_path)
     feats = torch.randn(4, 16, 6, generator=torch.Generator().manual_seed(0)) * 0.01
     feats[[0, 2], 5] += 3.0  # the "2" images have their cysts at patches 5 and 6
     feats[[0, 2], 6] += 2.0
-    closed_only = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 16), 512)
-    assert annotate_contrast_look(closed_only, lambda index: feats[index]) == 0  # open questions: not by default
     data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 16), 512)
-    assert annotate_contrast_look(data, lambda index: feats[index], share=8, closed_only=False) == 4
+    assert annotate_contrast_look(data, lambda index: feats[index], share=8) == 4
     for i in range(4):
         assert data.samples[i].look.nonzero().flatten().tolist() == [5, 6], i
     assert [data.samples[i].look for i in range(4, 8)] == [None] * 4

@@ -30,7 +30,7 @@ REMOVED_FLAGS = {**{k: (off, "ab73515") for k, off in (
     ("debias_until", 1.0), ("rank_weight", 0.0), ("rank_margin", 1.0))}, "prior_weight": (0.0, "934e6a6"),
     "look_fallback": ("none", "934e6a6"), "patch_loss": (0.0, "27ee718"),
     "train_vision": ("none", "5bbdddf"), "vision_lr": (2e-5, "5bbdddf")}
-REMOVED_CHOICES = {("projector", "film"): "27ee718"}  # values of kept flags that were removed
+REMOVED_CHOICES = {("projector", "film"): "27ee718", ("look_contrast", "contrast"): "a0d7012"}  # values of kept flags that were removed
 
 
 ALL_REMOVED_AT = "934e6a6"  # a commit that still had every removed flag
@@ -43,6 +43,12 @@ def removed_flags_used(train_config: dict) -> dict[str, tuple[object, str]]:
             if k in REMOVED_FLAGS and v != REMOVED_FLAGS[k][0]}
     used.update({k: (v, commit) for (k, v), commit in REMOVED_CHOICES.items() if train_config.get(k) == v})
     return used
+
+
+def _commit_with(used: dict[str, tuple[object, str]]) -> str:
+    """A commit that still had every removed flag or value in ``used``."""
+    commits = {commit for _, commit in used.values()}
+    return commits.pop() if len(commits) == 1 else f"{ALL_REMOVED_AT} (it has all of them)"
 
 
 def data_source(cfg: TrainConfig) -> str:
@@ -143,7 +149,7 @@ def load_resume(cfg: TrainConfig, resume_path: Path, model, opt, scaler, dist: D
         raise TrainingError(f"--resume: {resume_path} was trained with flags this toolkit no longer has "
                             f"({', '.join(f'--{k} {v}' for k, (v, _) in used.items())}; they lost their measurements, "
                             f"docs/learning.md); continue it with the toolkit at commit "
-                            f"{ALL_REMOVED_AT} (it has all of them), or start fresh without --resume")
+                            f"{_commit_with(used)}, or start fresh without --resume")
     _check_same_run(cfg, state, resume_path, dist, data)
     try:
         ensure_finite(state["model"], str(resume_path))

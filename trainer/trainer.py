@@ -180,7 +180,7 @@ def setup_data(cfg: TrainConfig, model: MedicalVLM, encoder: ChatEncoder, dist: 
 
 def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, features: FeatureStore):
     """Attaches the --look_loss targets (where each question should look: from the boxes file,
-    then --look_contrast for closed questions naming no box) to the training samples; says in the
+    then --look_contrast for questions naming no box) to the training samples; says in the
     log when the data gives none."""
     if not cfg.look_loss:
         return
@@ -191,7 +191,7 @@ def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, features
         return
     _box_looks(cfg, data, grid, contrast=cfg.look_contrast != "none")
     if cfg.look_contrast != "none":
-        n = annotate_contrast_look(data, features.get, closed_only=cfg.look_contrast == "contrast")
+        n = annotate_contrast_look(data, features.get)
         log.info("--look_contrast %s: %d training questions look where their image differs from the images "
                  "their text was answered otherwise on", cfg.look_contrast, n)
 
