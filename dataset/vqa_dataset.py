@@ -355,8 +355,8 @@ def _feature_sum(rows, images: list[int]) -> torch.Tensor:
 
 def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) -> int:
     """Look targets without boxes (issue #26, lever f): for a question text (open or closed)
-    answered more than one way in the training data, each of its single-image questions that has no box target
-    is told to look at the patches where its image's features differ most from the mean features
+    answered more than one way in the training data, each of its single-image questions that has
+    no box target is told to look at the patches where its image's features differ most from the mean features
     of the images that text was answered otherwise on: the evidence that tells the answers apart
     (a lesion against lesion-free images, an organ against images without it). ``rows(index)``:
     frozen features [len(index), P, D] of image-table rows. Two reads per text (the answers' means

@@ -30,7 +30,8 @@ REMOVED_FLAGS = {**{k: (off, "ab73515") for k, off in (
     ("debias_until", 1.0), ("rank_weight", 0.0), ("rank_margin", 1.0))}, "prior_weight": (0.0, "934e6a6"),
     "look_fallback": ("none", "934e6a6"), "patch_loss": (0.0, "27ee718"),
     "train_vision": ("none", "5bbdddf"), "vision_lr": (2e-5, "5bbdddf")}
-REMOVED_CHOICES = {("projector", "film"): "27ee718", ("look_contrast", "contrast"): "a0d7012"}  # values of kept flags that were removed
+# values of kept flags that were removed
+REMOVED_CHOICES = {("projector", "film"): "27ee718", ("look_contrast", "contrast"): "a0d7012"}
 
 
 ALL_REMOVED_AT = "934e6a6"  # a commit that still had every removed flag
