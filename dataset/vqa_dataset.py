@@ -110,20 +110,20 @@ def _prompt_text(record: dict) -> str:
     return " ".join(m["content"] for m in record["conversations"][:-1]).replace(IMAGE_PLACEHOLDER, " ")
 
 
-def _closed_key(s: Sample, closed_only: bool = True) -> tuple[str, str] | None:
-    """(normalised question text, normalised answer) of a closed sample (of any question sample
-    with ``closed_only=False``), else None."""
+def _answer_key(s: Sample, closed_only: bool = True) -> tuple[str, str] | None:
+    """(normalised question text, normalised answer) of a closed question (of any question, open
+    or closed, with ``closed_only=False``; a caption has no answer_type), else None."""
     if s.record.get("answer_type") != "CLOSED" and (closed_only or "answer_type" not in s.record):
         return None
     return normalize(_prompt_text(s.record)), normalize(s.record["conversations"][-1]["content"])
 
 
-def _closed_index_groups(samples: list[Sample], closed_only: bool = True) -> dict[str, dict[str, list[int]]]:
-    """Indices of the closed samples (every question with ``closed_only=False``) grouped by
+def _answer_index_groups(samples: list[Sample], closed_only: bool = True) -> dict[str, dict[str, list[int]]]:
+    """Indices of the closed questions (of every question with ``closed_only=False``) grouped by
     normalised question text, then by normalised answer."""
     groups: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, s in enumerate(samples):
-        key = _closed_key(s, closed_only)
+        key = _answer_key(s, closed_only)
         if key is not None:
             groups[key[0]][key[1]].append(i)
     return groups
@@ -132,7 +132,7 @@ def _closed_index_groups(samples: list[Sample], closed_only: bool = True) -> dic
 def _closed_groups(samples: list[Sample]) -> dict[str, dict[str, list[Sample]]]:
     """Closed samples grouped by normalised question text, then by normalised answer."""
     return {text: {a: [samples[i] for i in idx] for a, idx in by_answer.items()}
-            for text, by_answer in _closed_index_groups(samples).items()}
+            for text, by_answer in _answer_index_groups(samples).items()}
 
 
 def _first_answer_token(input_ids: list[int], labels: list[int]) -> tuple[int, int] | None:
@@ -363,7 +363,7 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) 
     first, then each question's distance to them) keep memory bounded. Returns how many questions
     got one. Open questions too: giving only the closed ones targets lost (docs/learning.md)."""
     marked = 0
-    for by_answer in _closed_index_groups(data.samples, closed_only=False).values():
+    for by_answer in _answer_index_groups(data.samples, closed_only=False).values():
         singles = {a: [i for i in idx if len(data.samples[i].images) == 1] for a, idx in by_answer.items()}
         images = {a: [data.samples[i].images[0] for i in v] for a, v in singles.items() if v}
         if len(images) < 2:
