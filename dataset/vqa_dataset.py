@@ -353,15 +353,50 @@ def _feature_sum(rows, images: list[int]) -> torch.Tensor:
     return total
 
 
-def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) -> int:
+NEAREST_BANK = 4096  # patches of the other answers' images a nearest-patch target is compared with (a fixed sample)
+NEAREST_CHUNK = 16   # images compared with the bank at once ([16, 196, 4096] distances: 50 MB)
+
+
+def _patch_bank(rows, images: list[int], size: int = NEAREST_BANK) -> torch.Tensor:
+    """A fixed random sample of about ``size`` patch features [size, D] of ``images`` (all of
+    them when fewer), the same number from each image at random places (fixed grid places would
+    make every other place look new to features that carry their position): what a
+    nearest-patch target measures novelty against, bounded in memory and time."""
+    gen = torch.Generator().manual_seed(0)
+    per = max(1, -(-size // len(images)))  # patches taken from each image
+    parts = []
+    for start in range(0, len(images), FEATURE_CHUNK):
+        feats = rows(torch.tensor(images[start:start + FEATURE_CHUNK])).float()  # [n, P, D]
+        n, p, d = feats.shape
+        pick = torch.rand(n, p, generator=gen).argsort(dim=1)[:, :min(per, p)].to(feats.device)
+        parts.append(feats.gather(1, pick[..., None].expand(-1, -1, d)).reshape(-1, d))
+    return torch.cat(parts)[:size]
+
+
+def _contrast_targets(feats: torch.Tensor, other_mean: torch.Tensor, bank: torch.Tensor | None,
+                      share: int) -> torch.Tensor:
+    """[n, P] look targets: the top 1/``share`` of each image's patches by their distance from
+    the other answers' images, uniform over them. ``bank`` given: each patch's distance to its
+    nearest patch of those images anywhere in them (position-free: anatomy that moves between
+    images does not count as a difference); else its distance to the mean image at the same place."""
+    if bank is None:
+        dist = (feats - other_mean).norm(dim=-1)  # [n, P]
+    else:
+        dist = torch.cdist(feats, bank.expand(feats.shape[0], -1, -1)).amin(dim=-1)  # [n, P]
+    k = max(1, dist.shape[1] // share)
+    return torch.zeros_like(dist).scatter_(1, dist.topk(k, dim=1).indices, 1.0 / k).cpu()
+
+
+def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE, nearest: bool = False) -> int:
     """Look targets without boxes (issue #26, lever f): for a question text (open or closed)
     answered more than one way in the training data, each of its single-image questions that has
-    no box target is told to look at the patches where its image's features differ most from the mean features
-    of the images that text was answered otherwise on: the evidence that tells the answers apart
-    (a lesion against lesion-free images, an organ against images without it). ``rows(index)``:
-    frozen features [len(index), P, D] of image-table rows. Two reads per text (the answers' means
-    first, then each question's distance to them) keep memory bounded. Returns how many questions
-    got one. Open questions too: giving only the closed ones targets lost (docs/learning.md)."""
+    no box target is told to look at the patches where its image differs most from
+    the images that text was answered otherwise on: the evidence that tells the answers apart
+    (a lesion against lesion-free images, an organ against images without it). ``nearest``: a
+    patch differs by its distance to the nearest patch of those images (a sample of them); else
+    by its distance to their mean features at the same place. ``rows(index)``: frozen features
+    [len(index), P, D] of image-table rows. Reads in chunks keep memory bounded. Returns how many
+    questions got one. Open questions too: giving only the closed ones targets lost (docs/learning.md)."""
     marked = 0
     for by_answer in _answer_index_groups(data.samples, closed_only=False).values():
         singles = {a: [i for i in idx if len(data.samples[i].images) == 1] for a, idx in by_answer.items()}
@@ -372,14 +407,16 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) 
         total, count = sum(sums.values()), sum(len(v) for v in images.values())
         for a, v in images.items():
             other = (total - sums[a]) / (count - len(v))
+            bank = None
+            if nearest:
+                others = sorted({j for b, w in images.items() if b != a for j in w})
+                bank = _patch_bank(rows, others)
             todo = [i for i in singles[a] if data.samples[i].look is None]
-            for start in range(0, len(todo), FEATURE_CHUNK):
-                part = todo[start:start + FEATURE_CHUNK]
+            chunk = NEAREST_CHUNK if nearest else FEATURE_CHUNK
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
                 feats = rows(torch.tensor([data.samples[i].images[0] for i in part])).float()
-                dist = (feats - other).norm(dim=-1)  # [n, P]
-                k = max(1, dist.shape[1] // share)
-                target = torch.zeros_like(dist).scatter_(1, dist.topk(k, dim=1).indices, 1.0 / k).cpu()
-                for i, t in zip(part, target):
+                for i, t in zip(part, _contrast_targets(feats, other, bank, share)):
                     data.samples[i].look = t
                 marked += len(part)
     return marked

@@ -433,13 +433,45 @@ def test_contrast_look_targets_point_at_what_tells_the_answers_apart(tokenizer, 
     assert all(set(c) <= {0, 1, 2, 3} for c in calls) and calls
 
 
+def test_nearest_contrast_looks_ignore_anatomy_that_moves(tokenizer, tmp_path):
+    """--look_contrast nearest: each patch is compared with its nearest patch of the images
+    answered otherwise, wherever it is in them. An organ every image has, at a different place in
+    each (real scans are not aligned), is no difference; the cyst that only the Yes images have is,
+    wherever it sits. The mean comparison points at the moved organ instead."""
+    from dataset.vqa_dataset import _patch_bank, annotate_contrast_look
+    rows = [("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED")] * 2
+    path = _write(tmp_path, rows)
+    gen = torch.Generator().manual_seed(0)
+    organ, cyst = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    organ, cyst = 4 * organ / organ.norm(), 3 * cyst / cyst.norm()
+    feats = torch.randn(4, 16, 6, generator=gen) * 0.01
+    for image, place in enumerate((2, 7, 12, 14)):
+        feats[image, place] += organ
+    feats[0, 9] += cyst   # the Yes images' cysts, at different places
+    feats[2, 3] += cyst
+    looks = {}
+    for nearest in (False, True):
+        data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 16), 512)
+        assert annotate_contrast_look(data, lambda index: feats[index], share=16, nearest=nearest) == 4
+        looks[nearest] = [s.look.nonzero().flatten().tolist() for s in data.samples]
+    assert looks[True][0] == [9] and looks[True][2] == [3]    # the cyst, wherever it is
+    assert looks[False][0] == [2] and looks[False][2] == [12]  # the mean: the organ where the No images lack it
+    # the bank: a fixed sample, the same count from every image, bounded
+    bank = _patch_bank(lambda index: feats[index], [0, 1, 2, 3], size=8)
+    assert bank.shape == (8, 6) and torch.equal(bank, _patch_bank(lambda index: feats[index], [0, 1, 2, 3], size=8))
+    owners = [int(((feats.reshape(-1, 6) - b).norm(dim=1)).argmin()) // 16 for b in bank]
+    assert sorted(owners) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert _patch_bank(lambda index: feats[index], [1, 3]).shape == (32, 6)  # fewer than the bound: all
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
 def test_contrast_look_is_on_by_default_in_both_stages(stage):
     assert parse_train_args(stage, []).look_contrast == "all"
     assert parse_train_args(stage, ["--look_contrast", "none"]).look_contrast == "none"
+    assert parse_train_args(stage, ["--look_contrast", "nearest"]).look_contrast == "nearest"
 
 
-@pytest.mark.parametrize("argv, want", [([], 4), (["--look_contrast", "none"], 0),
+@pytest.mark.parametrize("argv, want", [([], 4), (["--look_contrast", "none"], 0), (["--look_contrast", "nearest"], 4),
                                         (["--look_loss", "0"], 0)])
 def test_training_attaches_contrast_looks_unless_told_not_to(argv, want, tokenizer, tmp_path, caplog):
     """The trainer's wiring: without boxes, the closed texts answered both ways get their targets

@@ -98,8 +98,10 @@ class TrainConfig:
     # (removed, last at a0d7012), open 97.5 / 95.6 against 89.5 / 94.0 (docs/learning.md)
     look_contrast: str = flag("all", "look targets for questions that name no box: all = the patches where the "
                               "image differs most from the images its question text was answered otherwise on "
-                              "(every question text answered more than one way; no boxes needed); none = only "
-                              "boxes", GROUNDING, choices=("none", "all"))
+                              "(every question text answered more than one way; no boxes needed, the mean of those images "
+                              "at the same place); nearest = the same, but each patch against its nearest patch "
+                              "of those images anywhere (anatomy that moves is no difference); none = only "
+                              "boxes", GROUNDING, choices=("none", "all", "nearest"))
     # hardware
     device: str = flag("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", HARDWARE)
     dtype: str = flag("auto", "auto | bfloat16 | float16 | float32", HARDWARE,
