@@ -438,7 +438,7 @@ def test_nearest_contrast_looks_ignore_anatomy_that_moves(tokenizer, tmp_path):
     answered otherwise, wherever it is in them. An organ every image has, at a different place in
     each (real scans are not aligned), is no difference; the cyst that only the Yes images have is,
     wherever it sits. The mean comparison points at the moved organ instead."""
-    from dataset.vqa_dataset import _patch_bank, annotate_contrast_look
+    from dataset.vqa_dataset import _nearest_sq_distance, _patch_bank, annotate_contrast_look
     rows = [("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED")] * 2
     path = _write(tmp_path, rows)
     gen = torch.Generator().manual_seed(0)
@@ -462,6 +462,10 @@ def test_nearest_contrast_looks_ignore_anatomy_that_moves(tokenizer, tmp_path):
     owners = [int(((feats.reshape(-1, 6) - b).norm(dim=1)).argmin()) // 16 for b in bank]
     assert sorted(owners) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert _patch_bank(lambda index: feats[index], [1, 3]).shape == (32, 6)  # fewer than the bound: all
+    # the distance: one in-place product, the same as the brute-force nearest squared distance
+    x, bank = torch.randn(3, 16, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    brute = ((x[:, :, None, :] - bank) ** 2).sum(-1).amin(-1)
+    assert torch.allclose(_nearest_sq_distance(x, bank), brute, atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
