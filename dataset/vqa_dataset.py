@@ -342,26 +342,15 @@ MODEL_INPUTS = ("position_ids", "attn_mask", "image_slots", "target_pos", "targe
 
 CONTRAST_SHARE = 8  # a contrast look target is the top 1/8 of its image's patches
 FEATURE_CHUNK = 256  # images whose features are read at once (bounded memory with CLIP's 196 x 768)
+CONTRAST_BANK = 4096  # patches of the other answers' images each patch is compared with (a fixed sample)
+CONTRAST_CHUNK = 16   # images compared with the bank at once ([16 x 196, 4096] distances: 50 MB)
 
 
-def _feature_sum(rows, images: list[int]) -> torch.Tensor:
-    """Sum of the frozen features [P, D] of ``images`` (rows of the image table), in chunks."""
-    total = None
-    for start in range(0, len(images), FEATURE_CHUNK):
-        part = rows(torch.tensor(images[start:start + FEATURE_CHUNK])).float().sum(0)
-        total = part if total is None else total + part
-    return total
-
-
-NEAREST_BANK = 4096  # patches of the other answers' images a nearest-patch target is compared with (a fixed sample)
-NEAREST_CHUNK = 16   # images compared with the bank at once ([16 x 196, 4096] distances: 50 MB)
-
-
-def _patch_bank(rows, images: list[int], size: int = NEAREST_BANK) -> torch.Tensor:
+def _patch_bank(rows, images: list[int], size: int = CONTRAST_BANK) -> torch.Tensor:
     """A fixed random sample of about ``size`` patch features [size, D] of ``images`` (all of
     them when fewer), the same number from each image at random places (fixed grid places would
-    make every other place look new to features that carry their position): what a
-    nearest-patch target measures novelty against, bounded in memory and time."""
+    make every other place look new to features that carry their position): what a contrast
+    target measures novelty against, bounded in memory and time."""
     gen = torch.Generator().manual_seed(0)
     per = max(1, -(-size // len(images)))  # patches taken from each image
     parts = []
@@ -384,29 +373,16 @@ def _nearest_sq_distance(feats: torch.Tensor, bank: torch.Tensor) -> torch.Tenso
     return (block.amin(dim=1) + (x * x).sum(dim=1)).reshape(feats.shape[:2])
 
 
-def _contrast_targets(feats: torch.Tensor, other_mean: torch.Tensor, bank: torch.Tensor | None,
-                      share: int) -> torch.Tensor:
-    """[n, P] look targets: the top 1/``share`` of each image's patches by their distance from
-    the other answers' images, uniform over them. ``bank`` given: each patch's distance to its
-    nearest patch of those images anywhere in them (position-free: anatomy that moves between
-    images does not count as a difference); else its distance to the mean image at the same place."""
-    if bank is None:
-        dist = (feats - other_mean).norm(dim=-1)  # [n, P]
-    else:
-        dist = _nearest_sq_distance(feats, bank)
-    k = max(1, dist.shape[1] // share)
-    return torch.zeros_like(dist).scatter_(1, dist.topk(k, dim=1).indices, 1.0 / k).cpu()
-
-
-def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE, nearest: bool = False) -> int:
+def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) -> int:
     """Look targets without boxes (issue #26, lever f): for a question text (open or closed)
     answered more than one way in the training data, each of its single-image questions that has
-    no box target is told to look at the patches where its image differs most from
-    the images that text was answered otherwise on: the evidence that tells the answers apart
-    (a lesion against lesion-free images, an organ against images without it). ``nearest``: a
-    patch differs by its distance to the nearest patch of those images (a sample of them); else
-    by its distance to their mean features at the same place. ``rows(index)``: frozen features
-    [len(index), P, D] of image-table rows. Reads in chunks keep memory bounded. Returns how many
+    no box target is told to look at the top 1/``share`` of its image's patches by their distance
+    to the nearest patch of the images that text was answered otherwise on (a fixed sample of
+    them), wherever it is there: the evidence that tells the answers apart (a lesion against
+    lesion-free images, an organ against images without it), and anatomy that only moves between
+    images is no difference. (Comparing each patch with the mean of those images at the same
+    place lost on every trap and pointed at lesions half as often; it lived until a9e8ae9.)
+    ``rows(index)``: frozen features [len(index), P, D] of image-table rows. Returns how many
     questions got one. Open questions too: giving only the closed ones targets lost (docs/learning.md)."""
     marked = 0
     for by_answer in _answer_index_groups(data.samples, closed_only=False).values():
@@ -414,20 +390,15 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE, 
         images = {a: [data.samples[i].images[0] for i in v] for a, v in singles.items() if v}
         if len(images) < 2:
             continue
-        sums = {a: _feature_sum(rows, v) for a, v in images.items()}
-        total, count = sum(sums.values()), sum(len(v) for v in images.values())
-        for a, v in images.items():
-            other = (total - sums[a]) / (count - len(v))
-            bank = None
-            if nearest:
-                others = sorted({j for b, w in images.items() if b != a for j in w})
-                bank = _patch_bank(rows, others)
+        for a in images:
+            bank = _patch_bank(rows, sorted({j for b, w in images.items() if b != a for j in w}))
             todo = [i for i in singles[a] if data.samples[i].look is None]
-            chunk = NEAREST_CHUNK if nearest else FEATURE_CHUNK
-            for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
-                feats = rows(torch.tensor([data.samples[i].images[0] for i in part])).float()
-                for i, t in zip(part, _contrast_targets(feats, other, bank, share)):
+            for start in range(0, len(todo), CONTRAST_CHUNK):
+                part = todo[start:start + CONTRAST_CHUNK]
+                dist = _nearest_sq_distance(rows(torch.tensor([data.samples[i].images[0] for i in part])).float(), bank)
+                k = max(1, dist.shape[1] // share)
+                target = torch.zeros_like(dist).scatter_(1, dist.topk(k, dim=1).indices, 1.0 / k).cpu()
+                for i, t in zip(part, target):
                     data.samples[i].look = t
                 marked += len(part)
     return marked

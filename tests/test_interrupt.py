@@ -184,11 +184,12 @@ def test_resume_state_from_before_the_data_fingerprint_resumes_with_a_warning(de
                                   look_contrast="none") + ["--resume"]) == 0
     said = "".join(capsys.readouterr())
     assert "does not record which training data" in said and "resumed from" in said
-    # a state of the removed closed-only value (--look_contrast contrast) names the commit that had it
-    state = torch.load(resume, map_location="cpu", weights_only=False)
-    state["train_config"]["look_contrast"] = "contrast"
-    torch.save(state, resume)
-    capsys.readouterr()
-    assert main("sft", stage_args(demo_data, out, epochs=2, batch_size=4) + ["--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "--look_contrast contrast" in err and "a0d7012" in err and "no longer has" in err
+    # a state of a removed value (closed questions only; the mean comparison) names the commit that had it
+    for value, commit in (("contrast", "a0d7012"), ("all", "a9e8ae9")):
+        state = torch.load(resume, map_location="cpu", weights_only=False)
+        state["train_config"]["look_contrast"] = value
+        torch.save(state, resume)
+        capsys.readouterr()
+        assert main("sft", stage_args(demo_data, out, epochs=2, batch_size=4) + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"--look_contrast {value}" in err and commit in err and "no longer has" in err

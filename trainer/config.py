@@ -93,15 +93,14 @@ class TrainConfig:
                             "boxed in their image, one attention head at the answer is trained to look at those "
                             "patches (uses medical_boxes.json when the data has one; 0 = off)", GROUNDING,
                             flags.non_negative_float)
-    # all by default since 2026-12-03 (fifth session): at the guide's 4 + 4 epochs, three seeds, closed lead over the
-    # prior +20.2 (easy-prior trap) and +9.6 (attribute-prior trap) against +16.4 and +8.9 for closed questions only
-    # (removed, last at a0d7012), open 97.5 / 95.6 against 89.5 / 94.0 (docs/learning.md)
-    look_contrast: str = flag("all", "look targets for questions that name no box: all = the patches where the "
-                              "image differs most from the images its question text was answered otherwise on "
-                              "(every question text answered more than one way; no boxes needed, the mean of those images "
-                              "at the same place); nearest = the same, but each patch against its nearest patch "
-                              "of those images anywhere (anatomy that moves is no difference); none = only "
-                              "boxes", GROUNDING, choices=("none", "all", "nearest"))
+    # nearest by default since 2026-12-04: at the guide's 4 + 4 epochs, three seeds, closed lead over the prior on the
+    # trap whose anatomy moves between images +14.7 / +14.7 / +15.5 against +8.4 for the mean comparison (removed,
+    # last at a9e8ae9), easy-prior +20.2 both (worst seed +19.0 against +11.1), attribute-prior +8.3 against +9.6
+    # with open questions 99.9 % against 95.6 % (docs/learning.md)
+    look_contrast: str = flag("nearest", "look targets for questions that name no box: nearest = the patches least "
+                              "like any patch of the images its question text was answered otherwise on (every "
+                              "question text answered more than one way; no boxes needed, anatomy that moves between "
+                              "images is no difference); none = only boxes", GROUNDING, choices=("none", "nearest"))
     # hardware
     device: str = flag("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", HARDWARE)
     dtype: str = flag("auto", "auto | bfloat16 | float16 | float32", HARDWARE,
