@@ -381,7 +381,8 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) 
     them), wherever it is there: the evidence that tells the answers apart (a lesion against
     lesion-free images, an organ against images without it), and anatomy that only moves between
     images is no difference. (Comparing each patch with the mean of those images at the same
-    place lost on every trap and pointed at lesions half as often; it lived until a9e8ae9.)
+    place pointed at lesions half as often and lost on the trap whose anatomy moves; it lived
+    until a9e8ae9, docs/learning.md.)
     ``rows(index)``: frozen features [len(index), P, D] of image-table rows. Returns how many
     questions got one. Open questions too: giving only the closed ones targets lost (docs/learning.md)."""
     marked = 0
