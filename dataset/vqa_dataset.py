@@ -392,8 +392,10 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) 
         if len(images) < 2:
             continue
         for a in images:
-            bank = _patch_bank(rows, sorted({j for b, w in images.items() if b != a for j in w}))
             todo = [i for i in singles[a] if data.samples[i].look is None]
+            if not todo:  # every question of this answer has a box target: no bank to build
+                continue
+            bank = _patch_bank(rows, sorted({j for b, w in images.items() if b != a for j in w}))
             for start in range(0, len(todo), CONTRAST_CHUNK):
                 part = todo[start:start + CONTRAST_CHUNK]
                 dist = _nearest_sq_distance(rows(torch.tensor([data.samples[i].images[0] for i in part])).float(), bank)
