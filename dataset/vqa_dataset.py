@@ -344,47 +344,89 @@ CONTRAST_SHARE = 8  # a contrast look target is the top 1/8 of its image's patch
 FEATURE_CHUNK = 256  # images whose features are read at once (bounded memory with CLIP's 196 x 768)
 CONTRAST_BANK = 4096  # patches of the other answers' images each patch is compared with (a fixed sample)
 CONTRAST_CHUNK = 16   # images compared with the bank at once ([16 x 196, 4096] distances: 50 MB)
+CONTRAST_REACH = 7    # "twoway": "the same place" is within side // 7 patches each way (2 on a 14 x 14 grid)
 
 
-def _patch_bank(rows, images: list[int], size: int = CONTRAST_BANK) -> torch.Tensor:
-    """A fixed random sample of about ``size`` patch features [size, D] of ``images`` (all of
-    them when fewer), the same number from each image at random places (fixed grid places would
-    make every other place look new to features that carry their position): what a contrast
-    target measures novelty against, bounded in memory and time."""
+@dataclass
+class PatchBank:
+    """A fixed sample of patches of some images: features [M, D] and their places on the patch
+    grid [M] (row * side + column)."""
+    feats: torch.Tensor
+    places: torch.Tensor
+
+
+def _patch_bank(rows, images: list[int], size: int = CONTRAST_BANK) -> PatchBank:
+    """A fixed random sample of about ``size`` patches of ``images`` (all of them when fewer),
+    the same number from each image at random places (fixed grid places would make every other
+    place look new to features that carry their position): what a contrast target measures
+    novelty against, bounded in memory and time."""
     gen = torch.Generator().manual_seed(0)
     per = max(1, -(-size // len(images)))  # patches taken from each image
-    parts = []
+    parts, places = [], []
     for start in range(0, len(images), FEATURE_CHUNK):
         feats = rows(torch.tensor(images[start:start + FEATURE_CHUNK])).float()  # [n, P, D]
         n, p, d = feats.shape
         pick = torch.rand(n, p, generator=gen).argsort(dim=1)[:, :min(per, p)].to(feats.device)
         parts.append(feats.gather(1, pick[..., None].expand(-1, -1, d)).reshape(-1, d))
-    return torch.cat(parts)[:size]
+        places.append(pick.reshape(-1))
+    return PatchBank(torch.cat(parts)[:size], torch.cat(places)[:size])
 
 
-def _nearest_sq_distance(feats: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """[n, P] squared distance of each patch of ``feats`` [n, P, D] to its nearest row of ``bank``
-    [M, D], as |x|^2 - 2 x.y + |y|^2 in one [n * P, M] product updated in place: a single large
-    block that is freed whole (torch.cdist's batched temporaries fragmented the CPU heap: stage 2
-    of a 300-image set grew by gigabytes)."""
-    x = feats.reshape(-1, feats.shape[-1])
-    block = x @ bank.T                                            # [n * P, M]
-    block.mul_(-2).add_((bank * bank).sum(dim=1))
-    return (block.amin(dim=1) + (x * x).sum(dim=1)).reshape(feats.shape[:2])
+def _sq_distance_block(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """[N, M] squared distances |x|^2 - 2 x.y + |y|^2 of rows of ``x`` [N, D] to rows of ``bank``
+    [M, D], in one product updated in place: a single large block that is freed whole
+    (torch.cdist's batched temporaries fragmented the CPU heap: stage 2 of a 300-image set grew by
+    gigabytes)."""
+    block = x @ bank.T
+    return block.mul_(-2).add_((bank * bank).sum(dim=1)).add_((x * x).sum(dim=1)[:, None])
 
 
-def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) -> int:
+def _nearest_sq_distance(feats: torch.Tensor, bank: PatchBank) -> torch.Tensor:
+    """[n, P] squared distance of each patch of ``feats`` [n, P, D] to its nearest bank patch."""
+    return _sq_distance_block(feats.reshape(-1, feats.shape[-1]), bank.feats).amin(dim=1).reshape(feats.shape[:2])
+
+
+def _two_way_sq_distance(feats: torch.Tensor, bank: PatchBank, side: int, radius: int) -> torch.Tensor:
+    """[n, P] novelty of each place of each image ``feats`` [n, P, D] (a ``side`` x ``side`` grid)
+    against the bank, both ways and only near the same place (``radius`` patches each way, so
+    anatomy that moves a little is no difference, while the other side of the body is another
+    place): the squared distance of the image's patch there to the nearest bank patch near it
+    (what this image has that the others lack), plus the mean over the bank patches taken there of
+    their squared distance to the image's nearest patch near them (what the others have there that
+    this image lacks: where a lesion-free image's answer is decided, and the place a lesion on the
+    other side would be)."""
+    n, p, _ = feats.shape
+    block = _sq_distance_block(feats.reshape(-1, feats.shape[-1]), bank.feats).view(n, p, -1)
+    grid = torch.arange(p, device=feats.device)
+    far = (((grid // side)[:, None] - (bank.places // side)[None]).abs() > radius) | \
+          (((grid % side)[:, None] - (bank.places % side)[None]).abs() > radius)  # [P, M]
+    block.masked_fill_(far, float("inf"))
+    here = block.amin(dim=2)  # [n, P]; inf where no bank patch was taken near a place
+    here = torch.where(here.isinf(), here.masked_fill(here.isinf(), 0).amax(dim=1, keepdim=True), here)
+    there = block.amin(dim=1)  # [n, M]: every bank patch has the image's own patches near it
+    missing = torch.zeros(n, p, device=feats.device).scatter_reduce_(
+        1, bank.places[None].expand(n, -1), there, "mean", include_self=False)
+    return here + missing
+
+
+def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE, mode: str = "nearest",
+                           side: int | None = None) -> int:
     """Look targets without boxes (issue #26, lever f): for a question text (open or closed)
     answered more than one way in the training data, each of its single-image questions that has
-    no box target is told to look at the top 1/``share`` of its image's patches by their distance
-    to the nearest patch of the images that text was answered otherwise on (a fixed sample of
-    them), wherever it is there: the evidence that tells the answers apart (a lesion against
-    lesion-free images, an organ against images without it), and anatomy that only moves between
-    images is no difference. (Comparing each patch with the mean of those images at the same
+    no box target is told to look at the top 1/``share`` of its image's patches by how new they
+    are against a fixed sample of the patches of the images that text was answered otherwise on:
+    the evidence that tells the answers apart (a lesion against lesion-free images, an organ
+    against images without it). ``mode`` "nearest": each patch's distance to the nearest of those
+    patches anywhere (anatomy that only moves between images is no difference); "twoway"
+    (``side``: the patch grid's side): near the same place only, and both ways
+    (``_two_way_sq_distance``). (Comparing each patch with the mean of those images at the same
     place pointed at lesions half as often and lost on the trap whose anatomy moves; it lived
     until a9e8ae9, docs/learning.md.)
     ``rows(index)``: frozen features [len(index), P, D] of image-table rows. Returns how many
     questions got one. Open questions too: giving only the closed ones targets lost (docs/learning.md)."""
+    if mode == "twoway" and side is None:
+        raise ValueError("annotate_contrast_look: mode 'twoway' needs the patch grid's side")
+    radius = max(1, (side or 0) // CONTRAST_REACH)
     marked = 0
     for by_answer in _answer_index_groups(data.samples, closed_only=False).values():
         singles = {a: [i for i in idx if len(data.samples[i].images) == 1] for a, idx in by_answer.items()}
@@ -398,7 +440,9 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE) 
             bank = _patch_bank(rows, sorted({j for b, w in images.items() if b != a for j in w}))
             for start in range(0, len(todo), CONTRAST_CHUNK):
                 part = todo[start:start + CONTRAST_CHUNK]
-                dist = _nearest_sq_distance(rows(torch.tensor([data.samples[i].images[0] for i in part])).float(), bank)
+                feats = rows(torch.tensor([data.samples[i].images[0] for i in part])).float()
+                dist = _two_way_sq_distance(feats, bank, side, radius) if mode == "twoway" \
+                    else _nearest_sq_distance(feats, bank)
                 k = max(1, dist.shape[1] // share)
                 target = torch.zeros_like(dist).scatter_(1, dist.topk(k, dim=1).indices, 1.0 / k).cpu()
                 for i, t in zip(part, target):

@@ -440,7 +440,7 @@ def test_contrast_looks_ignore_anatomy_that_moves(tokenizer, tmp_path):
     answered otherwise, wherever it is in them. An organ every image has, at a different place in
     each (real scans are not aligned), is no difference; the cyst that only the Yes images have is,
     wherever it sits. The mean comparison (removed) pointed at the moved organ instead."""
-    from dataset.vqa_dataset import _nearest_sq_distance, _patch_bank, annotate_contrast_look
+    from dataset.vqa_dataset import PatchBank, _nearest_sq_distance, _patch_bank, annotate_contrast_look
     rows = [("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED")] * 2
     path = _write(tmp_path, rows)
     gen = torch.Generator().manual_seed(0)
@@ -459,14 +459,66 @@ def test_contrast_looks_ignore_anatomy_that_moves(tokenizer, tmp_path):
     assert int(((feats[0] - feats[[1, 3]].mean(0)).norm(dim=-1)).argmax()) == 2
     # the bank: a fixed sample, the same count from every image, bounded
     bank = _patch_bank(lambda index: feats[index], [0, 1, 2, 3], size=8)
-    assert bank.shape == (8, 6) and torch.equal(bank, _patch_bank(lambda index: feats[index], [0, 1, 2, 3], size=8))
-    owners = [int(((feats.reshape(-1, 6) - b).norm(dim=1)).argmin()) // 16 for b in bank]
-    assert sorted(owners) == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert _patch_bank(lambda index: feats[index], [1, 3]).shape == (32, 6)  # fewer than the bound: all
+    again = _patch_bank(lambda index: feats[index], [0, 1, 2, 3], size=8)
+    assert bank.feats.shape == (8, 6) and torch.equal(bank.feats, again.feats) and torch.equal(bank.places, again.places)
+    found = [int(((feats.reshape(-1, 6) - b).norm(dim=1)).argmin()) for b in bank.feats]
+    assert sorted(f // 16 for f in found) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [f % 16 for f in found] == bank.places.tolist()  # each patch's place in its image
+    assert _patch_bank(lambda index: feats[index], [1, 3]).feats.shape == (32, 6)  # fewer than the bound: all
     # the distance: one in-place product, the same as the brute-force nearest squared distance
     x, bank = torch.randn(3, 16, 6, generator=gen), torch.randn(40, 6, generator=gen)
     brute = ((x[:, :, None, :] - bank) ** 2).sum(-1).amin(-1)
-    assert torch.allclose(_nearest_sq_distance(x, bank), brute, atol=1e-5)
+    assert torch.allclose(_nearest_sq_distance(x, PatchBank(bank, torch.zeros(40, dtype=torch.long))), brute, atol=1e-5)
+
+
+def test_two_way_contrast_looks_at_the_same_place_both_ways(tokenizer, tmp_path):
+    """--look_contrast twoway on an 8 x 8 grid (reach 1 patch): a lesion-free image ("No") looks
+    where the Yes images have their lesion; "Is the lesion on the left?" looks at the left
+    lesion and at the right, where the other answer's images have theirs (the nearest
+    comparison, anywhere, finds nothing there: a lesion is like a lesion); the distance equals
+    brute force, and an empty window counts as the image's most novel."""
+    from dataset.vqa_dataset import PatchBank, _two_way_sq_distance, annotate_contrast_look
+    rows = [("Is there a lesion?", "Yes", "CLOSED"), ("Is there a lesion?", "No", "CLOSED")] * 3
+    rows += [("Is the lesion on the left?", "Yes", "CLOSED"), ("Is the lesion on the left?", "No", "CLOSED")] * 3
+    path = _write(tmp_path, rows)  # then one image per question
+    for i in range(4, 12):
+        random_image(i).save(tmp_path / "img" / f"{i}.png")
+    path.write_text("".join(json.dumps({**json.loads(line), "image": f"{i}.png"}) + "\n"
+                            for i, line in enumerate(path.read_text().splitlines())))
+    gen = torch.Generator().manual_seed(0)
+    lesion = torch.randn(6, generator=gen)
+    lesion = 3 * lesion / lesion.norm()
+    feats = torch.randn(12, 64, 6, generator=gen) * 0.01
+    left, right = 3 * 8 + 1, 3 * 8 + 6   # row 3, columns 1 and 6
+    for image in (0, 2, 4):
+        feats[image, left] += lesion      # lesion present (Yes); images 1, 3, 5 have none
+    for image in (6, 8, 10):
+        feats[image, left] += lesion      # on the left (Yes)
+    for image in (7, 9, 11):
+        feats[image, right] += lesion     # on the right (No)
+    data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 64), 512)
+    assert annotate_contrast_look(data, lambda index: feats[index], share=32, mode="twoway", side=8) == 12
+    looks = [set(s.look.nonzero().flatten().tolist()) for s in data.samples]
+    assert all(left in looks[i] for i in range(6))  # its own lesion; lesion-free: where the others have theirs
+    assert all(looks[i] == {left, right} for i in range(6, 12))  # both places the answer is decided at
+    nearest = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 64), 512)
+    annotate_contrast_look(nearest, lambda index: feats[index], share=32)
+    assert not any(left in nearest.samples[i].look.nonzero() for i in (1, 3, 5))  # arbitrary there
+    # brute force: near the same place, both ways
+    x = torch.randn(2, 16, 5, generator=gen)
+    bank = PatchBank(torch.randn(30, 5, generator=gen), torch.randint(0, 16, (30,), generator=gen))
+    d = ((x[:, :, None] - bank.feats) ** 2).sum(-1)   # [2, 16, 30]
+    ys, xs = torch.arange(16) // 4, torch.arange(16) % 4
+    near = ((ys[:, None] - ys[bank.places][None]).abs() <= 1) & ((xs[:, None] - xs[bank.places][None]).abs() <= 1)
+    d = d.masked_fill(~near, float("inf"))
+    here = d.amin(2)
+    here = torch.where(here.isinf(), here.masked_fill(here.isinf(), 0).amax(1, keepdim=True), here)
+    there = d.amin(1)
+    missing = torch.stack([torch.stack([there[i, bank.places == p].mean() if (bank.places == p).any()
+                                        else torch.tensor(0.0) for p in range(16)]) for i in range(2)])
+    assert torch.allclose(_two_way_sq_distance(x, bank, side=4, radius=1), here + missing, atol=1e-4)
+    with pytest.raises(ValueError, match="side"):
+        annotate_contrast_look(data, lambda index: feats[index], mode="twoway")
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])

@@ -100,7 +100,9 @@ class TrainConfig:
     look_contrast: str = flag("nearest", "look targets for questions that name no box: nearest = the patches least "
                               "like any patch of the images its question text was answered otherwise on (every "
                               "question text answered more than one way; no boxes needed, anatomy that moves between "
-                              "images is no difference); none = only boxes", GROUNDING, choices=("none", "nearest"))
+                              "images is no difference); twoway = near the same place only, and also where those images "
+                              "have what this one lacks; none = only boxes", GROUNDING,
+                              choices=("none", "nearest", "twoway"))
     # hardware
     device: str = flag("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N", HARDWARE)
     dtype: str = flag("auto", "auto | bfloat16 | float16 | float32", HARDWARE,
