@@ -318,3 +318,48 @@ def test_the_machine_is_measured_once_per_start(monkeypatch):
     assert machine.recent_busy_cores() == machine.recent_busy_cores() == 0.25 and len(calls) == 1
     monkeypatch.setattr(machine, "_last", (machine._last[0] - 60, 0.25))
     assert machine.recent_busy_cores() == 0.25 and len(calls) == 2
+
+
+def _doc_default(cell: str, value) -> bool | None:
+    """Whether a default cell of docs/training.md's flag table states ``value``; None when the
+    cell is prose (``automatic: …``) or empty, which the test leaves to the reader."""
+    cell = cell.strip().strip("`")
+    if not cell or cell.startswith("automatic"):
+        return None
+    if cell == "''":
+        return value in ("", None)
+    if value is None:  # a flag whose unset value means "decide per machine"
+        return cell == "auto"
+    if cell in ("off", "on") and isinstance(value, bool):
+        return value == (cell == "on")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(cell) == float(value)
+        except ValueError:
+            return False
+    return cell == str(value)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_training_doc_states_todays_defaults(stage):
+    """docs/training.md's flag table names each flag's default per stage; a default that changed
+    in the code and not there (the table said `all` long after `nearest` became the default)
+    fails here, naming the row."""
+    cfg = parse_train_args(stage, [])
+    column = 1 if stage == "pretrain" else 2
+    checked = 0
+    for line in (ROOT / "docs" / "training.md").read_text().splitlines():
+        if not line.startswith("| `--"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        names = [n.strip("`") for n in cells[0].split(", ")]
+        pre = cells[1].split(", ")
+        values = cells[column].split(", ") if cells[column] != "same" else pre
+        if len(values) != len(names):  # prose or an empty stage column
+            continue
+        for name, cell in zip(names, values):
+            ok = _doc_default(cell, getattr(cfg, name.lstrip("-")))
+            assert ok is not False, f"docs/training.md: {name} default {cell!r} but {stage} uses " \
+                                    f"{getattr(cfg, name.lstrip('-'))!r}"
+            checked += ok is True
+    assert checked >= 25
