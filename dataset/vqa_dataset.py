@@ -344,7 +344,7 @@ CONTRAST_SHARE = 8  # a contrast look target is the top 1/8 of its image's patch
 FEATURE_CHUNK = 256  # images whose features are read at once (bounded memory with CLIP's 196 x 768)
 CONTRAST_BANK = 4096  # patches of the other answers' images each patch is compared with (a fixed sample)
 CONTRAST_CHUNK = 16   # images compared with the bank at once ([16 x 196, 4096] distances: 50 MB)
-CONTRAST_REACH = 7    # "twoway": "the same place" is within side // 7 patches each way (2 on a 14 x 14 grid)
+CONTRAST_REACH = 7    # "the same place" is within side // 7 patches each way (2 on a 14 x 14 grid)
 
 
 @dataclass
@@ -381,11 +381,6 @@ def _sq_distance_block(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return block.mul_(-2).add_((bank * bank).sum(dim=1)).add_((x * x).sum(dim=1)[:, None])
 
 
-def _nearest_sq_distance(feats: torch.Tensor, bank: PatchBank) -> torch.Tensor:
-    """[n, P] squared distance of each patch of ``feats`` [n, P, D] to its nearest bank patch."""
-    return _sq_distance_block(feats.reshape(-1, feats.shape[-1]), bank.feats).amin(dim=1).reshape(feats.shape[:2])
-
-
 def _two_way_sq_distance(feats: torch.Tensor, bank: PatchBank, side: int, radius: int) -> torch.Tensor:
     """[n, P] novelty of each place of each image ``feats`` [n, P, D] (a ``side`` x ``side`` grid)
     against the bank, both ways and only near the same place (``radius`` patches each way, so
@@ -409,24 +404,20 @@ def _two_way_sq_distance(feats: torch.Tensor, bank: PatchBank, side: int, radius
     return here + missing
 
 
-def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE, mode: str = "nearest",
-                           side: int | None = None) -> int:
+def annotate_contrast_look(data: VQADataset, rows, side: int, share: int = CONTRAST_SHARE) -> int:
     """Look targets without boxes (issue #26, lever f): for a question text (open or closed)
     answered more than one way in the training data, each of its single-image questions that has
-    no box target is told to look at the top 1/``share`` of its image's patches by how new they
-    are against a fixed sample of the patches of the images that text was answered otherwise on:
+    no box target is told to look at the top 1/``share`` of its image's patches (a ``side`` x
+    ``side`` grid) by how new they are against a fixed sample of the patches of the images that
+    text was answered otherwise on, near the same place and both ways (``_two_way_sq_distance``):
     the evidence that tells the answers apart (a lesion against lesion-free images, an organ
-    against images without it). ``mode`` "nearest": each patch's distance to the nearest of those
-    patches anywhere (anatomy that only moves between images is no difference); "twoway"
-    (``side``: the patch grid's side): near the same place only, and both ways
-    (``_two_way_sq_distance``). (Comparing each patch with the mean of those images at the same
-    place pointed at lesions half as often and lost on the trap whose anatomy moves; it lived
-    until a9e8ae9, docs/learning.md.)
+    against images without it), where a lesion-free image's answer is decided (where the others
+    have theirs) and both places a side question is decided at. Anatomy that moves by a little is
+    no difference. (Comparing each patch with the mean of those images at the same place lived
+    until a9e8ae9; with the nearest of their patches anywhere until 88f56f9: docs/learning.md.)
     ``rows(index)``: frozen features [len(index), P, D] of image-table rows. Returns how many
     questions got one. Open questions too: giving only the closed ones targets lost (docs/learning.md)."""
-    if mode == "twoway" and side is None:
-        raise ValueError("annotate_contrast_look: mode 'twoway' needs the patch grid's side")
-    radius = max(1, (side or 0) // CONTRAST_REACH)
+    radius = max(1, side // CONTRAST_REACH)
     marked = 0
     for by_answer in _answer_index_groups(data.samples, closed_only=False).values():
         singles = {a: [i for i in idx if len(data.samples[i].images) == 1] for a, idx in by_answer.items()}
@@ -441,8 +432,7 @@ def annotate_contrast_look(data: VQADataset, rows, share: int = CONTRAST_SHARE, 
             for start in range(0, len(todo), CONTRAST_CHUNK):
                 part = todo[start:start + CONTRAST_CHUNK]
                 feats = rows(torch.tensor([data.samples[i].images[0] for i in part])).float()
-                dist = _two_way_sq_distance(feats, bank, side, radius) if mode == "twoway" \
-                    else _nearest_sq_distance(feats, bank)
+                dist = _two_way_sq_distance(feats, bank, side, radius)
                 k = max(1, dist.shape[1] // share)
                 target = torch.zeros_like(dist).scatter_(1, dist.topk(k, dim=1).indices, 1.0 / k).cpu()
                 for i, t in zip(part, target):

@@ -36,7 +36,8 @@ ROWS = [("Is there a cyst?", "Yes", "CLOSED")] * 6 + [("Is there a cyst?", "No",
 
 @pytest.mark.parametrize("argv", [["--projector", "film"], ["--patch_loss", "1"], ["--debias", "1"],
                                   ["--pair_closed"], ["--balance_closed"], ["--rank_weight", "1"],
-                                  ["--look_contrast", "contrast"], ["--look_contrast", "all"]])
+                                  ["--look_contrast", "contrast"], ["--look_contrast", "all"],
+                                  ["--look_contrast", "nearest"]])
 def test_removed_levers_are_unknown_flags(argv, capsys):
     """Levers that lost their measurements are gone (docs/learning.md keeps their numbers)."""
     with pytest.raises(SystemExit) as exc:
@@ -422,13 +423,12 @@ def test_contrast_look_targets_point_at_what_tells_the_answers_apart(tokenizer, 
         calls.append(index.tolist())
         return feats[index]
 
-    assert annotate_contrast_look(data, rows_of, share=8) == 5  # 16 patches -> the top 2
+    assert annotate_contrast_look(data, rows_of, side=4, share=8) == 5  # 16 patches -> the top 2
     for i in (0, 1, 2, 3, 7):  # Yes and No rows of the cyst text (row 7's "no" is the same answer as "No")
         look = data.samples[i].look
         assert look.shape == (16,) and torch.isclose(look.sum(), torch.tensor(1.0))
-        assert int((look > 0).sum()) == 2, i
-        if i in (0, 2):  # the Yes images: the cyst (a No image has nothing the Yes images lack)
-            assert look.nonzero().flatten().tolist() == [5, 6], i
+        # the Yes images: their cyst; the No images: where the Yes images have theirs
+        assert look.nonzero().flatten().tolist() == [5, 6], i
     assert [data.samples[i].look for i in (4, 5)] == [None, None]
     assert torch.equal(data.samples[6].look, boxed)
     # texts with one answer cost no feature reads; batches of the image table rows only
@@ -436,39 +436,37 @@ def test_contrast_look_targets_point_at_what_tells_the_answers_apart(tokenizer, 
 
 
 def test_contrast_looks_ignore_anatomy_that_moves(tokenizer, tmp_path):
-    """--look_contrast nearest: each patch is compared with its nearest patch of the images
-    answered otherwise, wherever it is in them. An organ every image has, at a different place in
-    each (real scans are not aligned), is no difference; the cyst that only the Yes images have is,
-    wherever it sits. The mean comparison (removed) pointed at the moved organ instead."""
-    from dataset.vqa_dataset import PatchBank, _nearest_sq_distance, _patch_bank, annotate_contrast_look
+    """--look_contrast twoway compares each place with the other answers' images near the same
+    place (one patch each way on an 8 x 8 grid): an organ every image has, one patch off in each
+    (real scans are not aligned), is no difference; the cyst that only the Yes images have is,
+    wherever it sits, and a No image looks at a place where a Yes image has its cyst. The mean
+    comparison (removed) pointed at the moved organ instead."""
+    from dataset.vqa_dataset import PatchBank, _patch_bank, annotate_contrast_look
     rows = [("Is there a cyst?", "Yes", "CLOSED"), ("Is there a cyst?", "No", "CLOSED")] * 2
     path = _write(tmp_path, rows)
     gen = torch.Generator().manual_seed(0)
     organ, cyst = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
     organ, cyst = 4 * organ / organ.norm(), 3 * cyst / cyst.norm()
-    feats = torch.randn(4, 16, 6, generator=gen) * 0.01
-    for image, place in enumerate((2, 7, 12, 14)):
+    feats = torch.randn(4, 64, 6, generator=gen) * 0.01
+    for image, place in enumerate((27, 28, 35, 36)):  # rows 3-4, columns 3-4
         feats[image, place] += organ
     feats[0, 9] += cyst   # the Yes images' cysts, at different places
-    feats[2, 3] += cyst
-    data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 16), 512)
-    assert annotate_contrast_look(data, lambda index: feats[index], share=16) == 4
+    feats[2, 54] += cyst
+    data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 64), 512)
+    assert annotate_contrast_look(data, lambda index: feats[index], side=8, share=64) == 4
     looks = [s.look.nonzero().flatten().tolist() for s in data.samples]
-    assert looks[0] == [9] and looks[2] == [3]  # the cyst, wherever it is, not the organ
-    # (the removed mean comparison picked the organ here: at patches 2 and 12 the No images lack it)
-    assert int(((feats[0] - feats[[1, 3]].mean(0)).norm(dim=-1)).argmax()) == 2
+    assert looks[0] == [9] and looks[2] == [54]  # the cyst, wherever it is, not the organ
+    assert looks[1][0] in (9, 54) and looks[3][0] in (9, 54)  # where a Yes image has its cyst
+    # (the removed mean comparison picked the organ here: at patches 28 and 36 the No images have it, image 0 not)
+    assert int(((feats[0] - feats[[1, 3]].mean(0)).norm(dim=-1)).argmax()) in (27, 28, 36)
     # the bank: a fixed sample, the same count from every image, bounded
     bank = _patch_bank(lambda index: feats[index], [0, 1, 2, 3], size=8)
     again = _patch_bank(lambda index: feats[index], [0, 1, 2, 3], size=8)
     assert bank.feats.shape == (8, 6) and torch.equal(bank.feats, again.feats) and torch.equal(bank.places, again.places)
     found = [int(((feats.reshape(-1, 6) - b).norm(dim=1)).argmin()) for b in bank.feats]
-    assert sorted(f // 16 for f in found) == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert [f % 16 for f in found] == bank.places.tolist()  # each patch's place in its image
-    assert _patch_bank(lambda index: feats[index], [1, 3]).feats.shape == (32, 6)  # fewer than the bound: all
-    # the distance: one in-place product, the same as the brute-force nearest squared distance
-    x, bank = torch.randn(3, 16, 6, generator=gen), torch.randn(40, 6, generator=gen)
-    brute = ((x[:, :, None, :] - bank) ** 2).sum(-1).amin(-1)
-    assert torch.allclose(_nearest_sq_distance(x, PatchBank(bank, torch.zeros(40, dtype=torch.long))), brute, atol=1e-5)
+    assert sorted(f // 64 for f in found) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [f % 64 for f in found] == bank.places.tolist()  # each patch's place in its image
+    assert _patch_bank(lambda index: feats[index], [1, 3]).feats.shape == (128, 6)  # fewer than the bound: all
 
 
 def test_two_way_contrast_looks_at_the_same_place_both_ways(tokenizer, tmp_path):
@@ -497,13 +495,10 @@ def test_two_way_contrast_looks_at_the_same_place_both_ways(tokenizer, tmp_path)
     for image in (7, 9, 11):
         feats[image, right] += lesion     # on the right (No)
     data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 64), 512)
-    assert annotate_contrast_look(data, lambda index: feats[index], share=32, mode="twoway", side=8) == 12
+    assert annotate_contrast_look(data, lambda index: feats[index], side=8, share=32) == 12
     looks = [set(s.look.nonzero().flatten().tolist()) for s in data.samples]
     assert all(left in looks[i] for i in range(6))  # its own lesion; lesion-free: where the others have theirs
     assert all(looks[i] == {left, right} for i in range(6, 12))  # both places the answer is decided at
-    nearest = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 64), 512)
-    annotate_contrast_look(nearest, lambda index: feats[index], share=32)
-    assert not any(left in nearest.samples[i].look.nonzero() for i in (1, 3, 5))  # arbitrary there
     # brute force: near the same place, both ways
     x = torch.randn(2, 16, 5, generator=gen)
     bank = PatchBank(torch.randn(30, 5, generator=gen), torch.randint(0, 16, (30,), generator=gen))
@@ -517,13 +512,12 @@ def test_two_way_contrast_looks_at_the_same_place_both_ways(tokenizer, tmp_path)
     missing = torch.stack([torch.stack([there[i, bank.places == p].mean() if (bank.places == p).any()
                                         else torch.tensor(0.0) for p in range(16)]) for i in range(2)])
     assert torch.allclose(_two_way_sq_distance(x, bank, side=4, radius=1), here + missing, atol=1e-4)
-    with pytest.raises(ValueError, match="side"):
-        annotate_contrast_look(data, lambda index: feats[index], mode="twoway")
+
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
 def test_contrast_look_is_on_by_default_in_both_stages(stage):
-    assert parse_train_args(stage, []).look_contrast == "nearest"
+    assert parse_train_args(stage, []).look_contrast == "twoway"
     assert parse_train_args(stage, ["--look_contrast", "none"]).look_contrast == "none"
 
 
@@ -567,8 +561,7 @@ def test_contrast_look_gives_open_questions_targets_too(tokenizer, tmp_path):
     feats[[0, 2], 5] += 3.0  # the "2" images have their cysts at patches 5 and 6
     feats[[0, 2], 6] += 2.0
     data = VQADataset(path, tmp_path / "img", ChatEncoder(tokenizer, 16), 512)
-    assert annotate_contrast_look(data, lambda index: feats[index], share=8) == 4
-    for i in range(4):  # two patches each; the "2" images' are their cysts
-        assert int((data.samples[i].look > 0).sum()) == 2, i
-    assert [data.samples[i].look.nonzero().flatten().tolist() for i in (0, 2)] == [[5, 6], [5, 6]]
+    assert annotate_contrast_look(data, lambda index: feats[index], side=4, share=8) == 4
+    for i in range(4):  # two patches each: the "2" images' cysts, and where the "0" images lack them
+        assert data.samples[i].look.nonzero().flatten().tolist() == [5, 6], i
     assert [data.samples[i].look for i in range(4, 8)] == [None] * 4

@@ -185,7 +185,7 @@ def test_resume_state_from_before_the_data_fingerprint_resumes_with_a_warning(de
     said = "".join(capsys.readouterr())
     assert "does not record which training data" in said and "resumed from" in said
     # a state of a removed value (closed questions only; the mean comparison) names the commit that had it
-    for value, commit in (("contrast", "a0d7012"), ("all", "a9e8ae9")):
+    for value, commit in (("contrast", "a0d7012"), ("all", "a9e8ae9"), ("nearest", "88f56f9")):
         state = torch.load(resume, map_location="cpu", weights_only=False)
         state["train_config"]["look_contrast"] = value
         torch.save(state, resume)

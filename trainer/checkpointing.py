@@ -32,7 +32,7 @@ REMOVED_FLAGS = {**{k: (off, "ab73515") for k, off in (
     "train_vision": ("none", "5bbdddf"), "vision_lr": (2e-5, "5bbdddf")}
 # values of kept flags that were removed
 REMOVED_CHOICES = {("projector", "film"): "27ee718", ("look_contrast", "contrast"): "a0d7012",
-                   ("look_contrast", "all"): "a9e8ae9"}
+                   ("look_contrast", "all"): "a9e8ae9", ("look_contrast", "nearest"): "88f56f9"}
 
 
 ALL_REMOVED_AT = "934e6a6"  # a commit that still had every removed flag

@@ -191,9 +191,9 @@ def look_targets(cfg: TrainConfig, model: MedicalVLM, data: VQADataset, features
         return
     _box_looks(cfg, data, grid, contrast=cfg.look_contrast != "none")
     if cfg.look_contrast != "none":
-        n = annotate_contrast_look(data, features.get, mode=cfg.look_contrast, side=grid)
+        n = annotate_contrast_look(data, features.get, grid)
         log.info("--look_contrast %s: %d training questions look where their image differs from the images "
-                 "their text was answered otherwise on (the patches least like theirs)", cfg.look_contrast, n)
+                 "their text was answered otherwise on, near the same place, both ways", cfg.look_contrast, n)
 
 
 def _box_looks(cfg: TrainConfig, data: VQADataset, grid: int, contrast: bool):
