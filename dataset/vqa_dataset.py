@@ -381,20 +381,24 @@ def _sq_distance_block(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return block.mul_(-2).add_((bank * bank).sum(dim=1)).add_((x * x).sum(dim=1)[:, None])
 
 
-def _two_way_sq_distance(feats: torch.Tensor, bank: PatchBank, side: int, radius: int) -> torch.Tensor:
-    """[n, P] novelty of each place of each image ``feats`` [n, P, D] (a ``side`` x ``side`` grid)
-    against the bank, both ways and only near the same place (``radius`` patches each way, so
-    anatomy that moves a little is no difference, while the other side of the body is another
-    place): the squared distance of the image's patch there to the nearest bank patch near it
+def _far_from_bank(bank: PatchBank, side: int, radius: int) -> torch.Tensor:
+    """[P, M] True where bank patch m was taken more than ``radius`` patches (either way) from
+    place p of a ``side`` x ``side`` grid: built once per bank, it serves every chunk of images."""
+    grid = torch.arange(side * side, device=bank.places.device)
+    return (((grid // side)[:, None] - (bank.places // side)[None]).abs() > radius) | \
+           (((grid % side)[:, None] - (bank.places % side)[None]).abs() > radius)
+
+
+def _two_way_sq_distance(feats: torch.Tensor, bank: PatchBank, far: torch.Tensor) -> torch.Tensor:
+    """[n, P] novelty of each place of each image ``feats`` [n, P, D] against the bank, both ways
+    and only near the same place (``far`` [P, M] from ``_far_from_bank``: anatomy that moves a
+    little is no difference, while the other side of the body is another place): the squared distance of the image's patch there to the nearest bank patch near it
     (what this image has that the others lack), plus the mean over the bank patches taken there of
     their squared distance to the image's nearest patch near them (what the others have there that
     this image lacks: where a lesion-free image's answer is decided, and the place a lesion on the
     other side would be)."""
     n, p, _ = feats.shape
     block = _sq_distance_block(feats.reshape(-1, feats.shape[-1]), bank.feats).view(n, p, -1)
-    grid = torch.arange(p, device=feats.device)
-    far = (((grid // side)[:, None] - (bank.places // side)[None]).abs() > radius) | \
-          (((grid % side)[:, None] - (bank.places % side)[None]).abs() > radius)  # [P, M]
     block.masked_fill_(far, float("inf"))
     here = block.amin(dim=2)  # [n, P]; inf where no bank patch was taken near a place
     here = torch.where(here.isinf(), here.masked_fill(here.isinf(), 0).amax(dim=1, keepdim=True), here)
@@ -429,10 +433,11 @@ def annotate_contrast_look(data: VQADataset, rows, side: int, share: int = CONTR
             if not todo:  # every question of this answer has a box target: no bank to build
                 continue
             bank = _patch_bank(rows, sorted({j for b, w in images.items() if b != a for j in w}))
+            far = _far_from_bank(bank, side, radius)
             for start in range(0, len(todo), CONTRAST_CHUNK):
                 part = todo[start:start + CONTRAST_CHUNK]
                 feats = rows(torch.tensor([data.samples[i].images[0] for i in part])).float()
-                dist = _two_way_sq_distance(feats, bank, side, radius)
+                dist = _two_way_sq_distance(feats, bank, far)
                 k = max(1, dist.shape[1] // share)
                 target = torch.zeros_like(dist).scatter_(1, dist.topk(k, dim=1).indices, 1.0 / k).cpu()
                 for i, t in zip(part, target):

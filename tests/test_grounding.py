@@ -475,7 +475,7 @@ def test_two_way_contrast_looks_at_the_same_place_both_ways(tokenizer, tmp_path)
     lesion and at the right, where the other answer's images have theirs (the nearest
     comparison, anywhere, finds nothing there: a lesion is like a lesion); the distance equals
     brute force, and an empty window counts as the image's most novel."""
-    from dataset.vqa_dataset import PatchBank, _two_way_sq_distance, annotate_contrast_look
+    from dataset.vqa_dataset import PatchBank, _far_from_bank, _two_way_sq_distance, annotate_contrast_look
     rows = [("Is there a lesion?", "Yes", "CLOSED"), ("Is there a lesion?", "No", "CLOSED")] * 3
     rows += [("Is the lesion on the left?", "Yes", "CLOSED"), ("Is the lesion on the left?", "No", "CLOSED")] * 3
     path = _write(tmp_path, rows)  # then one image per question
@@ -511,7 +511,8 @@ def test_two_way_contrast_looks_at_the_same_place_both_ways(tokenizer, tmp_path)
     there = d.amin(1)
     missing = torch.stack([torch.stack([there[i, bank.places == p].mean() if (bank.places == p).any()
                                         else torch.tensor(0.0) for p in range(16)]) for i in range(2)])
-    assert torch.allclose(_two_way_sq_distance(x, bank, side=4, radius=1), here + missing, atol=1e-4)
+    far = _far_from_bank(bank, side=4, radius=1)
+    assert torch.allclose(_two_way_sq_distance(x, bank, far), here + missing, atol=1e-4)
 
 
 
