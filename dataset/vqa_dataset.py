@@ -392,7 +392,8 @@ def _far_from_bank(bank: PatchBank, side: int, radius: int) -> torch.Tensor:
 def _two_way_sq_distance(feats: torch.Tensor, bank: PatchBank, far: torch.Tensor) -> torch.Tensor:
     """[n, P] novelty of each place of each image ``feats`` [n, P, D] against the bank, both ways
     and only near the same place (``far`` [P, M] from ``_far_from_bank``: anatomy that moves a
-    little is no difference, while the other side of the body is another place): the squared distance of the image's patch there to the nearest bank patch near it
+    little is no difference, while the other side of the body is another place): the squared
+    distance of the image's patch there to the nearest bank patch near it
     (what this image has that the others lack), plus the mean over the bank patches taken there of
     their squared distance to the image's nearest patch near them (what the others have there that
     this image lacks: where a lesion-free image's answer is decided, and the place a lesion on the
