@@ -21,6 +21,7 @@ from model.config import resolve_path, user_path
 log = logging.getLogger("convert")
 DEFAULT_HUB_ID = "BoKelvin/SLAKE"  # dataset.slake.DEFAULT_HUB_ID (not imported before parsing: --help stays fast)
 VERIFY_DEFAULT = "both"  # dataset.slake.VERIFY_DEFAULT (likewise; a test holds them equal)
+IMPLIED_DEFAULT = "none"  # dataset.slake.IMPLIED_DEFAULT (likewise)
 
 
 def parse_args(argv=None):
@@ -54,6 +55,10 @@ def parse_args(argv=None):
                          "images' open answers ('What modality ...? Is it CT?' -> Yes / 'Is it MRI?' -> No), added to "
                          "the stage-1 data, or to both stages' training data (they teach yes/no questions to use "
                          "the image where the data has no boxes; 'none' trains 2-3x faster)")
+    ap.add_argument("--implied_questions", choices=["none", "both"], default=IMPLIED_DEFAULT,
+                    help="closed questions whose answer the same image's open answers imply (found from the "
+                         "training images, e.g. 'Where is the lesion?' Left -> 'Is the lesion on the left side?' Yes), "
+                         "added to both stages where they even out each closed text's Yes and No")
     ap.add_argument("--split", choices=["release", "cp"], default="release",
                     help="'release': the source's own train/validation/test images; 'cp': a changing-prior "
                          "re-split of the same images (each question text's usual training answer is not its "
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
         from evaluation.metrics import baselines
         manifest = convert(conv, out_dir, lang=args.lang, strict=args.strict, allow_overlap=args.allow_overlap,
                            box_qa=args.box_questions, priors=baselines, split=args.split, seed=args.seed,
-                           verify_qa=args.verify_questions)
+                           verify_qa=args.verify_questions, implied_qa=args.implied_questions)
     except (UserError, OSError) as exc:
         print(f"error: {exc}\n{kept}", file=sys.stderr)
         return 2
@@ -126,6 +131,9 @@ def main(argv=None) -> int:
     if manifest.get("pretrain_verify_questions"):
         log.info("  verification questions from the open answers: %d (stage 1%s)", manifest["pretrain_verify_questions"],
                  " and stage 2" if manifest.get("train_verify_questions") else "")
+    if manifest.get("implied_questions"):
+        log.info("  closed questions implied by the open answers of the same image: %d (both stages)",
+                 manifest["implied_questions"])
     if manifest.get("pretrain_train_questions"):
         log.info("  stage 1 also trains on the %d training questions", manifest["pretrain_train_questions"])
     log.info("  image overlap between splits: %s", manifest["image_overlap"])

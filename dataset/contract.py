@@ -139,7 +139,8 @@ def answer_of(record: dict) -> str:
     return record["conversations"][-1]["content"]
 
 
-DERIVED_SOURCES = ("verify",)  # questions the converter derives from others (--verify_questions)
+# questions the converter derives from others (--verify_questions, --implied_questions)
+DERIVED_SOURCES = ("verify", "implied")
 
 
 def is_derived(record: dict) -> bool:

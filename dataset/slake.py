@@ -29,6 +29,7 @@ from dataset.boxes import BOXES_FILE, MAX_BOX_QUESTIONS, BoxError, grounded_ques
 from dataset.contract import (IMAGES_DIR, MANIFEST, PRETRAIN_FILE, VQA_FILES, DataError, read_utf8, safe_relpath,
                               validate_record)
 from dataset.images import ImageReadError, load_image
+from dataset.implied import implied_questions
 from dataset.resplit import QA, changing_prior_split, prior_conflicting, text_key
 from infra.atomic import atomic_write_text
 from model.config import IMAGE_PLACEHOLDER
@@ -411,11 +412,14 @@ STAGING_PREFIX = ".convert-staging-"
 # against -8.1 (attribute-prior trap), +30.9 against +27.1 (hard set), open within 2 points; the cost is
 # about 2-3x the training time of a small model (more stage-1 and stage-2 questions).
 VERIFY_DEFAULT = "both"
+# Closed questions implied by the same image's open answers (dataset/implied.py), added to both
+# stages' training data where they even out a closed text's answers: see docs/learning.md.
+IMPLIED_DEFAULT = "none"
 
 
 def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: bool = False,
             allow_overlap: bool = False, box_qa: bool = True, priors=None, split: str = "release",
-            seed: int = 0, verify_qa: str = VERIFY_DEFAULT) -> dict:
+            seed: int = 0, verify_qa: str = VERIFY_DEFAULT, implied_qa: str = IMPLIED_DEFAULT) -> dict:
     """Writes the contract files into ``out_dir`` and returns the manifest. ``split``: "release"
     keeps the source's splits; "cp" re-splits its images so each question text's usual answer
     changes between training and test (dataset/resplit.py; ``seed`` breaks ties).
@@ -432,7 +436,7 @@ def convert(conv: Conversion, out_dir: str | Path, lang: str = "en", strict: boo
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
             try:
                 manifest = _build(conv, staging, out_dir / IMAGES_DIR, BuildOptions(
-                    lang, strict, allow_overlap, box_qa, priors, split, seed, verify_qa))
+                    lang, strict, allow_overlap, box_qa, priors, split, seed, verify_qa, implied_qa))
                 _swap_in(staging, out_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -526,6 +530,7 @@ class BuildOptions:
     split: str = "release"
     seed: int = 0
     verify_qa: str = VERIFY_DEFAULT
+    implied_qa: str = IMPLIED_DEFAULT
 
 
 class _Skipped(list):
@@ -654,28 +659,36 @@ def _question_line(rec: SourceRecord, **fields) -> str:
                     **({"source": rec.source} if rec.source else {}), **fields)
 
 
-def _write_vqa(out_dir: Path, by_split: dict, verify: dict, in_train: bool):
-    """The three VQA files; the verification questions join the training file when ``in_train``."""
+def _derived_lines(table: dict, source: str, content_type: str) -> list[str]:
+    """The training-file lines of derived questions (``table``: image -> (question, answer))."""
+    return [_qa_line(key, q, a, qid=f"{source}-{n}", answer_type="CLOSED", source=source,
+                     content_type=content_type, modality=None, location=None)
+            for n, (key, q, a) in enumerate((k, q, a) for k, qas in sorted(table.items()) for q, a in qas)]
+
+
+def _write_vqa(out_dir: Path, by_split: dict, verify: dict, in_train: bool, implied: dict):
+    """The three VQA files; the verification questions join the training file when ``in_train``,
+    the implied questions always (pass an empty table for none)."""
     for split, fname in VQA_FILES.items():
         lines = [_question_line(rec, content_type=rec.content_type, modality=rec.modality, location=rec.location)
                  for rec in by_split.get(split, [])]
-        if split == "train" and in_train:
-            lines += [_qa_line(key, q, a, qid=f"verify-{n}", answer_type="CLOSED", source="verify",
-                               content_type="Verify", modality=None, location=None)
-                      for n, (key, q, a) in enumerate((k, q, a) for k, qas in sorted(verify.items()) for q, a in qas)]
+        if split == "train":
+            lines += (_derived_lines(verify, "verify", "Verify") if in_train else []) + \
+                _derived_lines(implied, "implied", "Implied")
         atomic_write_text(out_dir / fname, "".join(line + "\n" for line in lines))
 
 
-def _write_stage1(out_dir: Path, per_image: dict, box_questions: dict, verify: dict, train: list) -> int:
-    """Stage 1's data: a caption per training image, the box and verification questions, then
-    the training split's own questions. Returns the number of captions."""
+def _write_stage1(out_dir: Path, per_image: dict, box_questions: dict, verify: dict, implied: dict,
+                  train: list) -> int:
+    """Stage 1's data: a caption per training image, the box, verification and implied questions,
+    then the training split's own questions. Returns the number of captions."""
     lines = []
     for i, (key, recs) in enumerate(sorted(per_image.items())):
         meta = {"modality": recs[0].modality, "location": recs[0].location}
         caption = make_caption(meta, [(r.question, r.answer, r.content_type) for r in recs])
         lines.append(_qa_line(key, CAPTION_PROMPTS[i % len(CAPTION_PROMPTS)], caption))
     captions = len(lines)
-    for source, table in (("boxes", box_questions), ("verify", verify)):
+    for source, table in (("boxes", box_questions), ("verify", verify), ("implied", implied)):
         lines += [_qa_line(key, q, a, source=source) for key, qas in sorted(table.items()) for q, a in qas]
     # Then the training questions themselves (open and closed): stage 1's 4 epochs of captions teach
     # nothing about answering a question, and a model trained from scratch learns closed questions
@@ -725,11 +738,14 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, opts: BuildOp
     # needed): stage 1 ("stage1") or both stages ("both") learn from them to verify what a question names
     verify = verification_questions({k: [(r.question, r.answer, r.answer_type) for r in recs if r.lang == "en"]
                                      for k, recs in per_image.items()}, opts.seed) if opts.verify_qa != "none" else {}
-    _write_vqa(out_dir, by_split, verify, in_train=opts.verify_qa == "both")
+    # closed questions whose answer the same image's open answers imply, evening out each text's answers
+    implied = implied_questions({k: [(r.question, r.answer, r.answer_type) for r in recs]
+                                 for k, recs in per_image.items()}, opts.seed) if opts.implied_qa == "both" else {}
+    _write_vqa(out_dir, by_split, verify, in_train=opts.verify_qa == "both", implied=implied)
     # stage 1 also learns where each finding is, from the boxes of the training images (English)
     box_questions = _box_questions(images.boxes, sorted(per_image)) \
         if opts.box_qa and opts.lang in ("en", "all") else {}
-    captions = _write_stage1(out_dir, per_image, box_questions, verify, by_split.get("train", []))
+    captions = _write_stage1(out_dir, per_image, box_questions, verify, implied, by_split.get("train", []))
     used = {rec.image_key for rec in final}
     atomic_write_text(out_dir / BOXES_FILE, json.dumps({k: v for k, v in sorted(images.boxes.items()) if k in used},
                                                        ensure_ascii=False) + "\n")
@@ -748,6 +764,7 @@ def _build(conv: Conversion, out_dir: Path, previous_images: Path, opts: BuildOp
         "pretrain_captions": captions,
         "pretrain_verify_questions": n_verify,
         "train_verify_questions": n_verify if opts.verify_qa == "both" else 0,
+        "implied_questions": sum(map(len, implied.values())),
         "pretrain_box_questions": sum(map(len, box_questions.values())),
         "pretrain_train_questions": len(by_split.get("train", [])),
         "image_overlap": split_counts["image_overlap"],
