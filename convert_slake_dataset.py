@@ -21,7 +21,7 @@ from model.config import resolve_path, user_path
 log = logging.getLogger("convert")
 DEFAULT_HUB_ID = "BoKelvin/SLAKE"  # dataset.slake.DEFAULT_HUB_ID (not imported before parsing: --help stays fast)
 VERIFY_DEFAULT = "both"  # dataset.slake.VERIFY_DEFAULT (likewise; a test holds them equal)
-IMPLIED_DEFAULT = "none"  # dataset.slake.IMPLIED_DEFAULT (likewise)
+IMPLIED_DEFAULT = "both"  # dataset.slake.IMPLIED_DEFAULT (likewise)
 
 
 def parse_args(argv=None):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import convert_slake_dataset
-from dataset.contract import read_jsonl, question_of, answer_of
+from dataset.contract import answer_of, is_derived, question_of, read_jsonl
 from dataset.demo import REGIONS, draw, sample_params, write_demo_release
 from dataset.slake import ConversionError, convert, read_hub_vqa, read_release
 
@@ -100,11 +100,11 @@ def test_captions_cover_training_images_only(real_converted):
     pre = read_jsonl(out / "medical_pretrain.jsonl")
     caps = [r for r in pre if not r.get("source") and "qid" not in r]  # captions; box, verification and
     # training questions follow them
-    assert {r.get("source") for r in pre} == {None, "verify"}  # real copies here have no detection.json
+    assert {r.get("source") for r in pre} == {None, "verify", "implied"}  # real copies here have no detection.json
     train = read_jsonl(out / "medical_vqa_train.jsonl")
     train_imgs = {r["image"] for r in train}
     test_imgs = {r["image"] for r in read_jsonl(out / "medical_vqa_test.jsonl")}
-    own = sorted(r["qid"] for r in train if r.get("source") != "verify")
+    own = sorted(r["qid"] for r in train if not is_derived(r))
     assert sorted(r["qid"] for r in pre if "qid" in r) == own and len(own) > 4000  # every training question
     assert len(caps) == 450 and {c["image"] for c in caps} == train_imgs
     assert not {c["image"] for c in caps} & test_imgs

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 import convert_slake_dataset
-from dataset.contract import answer_of, question_of, read_jsonl
+from dataset.contract import answer_of, is_derived, question_of, read_jsonl
 from dataset.demo import REGIONS, VERIFY_TEMPLATES, sample_params, verify_questions
 from dataset.resplit import QA, changing_prior_split, prior_conflicting, text_key
 from dataset.slake import convert, read_release, verification_questions
@@ -19,7 +19,7 @@ from tests.test_convert import needs_slake, release_copy
 
 def _closed_prior(rows_train, rows_test) -> float:
     b = baselines([{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"]}
-                   for r in rows_train],
+                   for r in rows_train if not is_derived(r)],
                   [{"question": question_of(r), "answer": answer_of(r), "answer_type": r["answer_type"],
                     "content_type": None, "modality": None} for r in rows_test])
     return b["majority_per_question"]["closed_accuracy"]
@@ -225,7 +225,7 @@ def test_stage_one_trains_on_every_training_question(tmp_path, demo, also):
                                        *also]) == 0
     m = json.loads((out / "manifest.json").read_text())
     pre = read_jsonl(out / "medical_pretrain.jsonl")
-    own = [r for r in read_jsonl(out / "medical_vqa_train.jsonl") if r.get("source") != "verify"]
+    own = [r for r in read_jsonl(out / "medical_vqa_train.jsonl") if not is_derived(r)]
     asked = [r for r in pre if "qid" in r]
     key = lambda r: (r["qid"], r["image"], r["answer_type"], question_of(r), answer_of(r))
     assert sorted(map(key, asked)) == sorted(map(key, own)) and len(asked) == m["pretrain_train_questions"] > 0
@@ -240,6 +240,9 @@ def test_verification_questions_are_the_default_in_one_place():
     from dataset.slake import VERIFY_DEFAULT, BuildOptions
     assert convert_slake_dataset.VERIFY_DEFAULT == VERIFY_DEFAULT == BuildOptions().verify_qa == "both"
     assert convert_slake_dataset.parse_args([]).verify_questions == VERIFY_DEFAULT
+    from dataset.slake import IMPLIED_DEFAULT
+    assert convert_slake_dataset.IMPLIED_DEFAULT == IMPLIED_DEFAULT == BuildOptions().implied_qa == "both"
+    assert convert_slake_dataset.parse_args([]).implied_questions == IMPLIED_DEFAULT
 
 
 def test_answer_priors_leave_the_derived_questions_out(tmp_path):
@@ -250,6 +253,6 @@ def test_answer_priors_leave_the_derived_questions_out(tmp_path):
     assert convert_slake_dataset.main(["--demo", "easy-prior", "--out_dir", str(out), "--demo_images", "12", "2", "2",
                                        "--verify_questions", "both"]) == 0
     rows = read_jsonl(out / "medical_vqa_train.jsonl", require_vqa=True)
-    own = [r for r in rows if r.get("source") != "verify"]
+    own = [r for r in rows if not is_derived(r)]
     assert len(own) < len(rows) and len(read_answers(out / "medical_vqa_train.jsonl")) == len(own)
     assert not any(" Is it " in r["question"] for r in read_answers(out / "medical_vqa_train.jsonl"))

@@ -9,6 +9,7 @@ import torch
 
 import convert_slake_dataset
 import eval_vlm
+from dataset.contract import is_derived
 from dataset.demo_hard import KINDS, write_hard_release
 from evaluation.metrics import image_use, image_use_verdict
 from model.checkpoint import save_checkpoint
@@ -260,7 +261,7 @@ def test_also_merges_training_splits_only_and_refuses_shared_images(tmp_path, ca
     for split in ("validation", "test"):  # SLAKE's evaluation splits untouched
         assert (out / f"medical_vqa_{split}.jsonl").read_text() == (tmp_path / "alone" / f"medical_vqa_{split}.jsonl").read_text()
     rows = [json.loads(line) for line in (out / "medical_vqa_train.jsonl").read_text().splitlines()]
-    merged = [r for r in rows if r.get("source") and r["source"] != "verify"]
+    merged = [r for r in rows if r.get("source") and not is_derived(r)]
     assert len(merged) == extra_train and all(r["image"].startswith(merged[0]["source"] + "/") for r in merged)
     assert all((out / "medical_images" / r["image"]).is_file() for r in rows)
     assert any("--also" in n for n in m["notes"])
