@@ -58,7 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--implied_questions", choices=["none", "both"], default=IMPLIED_DEFAULT,
                     help="closed questions whose answer the same image's open answers imply (found from the "
                          "training images, e.g. 'Where is the lesion?' Left -> 'Is the lesion on the left side?' Yes), "
-                         "added to both stages where they even out each closed text's Yes and No")
+                         "added to both stages where they even out each closed text's Yes and No (default: both; "
+                         "'none' leaves them out)")
     ap.add_argument("--split", choices=["release", "cp"], default="release",
                     help="'release': the source's own train/validation/test images; 'cp': a changing-prior "
                          "re-split of the same images (each question text's usual training answer is not its "
