@@ -79,9 +79,12 @@ def implied_questions(per_image: dict[str, list[tuple[str, str, str]]], seed: in
         asked = {text_key(q) for q, _, _ in per_image[key]}
         implied: dict[str, set] = defaultdict(set)
         for q, a, t in per_image[key]:
-            for rule in by_open.get(text_key(q), []) if t == "OPEN" else []:
-                if rule.closed_key not in asked and rule.implied(a) is not None:
-                    implied[rule.closed_key].add(rule.implied(a))
+            if t != "OPEN":
+                continue
+            for rule in by_open.get(text_key(q), []):
+                answer = rule.implied(a)
+                if rule.closed_key not in asked and answer is not None:
+                    implied[rule.closed_key].add(answer)
         for ckey, answers in sorted(implied.items()):
             if len(answers) == 1:
                 candidates[ckey].append((key, answers.pop()))
